@@ -1,0 +1,204 @@
+-- pg_realtime schema, part 2: the SQL API. Runs after the Rust functions exist.
+
+CREATE FUNCTION realtime.topic() RETURNS text
+LANGUAGE sql STABLE
+AS $$ SELECT nullif(current_setting('realtime.topic', true), '')::text $$;
+
+CREATE FUNCTION realtime.maintain_partitions(retention interval DEFAULT NULL) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    keep interval := coalesce(
+        retention,
+        make_interval(secs => (SELECT setting::double precision FROM pg_settings WHERE name = 'realtime.retention')),
+        interval '3 days');
+    cutoff date := (localtimestamp - keep)::date;
+    part record;
+BEGIN
+    FOR part IN
+        SELECT c.relname,
+               to_date(substr(c.relname, 10), 'YYYY_MM_DD') AS day,
+               EXISTS (SELECT 1 FROM pg_depend d
+                       WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e') AS member
+        FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+        WHERE i.inhparent = 'realtime.messages'::regclass
+          AND c.relname ~ '^messages_\d{4}_\d{2}_\d{2}$'
+    LOOP
+        -- Partitions made by CREATE EXTENSION belong to it; release them so pg_dump keeps
+        -- their rows and so they can be dropped like the others.
+        IF part.member THEN
+            EXECUTE format('ALTER EXTENSION pg_realtime DROP TABLE realtime.%I', part.relname);
+        END IF;
+        IF part.day < cutoff THEN
+            EXECUTE format('DROP TABLE realtime.%I', part.relname);
+        END IF;
+    END LOOP;
+    DELETE FROM realtime.messages_default WHERE inserted_at < cutoff;
+    PERFORM realtime._create_partitions();
+END
+$$;
+
+-- Stores one broadcast message. Bad arguments always raise; a failed insert (permissions,
+-- policies, constraints) follows realtime.send_errors.
+CREATE FUNCTION realtime._store(id uuid, payload jsonb, binary_payload bytea, event text, topic text, private boolean)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    IF topic IS NULL THEN
+        RAISE EXCEPTION 'realtime message topic must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    ELSIF topic = '' THEN
+        RAISE EXCEPTION 'realtime message topic must not be empty' USING ERRCODE = 'invalid_parameter_value';
+    ELSIF event IS NULL THEN
+        RAISE EXCEPTION 'realtime message event must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    ELSIF event = '' THEN
+        RAISE EXCEPTION 'realtime message event must not be empty' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- Lets INSERT policies decide with realtime.topic(), as in Supabase.
+    PERFORM set_config('realtime.topic', topic, true);
+    IF current_setting('realtime.send_errors') = 'error' THEN
+        INSERT INTO realtime.messages (id, payload, binary_payload, event, topic, private, extension)
+        VALUES (id, payload, binary_payload, event, topic, coalesce(private, true), 'broadcast');
+        RETURN;
+    END IF;
+    BEGIN
+        INSERT INTO realtime.messages (id, payload, binary_payload, event, topic, private, extension)
+        VALUES (id, payload, binary_payload, event, topic, coalesce(private, true), 'broadcast');
+    EXCEPTION
+        -- Bad input (too large, too long) is the caller's bug: never swallow it.
+        WHEN data_exception OR program_limit_exceeded THEN
+            RAISE;
+        WHEN OTHERS THEN
+            PERFORM realtime._count_failed_send();
+            RAISE WARNING 'WarnSendingBroadcastMessage: %', SQLERRM
+                USING HINT = 'The message was not sent. SET realtime.send_errors = error to raise instead; '
+                             'failures are counted in realtime.stats().';
+    END;
+END
+$$;
+
+CREATE FUNCTION realtime.send(payload jsonb, event text, topic text, private boolean DEFAULT true)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    generated_id uuid := gen_random_uuid();
+BEGIN
+    IF payload IS NULL THEN
+        RAISE EXCEPTION 'realtime.send payload must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    ELSIF jsonb_typeof(payload) <> 'object' THEN
+        RAISE EXCEPTION 'realtime.send payload must be a JSON object, not %', jsonb_typeof(payload)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF NOT payload ? 'id' THEN
+        payload := payload || jsonb_build_object('id', generated_id);
+    END IF;
+    PERFORM realtime._store(generated_id, payload, NULL, event, topic, private);
+END
+$$;
+
+CREATE FUNCTION realtime.send_binary(payload bytea, event text, topic text, private boolean DEFAULT true)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    IF payload IS NULL THEN
+        RAISE EXCEPTION 'realtime.send_binary payload must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    PERFORM realtime._store(gen_random_uuid(), NULL, payload, event, topic, private);
+END
+$$;
+
+CREATE FUNCTION realtime.broadcast_changes(
+    topic_name text, event_name text, operation text, table_name text, table_schema text,
+    new record, old record, level text DEFAULT 'ROW')
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    row_data jsonb;
+BEGIN
+    IF level = 'STATEMENT' THEN
+        RAISE EXCEPTION 'function can only be triggered for each row, not for each statement'
+            USING ERRCODE = 'feature_not_supported';
+    END IF;
+    IF operation IS NULL OR operation NOT IN ('INSERT', 'UPDATE', 'DELETE') THEN
+        RAISE EXCEPTION 'Unexpected operation type: %', coalesce(operation, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    row_data := jsonb_build_object(
+        'old_record', old, 'record', new, 'operation', operation, 'table', table_name, 'schema', table_schema);
+    PERFORM realtime.send(row_data, event_name, topic_name);
+EXCEPTION
+    WHEN OTHERS THEN
+        RAISE EXCEPTION 'Failed to process the row: %', SQLERRM USING ERRCODE = SQLSTATE;
+END
+$$;
+
+-- Every committed broadcast row reaches the sockets, whoever wrote it. Rows without an event
+-- are authorization probes and records, not messages.
+CREATE TRIGGER queue_broadcast_row
+    AFTER INSERT ON realtime.messages
+    FOR EACH ROW
+    WHEN (NEW.extension = 'broadcast' AND NEW.event IS NOT NULL)
+    EXECUTE FUNCTION realtime.queue_broadcast_row();
+
+-- Creates Supabase's API roles where they are missing and grants them what Supabase grants.
+CREATE FUNCTION realtime.setup_api_roles() RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    r text;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'anon') THEN
+        CREATE ROLE anon NOLOGIN NOINHERIT;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'authenticated') THEN
+        CREATE ROLE authenticated NOLOGIN NOINHERIT;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'service_role') THEN
+        CREATE ROLE service_role NOLOGIN NOINHERIT BYPASSRLS;
+    END IF;
+    FOREACH r IN ARRAY ARRAY['anon', 'authenticated', 'service_role'] LOOP
+        EXECUTE format('GRANT USAGE ON SCHEMA realtime TO %I', r);
+        EXECUTE format('GRANT SELECT, INSERT, UPDATE ON realtime.messages TO %I', r);
+    END LOOP;
+END
+$$;
+
+GRANT USAGE ON SCHEMA realtime TO PUBLIC;
+REVOKE ALL ON FUNCTION realtime.maintain_partitions(interval) FROM PUBLIC;
+REVOKE ALL ON FUNCTION realtime.setup_api_roles() FROM PUBLIC;
+REVOKE ALL ON FUNCTION realtime._create_partition(date) FROM PUBLIC;
+REVOKE ALL ON FUNCTION realtime._create_partitions() FROM PUBLIC;
+
+COMMENT ON FUNCTION realtime.topic() IS
+    'The topic of the message being sent or authorized (setting realtime.topic); use it in RLS policies on realtime.messages.';
+COMMENT ON FUNCTION realtime.send(jsonb, text, text, boolean) IS
+    'Broadcasts payload (a JSON object; an "id" is added when missing) as event on topic once the transaction commits. '
+    'private (default true) selects private channels. Storage failures warn and are counted in realtime.stats() '
+    'unless realtime.send_errors = error.';
+COMMENT ON FUNCTION realtime.send_binary(bytea, text, text, boolean) IS
+    'Like realtime.send, for a binary payload (delivered as binary frames; vsn 1.0.0 clients do not receive it).';
+COMMENT ON FUNCTION realtime.broadcast_changes(text, text, text, text, text, record, record, text) IS
+    'For row triggers: broadcasts {old_record, record, operation, table, schema} as event_name on topic_name (private).';
+COMMENT ON FUNCTION realtime.maintain_partitions(interval) IS
+    'Creates the daily partitions of realtime.messages from yesterday to today+3 and drops those older than '
+    'retention (default: the realtime.retention setting). The background worker runs it on a timer.';
+COMMENT ON FUNCTION realtime.setup_api_roles() IS
+    'Creates the roles anon, authenticated and service_role (BYPASSRLS) where missing and grants them USAGE on '
+    'schema realtime and SELECT, INSERT, UPDATE on realtime.messages, as Supabase does. RLS policies still decide.';
+COMMENT ON FUNCTION realtime.stats() IS
+    'Counters since the cluster started (failed sends, queued, delivered, discarded) and the commit queue''s fill.';
+COMMENT ON FUNCTION realtime._store(uuid, jsonb, bytea, text, text, boolean) IS
+    'Internal: validates and inserts one broadcast row for realtime.send and realtime.send_binary.';
+COMMENT ON FUNCTION realtime._count_failed_send() IS
+    'Internal: counts a message realtime.send could not store.';
+COMMENT ON FUNCTION realtime.queue_broadcast_row() IS
+    'Internal: trigger that queues committed broadcast rows for the socket server.';
+COMMENT ON FUNCTION realtime._create_partition(date) IS
+    'Internal: creates the partition of realtime.messages for one day, moving its rows out of the default partition.';
+COMMENT ON FUNCTION realtime._create_partitions() IS
+    'Internal: creates the partitions from yesterday to today+3.';

@@ -1,0 +1,86 @@
+//! Errors raised to SQL callers, each with an explicit SQLSTATE.
+
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
+
+/// The longest topic: a full Phoenix topic (`realtime:` + topic) must fit the one-byte
+/// length prefix of the binary wire format.
+pub const MAX_TOPIC_BYTES: usize = 255 - "realtime:".len();
+/// The longest event name, for the same reason.
+pub const MAX_EVENT_BYTES: usize = 255;
+
+#[derive(thiserror::Error, Debug)]
+pub enum RealtimeError {
+    #[error("pg_realtime must be loaded via shared_preload_libraries")]
+    NotPreloaded,
+    #[error("realtime message has no event")]
+    MissingEvent,
+    #[error("realtime message has an empty topic")]
+    EmptyTopic,
+    #[error("realtime topic is {0} bytes long; the limit is {MAX_TOPIC_BYTES}")]
+    TopicTooLong(usize),
+    #[error("realtime event is {0} bytes long; the limit is {MAX_EVENT_BYTES}")]
+    EventTooLong(usize),
+    #[error(
+        "realtime payload is {size} bytes; the limit is {limit} bytes (realtime.max_payload_size)"
+    )]
+    PayloadTooLarge { size: usize, limit: usize },
+    #[error("realtime message has both payload and binary_payload")]
+    TwoPayloads,
+    #[error("the realtime commit queue is full: {needed} bytes needed, {free} free")]
+    QueueFull { needed: u64, free: u64 },
+    #[error("cannot PREPARE a transaction that has sent realtime messages")]
+    PrepareAfterSend,
+    #[error("pg_realtime internal error: {0}")]
+    Internal(String),
+}
+
+impl RealtimeError {
+    fn sqlstate(&self) -> PgSqlErrorCode {
+        use PgSqlErrorCode::*;
+        match self {
+            RealtimeError::NotPreloaded => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            RealtimeError::MissingEvent => ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            RealtimeError::EmptyTopic
+            | RealtimeError::TopicTooLong(_)
+            | RealtimeError::EventTooLong(_)
+            | RealtimeError::TwoPayloads => ERRCODE_INVALID_PARAMETER_VALUE,
+            RealtimeError::PayloadTooLarge { .. } => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            RealtimeError::QueueFull { .. } => ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+            RealtimeError::PrepareAfterSend => ERRCODE_FEATURE_NOT_SUPPORTED,
+            RealtimeError::Internal(_) => ERRCODE_INTERNAL_ERROR,
+        }
+    }
+
+    fn hint(&self) -> Option<&'static str> {
+        match self {
+            RealtimeError::NotPreloaded => Some(
+                "Add shared_preload_libraries = 'pg_realtime' to postgresql.conf (append it if the \
+                 list is not empty) and restart PostgreSQL.",
+            ),
+            RealtimeError::QueueFull { .. } => Some(
+                "The realtime background worker drains the queue; check that it is running, \
+                 or raise realtime.queue_size.",
+            ),
+            RealtimeError::PayloadTooLarge { .. } => Some("Raise realtime.max_payload_size."),
+            _ => None,
+        }
+    }
+
+    /// Raises this error as a Postgres ERROR; never returns.
+    pub fn raise(self) -> ! {
+        ErrorReport::from(self).report(PgLogLevel::ERROR);
+        unreachable!("an ERROR report does not return")
+    }
+}
+
+impl From<RealtimeError> for ErrorReport {
+    #[track_caller]
+    fn from(e: RealtimeError) -> Self {
+        let report = ErrorReport::new(e.sqlstate(), e.to_string(), "pg_realtime");
+        match e.hint() {
+            Some(hint) => report.set_hint(hint),
+            None => report,
+        }
+    }
+}

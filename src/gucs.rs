@@ -1,0 +1,272 @@
+//! Every setting of pg_realtime, in one place.
+//!
+//! Settings read by the socket server are snapshotted into [`ServerSettings`] by the worker's
+//! main thread (the only thread allowed to read GUCs) at start and after each SIGHUP.
+
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
+use std::ffi::CString;
+
+/// Addresses the WebSocket/HTTP server listens on: a comma-separated list of host names or IP
+/// addresses, `*` for all interfaces. Restart to change.
+pub static LISTEN_ADDRESSES: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"localhost"));
+
+/// TCP port of the WebSocket/HTTP server. Restart to change.
+pub static PORT: GucSetting<i32> = GucSetting::<i32>::new(4000);
+
+/// Database the background worker connects to; the extension must be created there.
+pub static DATABASE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"postgres"));
+
+/// Shared secret for HS256/HS384/HS512 tokens.
+pub static JWT_SECRET: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
+/// A JWKS document (`{"keys": [...]}`) for RS*, ES* and EdDSA tokens, keys chosen by `kid`.
+pub static JWT_JWKS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
+/// The topic of the message being inserted; set by `realtime.send` and by the worker's
+/// authorization probes, read by `realtime.topic()` in RLS policies.
+pub static TOPIC: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
+
+/// How long stored messages are kept, in seconds (partitions are dropped by day).
+pub static RETENTION: GucSetting<i32> = GucSetting::<i32>::new(3 * 24 * 3600);
+
+/// How often the worker runs partition maintenance, in seconds.
+pub static MAINTENANCE_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(3600);
+
+/// Size of the shared-memory commit queue, in kB.
+pub static QUEUE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(32 * 1024);
+
+/// Largest broadcast payload, in kB (JSON text or binary bytes).
+pub static MAX_PAYLOAD_SIZE: GucSetting<i32> = GucSetting::<i32>::new(3000);
+
+/// Concurrent WebSocket connections the server accepts.
+pub static MAX_CONNECTIONS: GucSetting<i32> = GucSetting::<i32>::new(20_000);
+
+/// Channels one WebSocket connection may join.
+pub static MAX_CHANNELS_PER_CONNECTION: GucSetting<i32> = GucSetting::<i32>::new(100);
+
+/// Frames that may wait for one slow connection before it is disconnected.
+pub static OUTBOUND_QUEUE: GucSetting<i32> = GucSetting::<i32>::new(1024);
+
+/// Seconds without any frame from a client before its socket is closed.
+pub static IDLE_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(60);
+
+/// Milliseconds to wait before refusing a connection (slows down token-guessing clients).
+pub static CONNECT_ERROR_DELAY: GucSetting<i32> = GucSetting::<i32>::new(2000);
+
+/// Milliseconds to wait before refusing a join (phoenix.js retries joins forever).
+pub static JOIN_ERROR_DELAY: GucSetting<i32> = GucSetting::<i32>::new(5000);
+
+/// Refuse public channels.
+pub static PRIVATE_ONLY: GucSetting<bool> = GucSetting::<bool>::new(false);
+
+/// Threads of the network runtime.
+pub static WORKER_THREADS: GucSetting<i32> = GucSetting::<i32>::new(2);
+
+/// What `realtime.send` does when the insert fails.
+pub static SEND_ERRORS: GucSetting<SendErrors> = GucSetting::<SendErrors>::new(SendErrors::Warning);
+
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum SendErrors {
+    /// Supabase's behaviour: a WARNING, the message is lost, the caller's transaction goes on.
+    /// Every lost message is counted in `realtime.stats()`.
+    #[name = c"warning"]
+    Warning,
+    /// Raise the error, so the caller's transaction fails and nothing is lost silently.
+    #[name = c"error"]
+    Error,
+}
+
+pub fn init() {
+    let none = GucFlags::default();
+    GucRegistry::define_string_guc(
+        c"realtime.listen_addresses",
+        c"Addresses the realtime WebSocket/HTTP server listens on.",
+        c"Comma-separated host names or IP addresses; '*' means all interfaces.",
+        &LISTEN_ADDRESSES,
+        GucContext::Postmaster,
+        none,
+    );
+    GucRegistry::define_int_guc(
+        c"realtime.port",
+        c"TCP port of the realtime WebSocket/HTTP server.",
+        c"",
+        &PORT,
+        1,
+        65535,
+        GucContext::Postmaster,
+        none,
+    );
+    GucRegistry::define_string_guc(
+        c"realtime.database",
+        c"Database the realtime background worker serves.",
+        c"CREATE EXTENSION pg_realtime must be run in this database.",
+        &DATABASE,
+        GucContext::Postmaster,
+        none,
+    );
+    GucRegistry::define_string_guc(
+        c"realtime.jwt_secret",
+        c"Secret used to verify HS256/HS384/HS512 client tokens.",
+        c"",
+        &JWT_SECRET,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
+    );
+    GucRegistry::define_string_guc(
+        c"realtime.jwt_jwks",
+        c"JWKS document used to verify RS*, ES* and EdDSA client tokens.",
+        c"A JSON object {\"keys\": [...]}; the key is chosen by the token's kid.",
+        &JWT_JWKS,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_string_guc(
+        c"realtime.topic",
+        c"Topic of the realtime message being inserted or authorized.",
+        c"Read by realtime.topic() in row-level security policies.",
+        &TOPIC,
+        GucContext::Userset,
+        none,
+    );
+    GucRegistry::define_int_guc(
+        c"realtime.retention",
+        c"How long messages are kept in realtime.messages.",
+        c"Daily partitions older than this are dropped by the background worker.",
+        &RETENTION,
+        3600,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"realtime.maintenance_interval",
+        c"How often the background worker maintains the partitions of realtime.messages.",
+        c"",
+        &MAINTENANCE_INTERVAL,
+        1,
+        24 * 3600,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"realtime.queue_size",
+        c"Size of the shared-memory queue of committed messages.",
+        c"A transaction whose messages do not fit fails at commit.",
+        &QUEUE_SIZE,
+        64,
+        1024 * 1024,
+        GucContext::Postmaster,
+        GucFlags::UNIT_KB,
+    );
+    GucRegistry::define_int_guc(
+        c"realtime.max_payload_size",
+        c"Largest broadcast payload.",
+        c"",
+        &MAX_PAYLOAD_SIZE,
+        1,
+        1024 * 1024,
+        GucContext::Sighup,
+        GucFlags::UNIT_KB,
+    );
+    GucRegistry::define_int_guc(
+        c"realtime.max_connections",
+        c"Concurrent WebSocket connections the realtime server accepts.",
+        c"",
+        &MAX_CONNECTIONS,
+        1,
+        1_000_000,
+        GucContext::Sighup,
+        none,
+    );
+    GucRegistry::define_int_guc(
+        c"realtime.max_channels_per_connection",
+        c"Channels one WebSocket connection may join.",
+        c"",
+        &MAX_CHANNELS_PER_CONNECTION,
+        1,
+        100_000,
+        GucContext::Sighup,
+        none,
+    );
+    GucRegistry::define_int_guc(
+        c"realtime.outbound_queue",
+        c"Frames that may wait for one connection before it is disconnected as too slow.",
+        c"",
+        &OUTBOUND_QUEUE,
+        16,
+        1_000_000,
+        GucContext::Sighup,
+        none,
+    );
+    GucRegistry::define_int_guc(
+        c"realtime.idle_timeout",
+        c"Time without any frame from a client after which its socket is closed.",
+        c"",
+        &IDLE_TIMEOUT,
+        1,
+        24 * 3600,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"realtime.connect_error_delay",
+        c"Delay before a refused WebSocket connection is answered.",
+        c"",
+        &CONNECT_ERROR_DELAY,
+        0,
+        60_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"realtime.join_error_delay",
+        c"Delay before a refused channel join is answered.",
+        c"",
+        &JOIN_ERROR_DELAY,
+        0,
+        60_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_bool_guc(
+        c"realtime.private_only",
+        c"Refuse joins of public channels.",
+        c"",
+        &PRIVATE_ONLY,
+        GucContext::Sighup,
+        none,
+    );
+    GucRegistry::define_int_guc(
+        c"realtime.worker_threads",
+        c"Threads of the realtime network runtime.",
+        c"",
+        &WORKER_THREADS,
+        1,
+        64,
+        GucContext::Postmaster,
+        none,
+    );
+    GucRegistry::define_enum_guc(
+        c"realtime.send_errors",
+        c"What realtime.send does when storing a message fails: warning or error.",
+        c"warning keeps the caller's transaction going and counts the lost message in realtime.stats(); error raises.",
+        &SEND_ERRORS,
+        GucContext::Userset,
+        none,
+    );
+}
+
+/// A string setting as Rust text; unset and empty are the same.
+pub fn text(setting: &GucSetting<Option<CString>>) -> Option<String> {
+    setting
+        .get()
+        .map(|s| s.to_string_lossy().into_owned())
+        .filter(|s| !s.is_empty())
+}
+
+/// The largest payload in bytes.
+pub fn max_payload_bytes() -> usize {
+    MAX_PAYLOAD_SIZE.get().max(1) as usize * 1024
+}

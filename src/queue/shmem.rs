@@ -1,0 +1,150 @@
+//! The shared-memory half of the commit queue: the ring, its lock, the worker's latch and the
+//! counters `realtime.stats()` reports.
+//!
+//! The ring is sized by `realtime.queue_size`, so it is allocated with the raw shmem hooks
+//! rather than pgrx's fixed-size `PgLwLock<T>`.
+
+use crate::gucs;
+use commit_ring::{Full, RingHeader};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::ptr::null_mut;
+use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+
+const TRANCHE: &std::ffi::CStr = c"pg_realtime";
+const SEGMENT: &std::ffi::CStr = c"pg_realtime commit queue";
+
+/// Counters shown by `realtime.stats()`; monotonic since the cluster started.
+#[repr(C)]
+#[derive(Default)]
+pub struct Stats {
+    /// Messages `realtime.send` could not store (and warned about).
+    pub failed_sends: AtomicU64,
+    /// Messages copied into the ring by committing transactions.
+    pub queued: AtomicU64,
+    /// Committed messages the worker handed to the socket server.
+    pub delivered: AtomicU64,
+    /// Entries the worker skipped because their transaction aborted.
+    pub discarded: AtomicU64,
+}
+
+#[repr(C)]
+struct Shared {
+    lock: *mut pg_sys::LWLock,
+    ring: RingHeader,
+    capacity: u64,
+    worker_latch: AtomicPtr<pg_sys::Latch>,
+    stats: Stats,
+}
+
+static mut SHARED: *mut Shared = null_mut();
+static mut PREV_REQUEST_HOOK: pg_sys::shmem_request_hook_type = None;
+static mut PREV_STARTUP_HOOK: pg_sys::shmem_startup_hook_type = None;
+
+fn data_offset() -> usize {
+    size_of::<Shared>().next_multiple_of(64)
+}
+
+fn capacity() -> usize {
+    gucs::QUEUE_SIZE.get() as usize * 1024
+}
+
+pub(super) fn init() {
+    unsafe {
+        PREV_REQUEST_HOOK = pg_sys::shmem_request_hook;
+        pg_sys::shmem_request_hook = Some(request_shmem);
+        PREV_STARTUP_HOOK = pg_sys::shmem_startup_hook;
+        pg_sys::shmem_startup_hook = Some(startup_shmem);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn request_shmem() {
+    unsafe {
+        if let Some(prev) = PREV_REQUEST_HOOK {
+            prev();
+        }
+        pg_sys::RequestAddinShmemSpace(data_offset() + capacity());
+        pg_sys::RequestNamedLWLockTranche(TRANCHE.as_ptr(), 1);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn startup_shmem() {
+    unsafe {
+        if let Some(prev) = PREV_STARTUP_HOOK {
+            prev();
+        }
+        let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
+        pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let mut found = false;
+        let size = data_offset() + capacity();
+        let shared = pg_sys::ShmemInitStruct(SEGMENT.as_ptr(), size, &mut found) as *mut Shared;
+        if !found {
+            shared.write(Shared {
+                lock: &raw mut (*pg_sys::GetNamedLWLockTranche(TRANCHE.as_ptr())).lock,
+                ring: RingHeader::default(),
+                capacity: capacity() as u64,
+                worker_latch: AtomicPtr::new(null_mut()),
+                stats: Stats::default(),
+            });
+        }
+        SHARED = shared;
+        pg_sys::LWLockRelease(init_lock);
+    }
+}
+
+fn shared() -> &'static Shared {
+    // SAFETY: set by the startup hook in the postmaster before any backend or worker forks;
+    // `_PG_init` refuses to run outside shared_preload_libraries, so it is never null here.
+    unsafe { &*SHARED }
+}
+
+/// Runs `f` on the ring while holding its lock exclusively.
+fn with_ring<R>(f: impl FnOnce(&mut RingHeader, &mut [u8]) -> R) -> R {
+    unsafe {
+        let shared = SHARED;
+        pg_sys::LWLockAcquire((*shared).lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let data = (shared as *mut u8).add(data_offset());
+        let buf = std::slice::from_raw_parts_mut(data, (*shared).capacity as usize);
+        let result = f(&mut (*shared).ring, buf);
+        pg_sys::LWLockRelease((*shared).lock);
+        result
+    }
+}
+
+/// Appends one transaction's messages, all or none.
+pub fn push(xid: u32, database: u32, bodies: &[&[u8]]) -> Result<(), Full> {
+    with_ring(|ring, buf| ring.push_batch(buf, xid, database, bodies))?;
+    stats()
+        .queued
+        .fetch_add(bodies.len() as u64, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Lets the worker read and free entries; `f` must peek and advance within this one call.
+pub fn consume<R>(f: impl FnOnce(&mut RingHeader, &[u8]) -> R) -> R {
+    with_ring(|ring, buf| f(ring, buf))
+}
+
+/// Bytes in use and capacity of the ring.
+pub fn usage() -> (u64, u64) {
+    with_ring(|ring, buf| (ring.used(), buf.len() as u64))
+}
+
+pub fn stats() -> &'static Stats {
+    &shared().stats
+}
+
+/// Called by the worker once it waits on its latch, so committing backends can wake it.
+pub fn register_worker_latch(latch: *mut pg_sys::Latch) {
+    shared().worker_latch.store(latch, Ordering::Release);
+}
+
+/// Wakes the worker; cannot fail, so it is safe in commit and abort callbacks.
+pub fn wake_worker() {
+    let latch = shared().worker_latch.load(Ordering::Acquire);
+    if !latch.is_null() {
+        unsafe { pg_sys::SetLatch(latch) };
+    }
+}

@@ -1,0 +1,188 @@
+//! The per-backend half of the commit queue.
+//!
+//! A row trigger on `realtime.messages` stages every broadcast row of the transaction here,
+//! tagged with the savepoint nesting level it was written at, so that rolling back to a
+//! savepoint drops exactly its part. At pre-commit the staged messages go into the shared ring
+//! under a transaction-scoped lock, which is what makes ring order equal commit order (the
+//! lock is released only after the commit is visible). Nothing that can fail runs after that.
+
+use super::shmem;
+use crate::error::{MAX_EVENT_BYTES, MAX_TOPIC_BYTES, RealtimeError};
+use crate::gucs;
+use commit_ring::{Message, PayloadKind};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::cell::RefCell;
+
+/// `objsubid` of the lock that serializes queue appends (NOTIFY uses 0 on the same tag).
+const QUEUE_LOCK_SUBID: u16 = 0x7274;
+
+struct Staged {
+    nest_level: i32,
+    body: Vec<u8>,
+}
+
+#[derive(Default)]
+struct Transaction {
+    staged: Vec<Staged>,
+    /// Entries of this transaction are in the ring: wake the worker when it ends either way.
+    queued: bool,
+}
+
+thread_local! {
+    static CURRENT: RefCell<Transaction> = RefCell::new(Transaction::default());
+}
+
+pub(super) fn init() {
+    unsafe {
+        pg_sys::RegisterXactCallback(Some(on_xact), std::ptr::null_mut());
+        pg_sys::RegisterSubXactCallback(Some(on_subxact), std::ptr::null_mut());
+    }
+}
+
+fn nest_level() -> i32 {
+    unsafe { pg_sys::GetCurrentTransactionNestLevel() }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    use pg_sys::XactEvent::*;
+    match event {
+        XACT_EVENT_PRE_COMMIT | XACT_EVENT_PARALLEL_PRE_COMMIT => pre_commit(),
+        XACT_EVENT_PRE_PREPARE => {
+            if CURRENT.with_borrow(|t| !t.staged.is_empty()) {
+                RealtimeError::PrepareAfterSend.raise();
+            }
+        }
+        XACT_EVENT_COMMIT
+        | XACT_EVENT_PARALLEL_COMMIT
+        | XACT_EVENT_ABORT
+        | XACT_EVENT_PARALLEL_ABORT
+        | XACT_EVENT_PREPARE => {
+            let queued = CURRENT.with_borrow_mut(std::mem::take).queued;
+            if queued {
+                shmem::wake_worker();
+            }
+        }
+        _ => {}
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_subxact(
+    event: pg_sys::SubXactEvent::Type,
+    _my: pg_sys::SubTransactionId,
+    _parent: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    use pg_sys::SubXactEvent::*;
+    match event {
+        SUBXACT_EVENT_ABORT_SUB => {
+            let level = nest_level();
+            CURRENT.with_borrow_mut(|t| t.staged.retain(|s| s.nest_level < level));
+        }
+        SUBXACT_EVENT_COMMIT_SUB => {
+            let level = nest_level();
+            CURRENT.with_borrow_mut(|t| {
+                for s in t.staged.iter_mut().filter(|s| s.nest_level >= level) {
+                    s.nest_level = level - 1;
+                }
+            });
+        }
+        _ => {}
+    }
+}
+
+fn pre_commit() {
+    let bodies: Vec<Vec<u8>> =
+        CURRENT.with_borrow_mut(|t| t.staged.drain(..).map(|s| s.body).collect());
+    if bodies.is_empty() {
+        return;
+    }
+    unsafe {
+        pg_sys::LockSharedObject(
+            pg_sys::DatabaseRelationId,
+            pg_sys::InvalidOid,
+            QUEUE_LOCK_SUBID,
+            pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE,
+        );
+    }
+    let xid = unsafe { pg_sys::GetTopTransactionId() };
+    let database = unsafe { pg_sys::MyDatabaseId };
+    let slices: Vec<&[u8]> = bodies.iter().map(Vec::as_slice).collect();
+    match shmem::push(u32::from(xid), u32::from(database), &slices) {
+        Ok(()) => CURRENT.with_borrow_mut(|t| t.queued = true),
+        Err(full) => RealtimeError::QueueFull {
+            needed: full.needed,
+            free: full.free,
+        }
+        .raise(),
+    }
+}
+
+/// Checks one broadcast row and stages it for the socket server.
+fn stage(message: &Message<'_>) -> Result<(), RealtimeError> {
+    if message.topic.is_empty() {
+        return Err(RealtimeError::EmptyTopic);
+    }
+    if message.topic.len() > MAX_TOPIC_BYTES {
+        return Err(RealtimeError::TopicTooLong(message.topic.len()));
+    }
+    if message.event.len() > MAX_EVENT_BYTES {
+        return Err(RealtimeError::EventTooLong(message.event.len()));
+    }
+    let limit = gucs::max_payload_bytes();
+    if message.payload.len() > limit {
+        return Err(RealtimeError::PayloadTooLarge {
+            size: message.payload.len(),
+            limit,
+        });
+    }
+    let staged = Staged {
+        nest_level: nest_level(),
+        body: message.encode(),
+    };
+    CURRENT.with_borrow_mut(|t| t.staged.push(staged));
+    Ok(())
+}
+
+/// `AFTER INSERT` row trigger on `realtime.messages` (attached with
+/// `WHEN (NEW.extension = 'broadcast' AND NEW.event IS NOT NULL)`, which leaves out the
+/// authorization probes that carry no event).
+#[pg_trigger]
+fn queue_broadcast_row<'a>(
+    trigger: &'a PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, RealtimeError> {
+    let Some(row) = trigger.new() else {
+        return Ok(None);
+    };
+    let datum = |e: pgrx::datum::TryFromDatumError| RealtimeError::Internal(e.to_string());
+    let topic: String = row.get_by_name("topic").map_err(datum)?.unwrap_or_default();
+    let event: String = row
+        .get_by_name("event")
+        .map_err(datum)?
+        .ok_or(RealtimeError::MissingEvent)?;
+    let private: bool = row.get_by_name("private").map_err(datum)?.unwrap_or(false);
+    let id: Option<pgrx::Uuid> = row.get_by_name("id").map_err(datum)?;
+    let id = id.map(|u| u.to_string()).unwrap_or_default();
+    let json: Option<pgrx::JsonB> = row.get_by_name("payload").map_err(datum)?;
+    let binary: Option<&[u8]> = row.get_by_name("binary_payload").map_err(datum)?;
+    let (kind, payload) = match (json, binary) {
+        (Some(_), Some(_)) => return Err(RealtimeError::TwoPayloads),
+        (None, Some(bytes)) => (PayloadKind::Binary, bytes.to_vec()),
+        (Some(json), None) => (
+            PayloadKind::Json,
+            serde_json::to_vec(&json.0).map_err(|e| RealtimeError::Internal(e.to_string()))?,
+        ),
+        (None, None) => (PayloadKind::Json, b"{}".to_vec()),
+    };
+    stage(&Message {
+        topic: &topic,
+        event: &event,
+        id: &id,
+        private,
+        kind,
+        payload: &payload,
+    })?;
+    Ok(None)
+}

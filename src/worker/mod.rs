@@ -1,0 +1,99 @@
+//! The background worker "pg_realtime": its main thread is the only thread that calls
+//! Postgres. It drains the commit queue, maintains partitions and runs the socket server,
+//! whose threads never touch Postgres.
+
+mod delivery;
+mod maintenance;
+mod transaction;
+
+use crate::gucs;
+use crate::queue::shmem;
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::time::{Duration, Instant};
+
+/// How long the postmaster waits before restarting a worker that exited with code 1.
+const RESTART_DELAY: Duration = Duration::from_secs(5);
+/// How often the worker looks for the extension while it has not been created yet.
+const EXTENSION_POLL: Duration = Duration::from_secs(5);
+
+pub fn register() {
+    BackgroundWorkerBuilder::new("pg_realtime")
+        .set_type("pg_realtime")
+        .set_library("pg_realtime")
+        .set_function("pg_realtime_worker_main")
+        .enable_spi_access()
+        .set_restart_time(Some(RESTART_DELAY))
+        .load();
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn pg_realtime_worker_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let database = gucs::text(&gucs::DATABASE).unwrap_or_else(|| "postgres".into());
+    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    shmem::register_worker_latch(unsafe { pg_sys::MyLatch });
+
+    if !wait_for_extension(&database) {
+        return;
+    }
+    maintenance::run();
+    let mut next_maintenance = Instant::now() + maintenance::interval();
+    let mut delivery = delivery::Delivery::start(&database);
+
+    while !BackgroundWorker::sigterm_received() {
+        let timeout = next_maintenance
+            .saturating_duration_since(Instant::now())
+            .min(delivery.poll_interval());
+        delivery.wait(timeout);
+        if BackgroundWorker::sigterm_received() {
+            break;
+        }
+        if BackgroundWorker::sighup_received() {
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+            delivery.reload();
+        }
+        delivery.deliver();
+        if Instant::now() >= next_maintenance {
+            maintenance::run();
+            next_maintenance = Instant::now() + maintenance::interval();
+        }
+    }
+    delivery.shutdown();
+    log!("pg_realtime: worker stopped");
+}
+
+/// Waits, without flooding the log, until `CREATE EXTENSION pg_realtime` has run in the
+/// worker's database, draining the queue meanwhile so other databases' sends never block.
+/// Returns false when asked to stop.
+fn wait_for_extension(database: &str) -> bool {
+    let mut logged = false;
+    loop {
+        let exists = transaction::run(|| {
+            Spi::get_one::<bool>(
+                "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_realtime')",
+            )
+            .ok()
+            .flatten()
+            .unwrap_or(false)
+        });
+        if exists {
+            return true;
+        }
+        if !logged {
+            log!(
+                "pg_realtime: waiting for CREATE EXTENSION pg_realtime in database \"{database}\""
+            );
+            logged = true;
+        }
+        delivery::discard_queue();
+        if !BackgroundWorker::wait_latch(Some(EXTENSION_POLL)) {
+            return false;
+        }
+        if BackgroundWorker::sighup_received() {
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+    }
+}
