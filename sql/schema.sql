@@ -42,7 +42,7 @@ BEGIN
     END IF;
     IF EXISTS (SELECT 1 FROM realtime.messages_default
                WHERE inserted_at >= day AND inserted_at < day + 1) THEN
-        EXECUTE format('CREATE TABLE realtime.%I (LIKE realtime.messages INCLUDING DEFAULTS)', name);
+        EXECUTE format('CREATE TABLE realtime.%I (LIKE realtime.messages INCLUDING DEFAULTS INCLUDING CONSTRAINTS)', name);
         EXECUTE format(
             'WITH moved AS (DELETE FROM realtime.messages_default WHERE inserted_at >= %L AND inserted_at < %L RETURNING *) '
             'INSERT INTO realtime.%I SELECT * FROM moved', day, day + 1, name);

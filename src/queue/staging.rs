@@ -153,8 +153,16 @@ fn stage(message: &Message<'_>) -> Result<(), RealtimeError> {
 fn queue_broadcast_row<'a>(
     trigger: &'a PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, RealtimeError> {
+    // Raised here rather than returned: pgrx reports a returned error without its SQLSTATE.
+    if let Err(e) = stage_row(trigger) {
+        e.raise();
+    }
+    Ok(None)
+}
+
+fn stage_row(trigger: &PgTrigger<'_>) -> Result<(), RealtimeError> {
     let Some(row) = trigger.new() else {
-        return Ok(None);
+        return Ok(());
     };
     let datum = |e: pgrx::datum::TryFromDatumError| RealtimeError::Internal(e.to_string());
     let topic: String = row.get_by_name("topic").map_err(datum)?.unwrap_or_default();
@@ -183,6 +191,5 @@ fn queue_broadcast_row<'a>(
         private,
         kind,
         payload: &payload,
-    })?;
-    Ok(None)
+    })
 }

@@ -37,7 +37,7 @@ pub extern "C-unwind" fn pg_realtime_worker_main(_arg: pg_sys::Datum) {
     shmem::register_worker_latch(unsafe { pg_sys::MyLatch });
 
     if !wait_for_extension(&database) {
-        return;
+        unsafe { pg_sys::proc_exit(1) };
     }
     maintenance::run();
     let mut next_maintenance = Instant::now() + maintenance::interval();
@@ -62,7 +62,10 @@ pub extern "C-unwind" fn pg_realtime_worker_main(_arg: pg_sys::Datum) {
         }
     }
     delivery.shutdown();
+    // Exit code 1, not 0: a worker that exits with 0 is never restarted, and a terminated
+    // worker (pg_terminate_backend) must come back. At server shutdown nothing is restarted.
     log!("pg_realtime: worker stopped");
+    unsafe { pg_sys::proc_exit(1) };
 }
 
 /// Waits, without flooding the log, until `CREATE EXTENSION pg_realtime` has run in the
