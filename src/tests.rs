@@ -1,2 +1,73 @@
-//! In-backend tests (`cargo pgrx test`): they run inside a transaction that is rolled back, so
-//! they cover the SQL surface, never delivery (see pgrx-tests/ for that).
+//! In-backend tests (`cargo pgrx test`): each runs inside a transaction that is rolled back,
+//! so they cover the SQL surface as one session sees it, never delivery (see pgrx-tests/).
+
+#[pgrx::pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    #[pg_test]
+    fn send_injects_an_id_and_sets_the_topic() {
+        Spi::run(r#"SELECT realtime.send('{"text":"hi"}', 'message', 'room-1', false)"#).unwrap();
+        let same = Spi::get_one::<bool>(
+            "SELECT payload->>'id' = id::text AND topic = 'room-1' AND NOT private FROM realtime.messages",
+        )
+        .unwrap();
+        assert_eq!(same, Some(true));
+        // send leaves realtime.topic set for the rest of the transaction, as Supabase does.
+        assert_eq!(
+            Spi::get_one::<String>("SELECT realtime.topic()")
+                .unwrap()
+                .as_deref(),
+            Some("room-1")
+        );
+    }
+
+    #[pg_test]
+    fn send_binary_stores_the_bytes() {
+        Spi::run(r"SELECT realtime.send_binary('\x0001ff', 'bin', 'room-1')").unwrap();
+        let row = Spi::get_two::<Vec<u8>, bool>(
+            "SELECT binary_payload, payload IS NULL FROM realtime.messages",
+        )
+        .unwrap();
+        assert_eq!(row, (Some(vec![0, 1, 255]), Some(true)));
+    }
+
+    #[pg_test]
+    fn topic_is_null_when_unset() {
+        assert_eq!(
+            Spi::get_one::<String>("SELECT realtime.topic()").unwrap(),
+            None
+        );
+    }
+
+    #[pg_test(error = "realtime.send payload must be a JSON object, not array")]
+    fn send_refuses_a_non_object_payload() {
+        Spi::run("SELECT realtime.send('[1]', 'e', 't')").unwrap();
+    }
+
+    #[pg_test(error = "Failed to process the row: Unexpected operation type: MERGE")]
+    fn broadcast_changes_refuses_unknown_operations() {
+        Spi::run(
+            "SELECT realtime.broadcast_changes('t', 'e', 'MERGE', 'x', 'public', NULL::record, NULL::record)",
+        )
+        .unwrap();
+    }
+
+    #[pg_test]
+    fn every_public_function_has_a_comment() {
+        let missing = Spi::get_one::<i64>(
+            "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+             WHERE n.nspname = 'realtime' AND obj_description(p.oid, 'pg_proc') IS NULL",
+        )
+        .unwrap();
+        assert_eq!(missing, Some(0));
+    }
+
+    #[pg_test]
+    fn stats_start_at_zero_failures() {
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT failed_sends FROM realtime.stats()").unwrap(),
+            Some(0)
+        );
+    }
+}

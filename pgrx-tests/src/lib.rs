@@ -27,12 +27,11 @@ pub fn free_port() -> u16 {
 }
 
 fn as_postgres(program: &str, args: &[&str]) -> Output {
-    let output = Command::new("runuser")
+    Command::new("runuser")
         .args(["-u", "postgres", "--", program])
         .args(args)
         .output()
-        .expect("runuser runs");
-    output
+        .expect("runuser runs")
 }
 
 fn check(what: &str, output: Output) -> Output {

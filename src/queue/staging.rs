@@ -49,10 +49,8 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
     use pg_sys::XactEvent::*;
     match event {
         XACT_EVENT_PRE_COMMIT | XACT_EVENT_PARALLEL_PRE_COMMIT => pre_commit(),
-        XACT_EVENT_PRE_PREPARE => {
-            if CURRENT.with_borrow(|t| !t.staged.is_empty()) {
-                RealtimeError::PrepareAfterSend.raise();
-            }
+        XACT_EVENT_PRE_PREPARE if CURRENT.with_borrow(|t| !t.staged.is_empty()) => {
+            RealtimeError::PrepareAfterSend.raise();
         }
         XACT_EVENT_COMMIT
         | XACT_EVENT_PARALLEL_COMMIT

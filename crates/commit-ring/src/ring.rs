@@ -68,8 +68,8 @@ impl RingHeader {
         bodies: &[&[u8]],
     ) -> Result<(), Full> {
         let capacity = buf.len() as u64;
-        debug_assert!(capacity > 0 && capacity % ALIGN as u64 == 0);
-        if self.used() == 0 && self.head % capacity != 0 {
+        debug_assert!(capacity > 0 && capacity.is_multiple_of(ALIGN as u64));
+        if self.used() == 0 && !self.head.is_multiple_of(capacity) {
             // Nothing is queued: restart at position 0 so that any entry up to the capacity
             // fits. Safe because the consumer peeks and advances under the same lock hold.
             let start = self.head.next_multiple_of(capacity);
