@@ -1,10 +1,14 @@
 //! Reading the commit queue: entries are delivered in ring order (= commit order) once their
 //! transaction committed, skipped when it aborted, and waited for while it is in progress.
 
+use super::logging;
+use crate::gucs;
 use crate::queue::shmem;
+use bytes::Bytes;
 use commit_ring::{Message, PayloadKind};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
+use realtime_server::{Config, DbBroadcast, Event, Payload, Server};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -14,6 +18,8 @@ const BATCH: usize = 512;
 /// wake-up (its backend wakes the worker at commit or abort; this only bounds a lost wake-up).
 const BLOCKED_POLL: Duration = Duration::from_millis(50);
 const IDLE_POLL: Duration = Duration::from_secs(1);
+/// How long clients get to see their close frames at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// A committed message, copied out of shared memory.
 #[derive(Debug)]
@@ -97,14 +103,55 @@ pub fn discard_queue() {
 pub struct Delivery {
     database: u32,
     blocked: bool,
+    server: Server,
+}
+
+/// The settings the socket server reads, snapshotted on the main thread (the only thread that
+/// may read GUCs).
+fn server_config() -> Config {
+    let listen = gucs::text(&gucs::LISTEN_ADDRESSES).unwrap_or_default();
+    Config {
+        listen_addresses: listen,
+        port: u16::try_from(gucs::PORT.get()).unwrap_or(4000),
+        jwt_secret: gucs::text(&gucs::JWT_SECRET),
+        jwt_jwks: gucs::text(&gucs::JWT_JWKS),
+        max_connections: gucs::MAX_CONNECTIONS.get().max(1) as usize,
+        max_channels_per_connection: gucs::MAX_CHANNELS_PER_CONNECTION.get().max(1) as usize,
+        max_payload_bytes: gucs::max_payload_bytes(),
+        outbound_queue: gucs::OUTBOUND_QUEUE.get().max(1) as usize,
+        idle_timeout: Duration::from_secs(gucs::IDLE_TIMEOUT.get().max(1) as u64),
+        connect_error_delay: Duration::from_millis(gucs::CONNECT_ERROR_DELAY.get().max(0) as u64),
+        join_error_delay: Duration::from_millis(gucs::JOIN_ERROR_DELAY.get().max(0) as u64),
+        private_only: gucs::PRIVATE_ONLY.get(),
+        worker_threads: gucs::WORKER_THREADS.get().max(1) as usize,
+        ..Config::default()
+    }
 }
 
 impl Delivery {
-    pub fn start(_database_name: &str) -> Delivery {
-        log!("pg_realtime: worker ready");
+    /// Starts the socket server; exits the worker with code 1 (so the postmaster retries) when
+    /// it cannot, e.g. because the port is taken.
+    pub fn start(database_name: &str) -> Delivery {
+        logging::install();
+        let config = server_config();
+        let where_ = format!("{}:{}", config.listen_addresses, config.port);
+        let server = match Server::start(config) {
+            Ok(server) => server,
+            Err(e) => {
+                log!("pg_realtime: cannot start the socket server on {where_}: {e}");
+                unsafe { pg_sys::proc_exit(1) };
+                unreachable!("proc_exit returns not");
+            }
+        };
+        let addrs: Vec<String> = server.local_addrs().iter().map(|a| a.to_string()).collect();
+        log!(
+            "pg_realtime: worker ready, serving database \"{database_name}\" on ws://{}/realtime/v1/websocket",
+            addrs.join(", ws://")
+        );
         Delivery {
             database: u32::from(unsafe { pg_sys::MyDatabaseId }),
             blocked: false,
+            server,
         }
     }
 
@@ -118,35 +165,64 @@ impl Delivery {
 
     /// Sleeps until the latch is set, the server has news, or `timeout` passes.
     pub fn wait(&mut self, timeout: Duration) {
-        let events = pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH;
+        let events = pg_sys::WL_LATCH_SET
+            | pg_sys::WL_SOCKET_READABLE
+            | pg_sys::WL_TIMEOUT
+            | pg_sys::WL_EXIT_ON_PM_DEATH;
         unsafe {
             pg_sys::WaitLatchOrSocket(
                 pg_sys::MyLatch,
                 events as i32,
-                pg_sys::PGINVALID_SOCKET,
+                self.server.wake_fd(),
                 timeout.as_millis().min(i64::MAX as u128) as i64,
                 pg_sys::PG_WAIT_EXTENSION,
             );
             pg_sys::ResetLatch(pg_sys::MyLatch);
         }
         pgrx::check_for_interrupts!();
+        logging::flush();
+        for event in self.server.poll_events() {
+            match event {
+                Event::Fatal(reason) => {
+                    log!("pg_realtime: the socket server failed: {reason}");
+                    unsafe { pg_sys::proc_exit(1) };
+                }
+            }
+        }
     }
 
-    pub fn reload(&mut self) {}
+    pub fn reload(&mut self) {
+        self.server.reload(server_config());
+    }
 
     pub fn deliver(&mut self) {
         loop {
             let (messages, blocked) = drain(self.database);
             self.blocked = blocked;
-            let n = messages.len();
-            shmem::stats()
-                .delivered
-                .fetch_add(n as u64, Ordering::Relaxed);
+            let n = messages.len() as u64;
+            for m in messages {
+                let payload = Bytes::from(m.payload);
+                self.server.publish(DbBroadcast {
+                    topic: m.topic,
+                    event: m.event,
+                    private: m.private,
+                    id: m.id,
+                    payload: match m.kind {
+                        PayloadKind::Json => Payload::Json(payload),
+                        PayloadKind::Binary => Payload::Binary(payload),
+                    },
+                });
+            }
+            shmem::stats().delivered.fetch_add(n, Ordering::Relaxed);
             if n == 0 || blocked {
                 return;
             }
         }
     }
 
-    pub fn shutdown(self) {}
+    /// Closes every socket with a close frame, then stops the network threads.
+    pub fn shutdown(self) {
+        self.server.shutdown(SHUTDOWN_GRACE);
+        logging::flush();
+    }
 }

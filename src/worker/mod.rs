@@ -3,6 +3,7 @@
 //! whose threads never touch Postgres.
 
 mod delivery;
+mod logging;
 mod maintenance;
 mod transaction;
 

@@ -1,0 +1,182 @@
+//! Database messages reach sockets only once committed, in commit order, exactly as sent.
+
+use realtime_integration_tests::{Cluster, Socket, jwt};
+use serde_json::{Value, json};
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn subscriber(cluster: &Cluster, topic: &str) -> Socket {
+    let mut s = Socket::connect(cluster, &jwt(json!({})), "2.0.0");
+    let reply = s.join(
+        topic,
+        json!({"broadcast": {"self": false}, "private": false}),
+    );
+    assert_eq!(reply["status"], "ok", "{reply}");
+    s
+}
+
+/// The user payloads of the next `n` broadcasts on the socket.
+fn next_payloads(s: &mut Socket, n: usize) -> Vec<Value> {
+    (0..n)
+        .map(|i| {
+            let m = s
+                .recv_event("broadcast", WAIT)
+                .unwrap_or_else(|| panic!("broadcast {i} of {n}"));
+            m.payload["payload"].clone()
+        })
+        .collect()
+}
+
+fn send(c: &mut postgres::Client, topic: &str, payload: Value) {
+    c.execute(
+        "SELECT realtime.send($1, 'e', $2, false)",
+        &[&payload, &topic],
+    )
+    .expect("send");
+}
+
+#[test]
+fn only_committed_messages_are_delivered() {
+    let cluster = Cluster::start("delivery_commit", &[]);
+    let mut s = subscriber(&cluster, "room");
+    let mut a = cluster.connect();
+    let mut b = cluster.connect();
+
+    // In progress: not delivered, and it does not hold back transactions that commit first.
+    a.batch_execute("BEGIN").unwrap();
+    send(&mut a, "room", json!({"n": "uncommitted-yet"}));
+    send(&mut b, "room", json!({"n": "first"}));
+    assert_eq!(next_payloads(&mut s, 1)[0]["n"], "first");
+
+    // Rolled back: never delivered.
+    a.batch_execute("ROLLBACK").unwrap();
+    send(&mut b, "room", json!({"n": "second"}));
+    assert_eq!(next_payloads(&mut s, 1)[0]["n"], "second");
+
+    // A savepoint rolled back drops exactly its part.
+    a.batch_execute("BEGIN").unwrap();
+    send(&mut a, "room", json!({"n": 1}));
+    a.batch_execute("SAVEPOINT s1").unwrap();
+    send(&mut a, "room", json!({"n": 2}));
+    a.batch_execute("SAVEPOINT s2").unwrap();
+    send(&mut a, "room", json!({"n": 3}));
+    a.batch_execute("RELEASE SAVEPOINT s2; ROLLBACK TO SAVEPOINT s1")
+        .unwrap();
+    send(&mut a, "room", json!({"n": 4}));
+    a.batch_execute("SAVEPOINT s3").unwrap();
+    send(&mut a, "room", json!({"n": 5}));
+    a.batch_execute("RELEASE SAVEPOINT s3; COMMIT").unwrap();
+    let got: Vec<Value> = next_payloads(&mut s, 3)
+        .iter()
+        .map(|p| p["n"].clone())
+        .collect();
+    assert_eq!(got, vec![json!(1), json!(4), json!(5)]);
+
+    // A failed statement inside send's exception block (an RLS refusal) loses only that message.
+    send(&mut b, "room", json!({"n": "last"}));
+    assert_eq!(next_payloads(&mut s, 1)[0]["n"], "last");
+    assert!(
+        s.recv_event("broadcast", Duration::from_millis(300))
+            .is_none(),
+        "nothing else arrives"
+    );
+}
+
+#[test]
+fn a_thousand_sends_in_one_transaction_arrive_complete_and_in_order() {
+    let cluster = Cluster::start("delivery_thousand", &[]);
+    let mut s = subscriber(&cluster, "bulk");
+    cluster.execute(
+        "SELECT realtime.send(jsonb_build_object('i', i), 'e', 'bulk', false) FROM generate_series(1, 1000) i",
+    );
+    let got: Vec<i64> = next_payloads(&mut s, 1000)
+        .iter()
+        .map(|p| p["i"].as_i64().expect("i"))
+        .collect();
+    assert_eq!(got, (1..=1000).collect::<Vec<_>>());
+}
+
+#[test]
+fn transactions_are_delivered_in_commit_order_not_send_order() {
+    let cluster = Cluster::start("delivery_order", &[]);
+    let mut s = subscriber(&cluster, "order");
+    let mut a = cluster.connect();
+    let mut b = cluster.connect();
+    a.batch_execute("BEGIN").unwrap();
+    b.batch_execute("BEGIN").unwrap();
+    send(&mut a, "order", json!({"tx": "a", "sent": 1}));
+    send(&mut b, "order", json!({"tx": "b", "sent": 2}));
+    send(&mut a, "order", json!({"tx": "a", "sent": 3}));
+    b.batch_execute("COMMIT").unwrap();
+    a.batch_execute("COMMIT").unwrap();
+    let got: Vec<Value> = next_payloads(&mut s, 3)
+        .iter()
+        .map(|p| p["tx"].clone())
+        .collect();
+    assert_eq!(got, vec![json!("b"), json!("a"), json!("a")]);
+}
+
+#[test]
+fn every_writer_of_broadcast_rows_is_delivered_with_meta_id() {
+    let cluster = Cluster::start("delivery_writers", &[]);
+    let mut s = subscriber(&cluster, "writers");
+    let mut c = cluster.connect();
+    c.batch_execute(
+        r#"INSERT INTO realtime.messages (topic, extension, event, payload, private)
+             VALUES ('writers', 'broadcast', 'plain', '{"via":"insert"}', false);
+           INSERT INTO realtime.messages (topic, extension, payload, private)
+             VALUES ('writers', 'broadcast', '{"probe":true}', false);
+           INSERT INTO realtime.messages (topic, extension, event, payload, private)
+             VALUES ('writers', 'presence', 'p', '{"presence":true}', false);
+           SELECT realtime.send('{"via":"send"}', 'sent', 'writers', false);
+           SELECT realtime.send('{"via":"private"}', 'sent', 'writers', true);"#,
+    )
+    .unwrap();
+    let first = s.recv_event("broadcast", WAIT).expect("the plain insert");
+    assert_eq!(first.payload["event"], "plain");
+    assert_eq!(first.payload["payload"]["via"], "insert");
+    let id: String = c
+        .query_one(
+            "SELECT id::text FROM realtime.messages WHERE event = 'plain'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(first.payload["meta"]["id"], id.as_str());
+    let second = s.recv_event("broadcast", WAIT).expect("the send");
+    assert_eq!(second.payload["payload"]["via"], "send");
+    assert_eq!(
+        second.payload["meta"]["id"],
+        second.payload["payload"]["id"]
+    );
+    // Rows without an event, presence rows and private messages do not reach a public channel.
+    assert!(
+        s.recv_event("broadcast", Duration::from_millis(500))
+            .is_none()
+    );
+}
+
+#[test]
+fn binary_payloads_arrive_as_kind_4_frames_and_not_on_vsn_1() {
+    let cluster = Cluster::start("delivery_binary", &[]);
+    let mut v2 = subscriber(&cluster, "bin");
+    let mut v1 = Socket::connect(&cluster, &jwt(json!({})), "1.0.0");
+    assert_eq!(v1.join("bin", json!({"private": false}))["status"], "ok");
+    cluster.execute(
+        r#"SELECT realtime.send_binary('\x00ff10', 'blob', 'bin', false);
+          SELECT realtime.send('{"after":true}', 'json', 'bin', false);"#,
+    );
+    let m = v2
+        .recv_event("broadcast", WAIT)
+        .expect("the binary message");
+    let (event, bytes, json) = m.binary.expect("a kind-4 frame");
+    assert_eq!(
+        (event.as_str(), bytes.as_slice(), json),
+        ("blob", &[0u8, 255, 16][..], false)
+    );
+    assert!(m.payload["meta"]["id"].is_string());
+    // The vsn 1.0.0 socket cannot represent bytes: it gets only the JSON message.
+    let only = v1.recv_event("broadcast", WAIT).expect("the JSON message");
+    assert_eq!(only.payload["event"], "json");
+}
