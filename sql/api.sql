@@ -145,6 +145,56 @@ CREATE TRIGGER queue_broadcast_row
     EXECUTE FUNCTION realtime.queue_broadcast_row();
 
 -- Creates Supabase's API roles where they are missing and grants them what Supabase grants.
+CREATE FUNCTION realtime._authorize(
+    topic text, role text, claims text, sub text, headers text,
+    read_extensions text[], write_extensions text[],
+    OUT extension text, OUT can_read boolean, OUT can_write boolean)
+RETURNS SETOF record
+LANGUAGE plpgsql
+AS $$
+-- Called by the background worker (a superuser) inside a transaction it always rolls back.
+-- Probe rows are inserted before the role switch, so no policy applies to them; then the
+-- user's SELECT policies decide what it may read and its INSERT policies (each in its own
+-- savepoint) what it may write. Everything arrives as parameters, never as SQL text.
+DECLARE
+    probes uuid[];
+    visible text[];
+    e text;
+BEGIN
+    WITH probe AS (
+        INSERT INTO realtime.messages (topic, extension, inserted_at, updated_at)
+        SELECT _authorize.topic, x, now(), now() FROM unnest(read_extensions) AS x
+        RETURNING id)
+    SELECT coalesce(array_agg(id), '{}') INTO probes FROM probe;
+
+    PERFORM set_config('role', _authorize.role, true),
+            set_config('realtime.topic', _authorize.topic, true),
+            set_config('request.jwt.claims', claims, true),
+            set_config('request.jwt.claim.sub', coalesce(sub, ''), true),
+            set_config('request.jwt.claim.role', _authorize.role, true),
+            set_config('request.headers', headers, true);
+
+    SELECT coalesce(array_agg(m.extension), '{}') INTO visible
+      FROM realtime.messages AS m WHERE m.id = ANY (probes);
+
+    FOREACH e IN ARRAY ARRAY(SELECT DISTINCT x FROM unnest(read_extensions || write_extensions) AS x) LOOP
+        extension := e;
+        can_read := CASE WHEN e = ANY (read_extensions) THEN e = ANY (visible) END;
+        can_write := NULL;
+        IF e = ANY (write_extensions) THEN
+            BEGIN
+                INSERT INTO realtime.messages (topic, extension, inserted_at, updated_at)
+                VALUES (_authorize.topic, e, now(), now());
+                can_write := true;
+            EXCEPTION WHEN insufficient_privilege THEN
+                can_write := false;
+            END;
+        END IF;
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+
 CREATE FUNCTION realtime.setup_api_roles() RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -171,6 +221,7 @@ $$;
 GRANT USAGE ON SCHEMA realtime TO PUBLIC;
 REVOKE ALL ON FUNCTION realtime.maintain_partitions(interval) FROM PUBLIC;
 REVOKE ALL ON FUNCTION realtime.setup_api_roles() FROM PUBLIC;
+REVOKE ALL ON FUNCTION realtime._authorize(text, text, text, text, text, text[], text[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION realtime._create_partition(date) FROM PUBLIC;
 REVOKE ALL ON FUNCTION realtime._create_partitions() FROM PUBLIC;
 
@@ -194,6 +245,8 @@ COMMENT ON FUNCTION realtime.stats() IS
     'Counters since the cluster started (failed sends, queued, delivered, discarded) and the commit queue''s fill.';
 COMMENT ON FUNCTION realtime._store(uuid, jsonb, bytea, text, text, boolean) IS
     'Internal: validates and inserts one broadcast row for realtime.send and realtime.send_binary.';
+COMMENT ON FUNCTION realtime._authorize(text, text, text, text, text, text[], text[]) IS
+    'Internal: the RLS read and write checks of a private channel, run by the worker in a transaction it rolls back.';
 COMMENT ON FUNCTION realtime._count_failed_send() IS
     'Internal: counts a message realtime.send could not store.';
 COMMENT ON FUNCTION realtime.queue_broadcast_row() IS

@@ -108,8 +108,18 @@ impl Cluster {
         if preload {
             cluster.execute("CREATE EXTENSION pg_realtime");
             cluster.execute("SELECT realtime.setup_api_roles()");
+            cluster.wait_for_server();
         }
         cluster
+    }
+
+    /// Waits until the worker accepts connections (it polls for the extension, so it starts
+    /// serving a moment after CREATE EXTENSION, and again after a restart).
+    pub fn wait_for_server(&self) {
+        let ready = eventually(Duration::from_secs(60), || {
+            std::net::TcpStream::connect(("127.0.0.1", self.ws_port)).is_ok()
+        });
+        assert!(ready, "the worker did not start serving:\n{}", self.log());
     }
 
     pub fn pg_ctl(&self, args: &[&str]) {
@@ -341,10 +351,10 @@ impl Socket {
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
             if let Some(frame) = self.recv(deadline.saturating_duration_since(Instant::now())) {
-                if let Some(m) = Message::from_frame(&frame, self.vsn) {
-                    if m.event == event {
-                        return Some(m);
-                    }
+                if let Some(m) = Message::from_frame(&frame, self.vsn)
+                    && m.event == event
+                {
+                    return Some(m);
                 }
                 if matches!(frame, Frame::Close) {
                     return None;

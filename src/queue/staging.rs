@@ -144,6 +144,35 @@ fn stage(message: &Message<'_>) -> Result<(), RealtimeError> {
     Ok(())
 }
 
+/// The `payload` column as JSON text, straight from `jsonb_out`: no detour through a Rust
+/// JSON value, since the text is all the sockets need.
+fn payload_text(trigger: &PgTrigger<'_>) -> Result<Option<Vec<u8>>, RealtimeError> {
+    let data = trigger.trigger_data();
+    unsafe {
+        let tupdesc = (*data.tg_relation).rd_att;
+        let natts = (*tupdesc).natts as usize;
+        let attrs = (*tupdesc).attrs.as_slice(natts);
+        let Some(index) = attrs
+            .iter()
+            .position(|a| !a.attisdropped && pgrx::name_data_to_str(&a.attname) == "payload")
+        else {
+            return Err(RealtimeError::Internal(
+                "realtime.messages has no payload column".into(),
+            ));
+        };
+        let attno = std::num::NonZeroUsize::new(index + 1).expect("index + 1 is not zero");
+        let Some(datum) = pgrx::htup::heap_getattr_raw(data.tg_trigtuple, attno, tupdesc) else {
+            return Ok(None);
+        };
+        let text = pgrx::fcinfo::direct_function_call_as_datum(pg_sys::jsonb_out, &[Some(datum)])
+            .ok_or_else(|| RealtimeError::Internal("jsonb_out returned NULL".into()))?;
+        let cstr = text.cast_mut_ptr::<std::ffi::c_char>();
+        let bytes = std::ffi::CStr::from_ptr(cstr).to_bytes().to_vec();
+        pg_sys::pfree(cstr.cast());
+        Ok(Some(bytes))
+    }
+}
+
 /// `AFTER INSERT` row trigger on `realtime.messages` (attached with
 /// `WHEN (NEW.extension = 'broadcast' AND NEW.event IS NOT NULL)`, which leaves out the
 /// authorization probes that carry no event).
@@ -171,15 +200,12 @@ fn stage_row(trigger: &PgTrigger<'_>) -> Result<(), RealtimeError> {
     let private: bool = row.get_by_name("private").map_err(datum)?.unwrap_or(false);
     let id: Option<pgrx::Uuid> = row.get_by_name("id").map_err(datum)?;
     let id = id.map(|u| u.to_string()).unwrap_or_default();
-    let json: Option<pgrx::JsonB> = row.get_by_name("payload").map_err(datum)?;
+    let json = payload_text(trigger)?;
     let binary: Option<&[u8]> = row.get_by_name("binary_payload").map_err(datum)?;
     let (kind, payload) = match (json, binary) {
         (Some(_), Some(_)) => return Err(RealtimeError::TwoPayloads),
         (None, Some(bytes)) => (PayloadKind::Binary, bytes.to_vec()),
-        (Some(json), None) => (
-            PayloadKind::Json,
-            serde_json::to_vec(&json.0).map_err(|e| RealtimeError::Internal(e.to_string()))?,
-        ),
+        (Some(json), None) => (PayloadKind::Json, json),
         (None, None) => (PayloadKind::Json, b"{}".to_vec()),
     };
     stage(&Message {

@@ -1,7 +1,7 @@
 //! Reading the commit queue: entries are delivered in ring order (= commit order) once their
 //! transaction committed, skipped when it aborted, and waited for while it is in progress.
 
-use super::logging;
+use super::{authorization, logging};
 use crate::gucs;
 use crate::queue::shmem;
 use bytes::Bytes;
@@ -124,6 +124,7 @@ fn server_config() -> Config {
         join_error_delay: Duration::from_millis(gucs::JOIN_ERROR_DELAY.get().max(0) as u64),
         private_only: gucs::PRIVATE_ONLY.get(),
         worker_threads: gucs::WORKER_THREADS.get().max(1) as usize,
+        authorize_private: true,
         ..Config::default()
     }
 }
@@ -139,8 +140,7 @@ impl Delivery {
             Ok(server) => server,
             Err(e) => {
                 log!("pg_realtime: cannot start the socket server on {where_}: {e}");
-                unsafe { pg_sys::proc_exit(1) };
-                unreachable!("proc_exit returns not");
+                unsafe { pg_sys::proc_exit(1) }
             }
         };
         let addrs: Vec<String> = server.local_addrs().iter().map(|a| a.to_string()).collect();
@@ -186,6 +186,10 @@ impl Delivery {
                 Event::Fatal(reason) => {
                     log!("pg_realtime: the socket server failed: {reason}");
                     unsafe { pg_sys::proc_exit(1) };
+                }
+                Event::Authorize(request) => {
+                    let answer = authorization::answer(&request);
+                    self.server.complete_authorization(request.id, answer);
                 }
             }
         }

@@ -2,6 +2,7 @@
 //! Postgres. It drains the commit queue, maintains partitions and runs the socket server,
 //! whose threads never touch Postgres.
 
+mod authorization;
 mod delivery;
 mod logging;
 mod maintenance;

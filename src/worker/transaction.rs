@@ -1,7 +1,10 @@
 //! Transactions on the worker's main thread.
 
 use pgrx::pg_sys;
+use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
+use std::ffi::c_int;
+use std::time::Duration;
 
 /// Runs `body` in its own transaction with a snapshot. An ERROR inside propagates (the worker
 /// then exits with code 1 and the postmaster restarts it).
@@ -39,13 +42,54 @@ pub fn try_run<R>(
     })
     .catch_others(|caught| {
         unsafe { pg_sys::AbortCurrentTransaction() };
-        Err(match caught {
-            pgrx::pg_sys::panic::CaughtError::PostgresError(report)
-            | pgrx::pg_sys::panic::CaughtError::ErrorReport(report) => report.message().to_string(),
-            pgrx::pg_sys::panic::CaughtError::RustPanic { ereport, .. } => {
-                ereport.message().to_string()
-            }
-        })
+        Err(caught_message(caught))
     })
     .execute()
+}
+
+// utils/timeout.h is not in pgrx's bindings. `TimeoutId` is a C enum: STATEMENT_TIMEOUT is its
+// fourth member in PostgreSQL 15. Every backend, background workers included, registers its
+// handler in InitPostgres; only the client loop arms it, which a worker does not run.
+const STATEMENT_TIMEOUT: c_int = 3;
+
+// Neither raises an ERROR (an unregistered timeout is FATAL, which exits), so no guard is needed.
+unsafe extern "C" {
+    fn enable_timeout_after(id: c_int, delay_ms: c_int);
+    fn disable_timeout(id: c_int, keep_indicator: bool);
+}
+
+fn caught_message(caught: CaughtError) -> String {
+    match caught {
+        CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => r.message().to_string(),
+        CaughtError::RustPanic { ereport, .. } => ereport.message().to_string(),
+    }
+}
+
+/// Runs `body` in a transaction that is always rolled back, with a statement timeout (the
+/// worker runs no client loop that would arm one); an ERROR inside becomes `Err`.
+pub fn rolled_back<R>(
+    timeout: Duration,
+    body: impl FnOnce() -> Result<R, String>,
+) -> Result<R, String> {
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+        enable_timeout_after(
+            STATEMENT_TIMEOUT,
+            timeout.as_millis().min(i32::MAX as u128) as c_int,
+        );
+    }
+    let body = std::panic::AssertUnwindSafe(body);
+    let result = PgTryBuilder::new(move || {
+        let body = body;
+        (body.0)()
+    })
+    .catch_others(|caught| Err(caught_message(caught)))
+    .execute();
+    unsafe {
+        disable_timeout(STATEMENT_TIMEOUT, false);
+        pg_sys::AbortCurrentTransaction();
+    }
+    result
 }

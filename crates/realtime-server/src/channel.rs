@@ -1,0 +1,172 @@
+//! Per-joined-channel state and the parsing of `phx_join` payloads.
+
+use serde_json::Value;
+use serde_json::value::RawValue;
+use tokio::time::Instant;
+
+use crate::events::Authorization;
+use crate::jwt::Claims;
+use crate::registry::TopicKey;
+
+/// What a `phx_join` asked for (reference 2.1). Unknown keys are ignored.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct JoinRequest {
+    pub private: bool,
+    pub broadcast_self: bool,
+    pub broadcast_ack: bool,
+    pub presence_enabled: bool,
+    pub presence_key: Option<String>,
+    pub replay: bool,
+    /// Number of postgres_changes bindings requested (not supported by this server).
+    pub postgres_changes: usize,
+    pub access_token: Option<String>,
+}
+
+/// Supabase's FlexibleBoolean: booleans may arrive as "true"/"false" strings.
+fn flexible_bool(v: Option<&Value>) -> bool {
+    match v {
+        Some(Value::Bool(b)) => *b,
+        Some(Value::String(s)) => s.eq_ignore_ascii_case("true"),
+        _ => false,
+    }
+}
+
+pub(crate) fn parse_join(payload: &RawValue) -> JoinRequest {
+    let Ok(Value::Object(p)) = serde_json::from_str::<Value>(payload.get()) else {
+        return JoinRequest::default();
+    };
+    let config = p.get("config").and_then(Value::as_object);
+    let get = |section: &str, key: &str| {
+        config
+            .and_then(|c| c.get(section))
+            .and_then(Value::as_object)
+            .and_then(|s| s.get(key))
+    };
+    let access_token = p
+        .get("access_token")
+        .or_else(|| p.get("user_token"))
+        .and_then(Value::as_str)
+        .map(str::trim)
+        .filter(|t| !t.is_empty() && !t.starts_with("sb_"))
+        .map(str::to_string);
+    JoinRequest {
+        private: flexible_bool(config.and_then(|c| c.get("private"))),
+        broadcast_self: flexible_bool(get("broadcast", "self")),
+        broadcast_ack: flexible_bool(get("broadcast", "ack")),
+        presence_enabled: flexible_bool(get("presence", "enabled")),
+        presence_key: get("presence", "key").and_then(|k| match k {
+            Value::String(s) if !s.is_empty() => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        }),
+        replay: get("broadcast", "replay").is_some_and(|r| !r.is_null()),
+        postgres_changes: config
+            .and_then(|c| c.get("postgres_changes"))
+            .and_then(Value::as_array)
+            .map_or(0, Vec::len),
+        access_token,
+    }
+}
+
+/// A joined channel on one connection.
+pub(crate) struct Channel {
+    pub join_ref: Option<String>,
+    pub key: TopicKey,
+    /// Registry subscription; None when the token may not read broadcasts.
+    pub sub_id: Option<u64>,
+    pub broadcast_self: bool,
+    pub broadcast_ack: bool,
+    pub token: String,
+    pub claims: Claims,
+    /// None for public channels.
+    pub authorization: Option<Authorization>,
+    pub expires_at: Instant,
+    pub presence_enabled: bool,
+    pub presence_key: String,
+    pub presence_owner: u64,
+}
+
+impl Channel {
+    pub(crate) fn may_broadcast(&self) -> bool {
+        self.authorization.is_none_or(|a| a.broadcast_write)
+    }
+
+    pub(crate) fn may_track(&self) -> bool {
+        self.authorization.is_none_or(|a| a.presence_write)
+    }
+}
+
+/// When a token with `exp` (unix seconds) expires, as a tokio instant.
+pub(crate) fn expiry_instant(exp: i64) -> Instant {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let left_ms = exp.saturating_mul(1000).saturating_sub(now_ms).max(0) as u64;
+    Instant::now() + std::time::Duration::from_millis(left_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> JoinRequest {
+        parse_join(&RawValue::from_string(s.to_string()).unwrap())
+    }
+
+    #[test]
+    fn realtime_js_join() {
+        let r = parse(
+            r#"{"config":{"broadcast":{"ack":false,"self":true},"presence":{"key":"","enabled":false},
+                "postgres_changes":[],"private":true},"access_token":" tok ","version":"realtime-js/2.119.1"}"#,
+        );
+        assert_eq!(
+            r,
+            JoinRequest {
+                private: true,
+                broadcast_self: true,
+                broadcast_ack: false,
+                presence_enabled: false,
+                presence_key: None,
+                replay: false,
+                postgres_changes: 0,
+                access_token: Some("tok".into()),
+            }
+        );
+    }
+
+    #[test]
+    fn flexible_booleans_and_defaults() {
+        let r = parse(
+            r#"{"config":{"broadcast":{"ack":"true"},"private":"TRUE","presence":{"key":"k"}}}"#,
+        );
+        assert!(r.broadcast_ack && r.private && !r.broadcast_self);
+        assert_eq!(r.presence_key.as_deref(), Some("k"));
+        let r = parse(r#"{"config":{"private":"nope","broadcast":{"self":1}}}"#);
+        assert!(!r.private && !r.broadcast_self);
+        assert_eq!(parse("[]"), JoinRequest::default());
+        assert_eq!(parse("{}"), JoinRequest::default());
+    }
+
+    #[test]
+    fn tokens_sb_keys_and_legacy_user_token() {
+        assert_eq!(
+            parse(r#"{"access_token":"sb_publishable_x"}"#).access_token,
+            None
+        );
+        assert_eq!(parse(r#"{"access_token":null}"#).access_token, None);
+        assert_eq!(
+            parse(r#"{"user_token":"legacy"}"#).access_token.as_deref(),
+            Some("legacy")
+        );
+    }
+
+    #[test]
+    fn postgres_changes_and_replay() {
+        let r = parse(
+            r#"{"config":{"postgres_changes":[{"event":"*","schema":"public"}],"broadcast":{"replay":{"since":1}}}}"#,
+        );
+        assert_eq!(r.postgres_changes, 1);
+        assert!(r.replay);
+    }
+}

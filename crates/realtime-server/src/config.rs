@@ -1,0 +1,193 @@
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+use crate::error::ServerError;
+
+/// Server settings. Everything except the listen addresses, port, frame size and thread count
+/// can be changed at run time with [`crate::Server::reload`].
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Comma-separated hosts; `*` means every IPv4 and IPv6 address, `""` means localhost.
+    pub listen_addresses: String,
+    pub port: u16,
+    /// HS256/384/512 shared secret.
+    pub jwt_secret: Option<String>,
+    /// JWKS document `{"keys":[...]}` for RS*/ES*/EdDSA (and `oct`) keys, chosen by `kid`.
+    pub jwt_jwks: Option<String>,
+    pub max_connections: usize,
+    pub max_channels_per_connection: usize,
+    /// Broadcast payload limit: JSON text length or binary length.
+    pub max_payload_bytes: usize,
+    /// WebSocket message/frame limit; also the REST request body limit.
+    pub max_frame_bytes: usize,
+    /// Per-connection outbound queue, in frames; a connection whose queue overflows is closed.
+    pub outbound_queue: usize,
+    pub idle_timeout: Duration,
+    pub connect_error_delay: Duration,
+    pub join_error_delay: Duration,
+    pub private_only: bool,
+    pub worker_threads: usize,
+    /// When false (the default until the worker answers authorization requests) private joins
+    /// and private REST sends are refused without asking anyone. When true they produce
+    /// [`crate::Event::Authorize`] and wait for [`crate::Server::complete_authorization`].
+    pub authorize_private: bool,
+    /// How long a private join waits for the worker's authorization answer.
+    pub authorization_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen_addresses: "*".to_string(),
+            port: 4000,
+            jwt_secret: None,
+            jwt_jwks: None,
+            max_connections: 200,
+            max_channels_per_connection: 100,
+            max_payload_bytes: 3_000_000,
+            max_frame_bytes: 5_000_000,
+            outbound_queue: 1024,
+            idle_timeout: Duration::from_secs(60),
+            connect_error_delay: Duration::from_secs(2),
+            join_error_delay: Duration::from_secs(5),
+            private_only: false,
+            worker_threads: 2,
+            authorize_private: false,
+            authorization_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// One address to bind. `optional` addresses (the IPv6 half of `*` and of localhost) may fail
+/// to bind on hosts without IPv6 without failing the start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ListenTarget {
+    pub addr: SocketAddr,
+    pub optional: bool,
+}
+
+pub(crate) fn listen_targets(spec: &str, port: u16) -> Result<Vec<ListenTarget>, ServerError> {
+    let mut out: Vec<ListenTarget> = Vec::new();
+    let mut push = |addr: SocketAddr, optional: bool| {
+        if !out.iter().any(|t| t.addr == addr) {
+            out.push(ListenTarget { addr, optional });
+        }
+    };
+    let entries: Vec<&str> = spec
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    if entries.is_empty() {
+        push(
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
+            false,
+        );
+        push(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port), true);
+    }
+    for entry in entries {
+        if entry == "*" {
+            push(
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
+                false,
+            );
+            push(
+                SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port),
+                true,
+            );
+            continue;
+        }
+        let host = entry
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(entry);
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            push(SocketAddr::new(ip, port), false);
+            continue;
+        }
+        if host.eq_ignore_ascii_case("localhost") {
+            push(
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
+                false,
+            );
+            push(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port), true);
+            continue;
+        }
+        let resolved = (host, port)
+            .to_socket_addrs()
+            .map_err(|e| ServerError::InvalidListenAddress(entry.to_string(), e.to_string()))?;
+        let mut any = false;
+        for addr in resolved {
+            any = true;
+            push(addr, false);
+        }
+        if !any {
+            return Err(ServerError::InvalidListenAddress(
+                entry.to_string(),
+                "host name resolved to no address".to_string(),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addrs(spec: &str) -> Vec<(String, bool)> {
+        listen_targets(spec, 4000)
+            .unwrap()
+            .into_iter()
+            .map(|t| (t.addr.to_string(), t.optional))
+            .collect()
+    }
+
+    #[test]
+    fn star_means_all_v4_and_optional_v6() {
+        assert_eq!(
+            addrs("*"),
+            vec![("0.0.0.0:4000".into(), false), ("[::]:4000".into(), true)]
+        );
+    }
+
+    #[test]
+    fn empty_means_localhost() {
+        assert_eq!(
+            addrs(" "),
+            vec![
+                ("127.0.0.1:4000".into(), false),
+                ("[::1]:4000".into(), true)
+            ]
+        );
+    }
+
+    #[test]
+    fn lists_literals_and_dedups() {
+        assert_eq!(
+            addrs("127.0.0.1, [::1],127.0.0.1,,"),
+            vec![
+                ("127.0.0.1:4000".into(), false),
+                ("[::1]:4000".into(), false)
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_host_is_an_error() {
+        assert!(matches!(
+            listen_targets("no such host.invalid", 1),
+            Err(ServerError::InvalidListenAddress(..))
+        ));
+    }
+
+    #[test]
+    fn defaults_match_supabase() {
+        let c = Config::default();
+        assert_eq!(c.port, 4000);
+        assert_eq!(c.max_frame_bytes, 5_000_000);
+        assert_eq!(c.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.worker_threads, 2);
+        assert!(!c.authorize_private);
+    }
+}

@@ -1,0 +1,893 @@
+//! One WebSocket: decodes client frames, runs the channel lifecycle (reference section 2) and
+//! drains the connection's outbound queue. Everything a client sends is untrusted: bad frames are
+//! logged and ignored, never unwrapped.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use bytes::Bytes;
+use futures_util::stream::SplitStream;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::Inner;
+use crate::authz::{Ask, unauthorized_reason};
+use crate::broadcast::{Body, Frame, Outgoing};
+use crate::channel::{Channel, JoinRequest, expiry_instant, parse_join};
+use crate::events::{Authorization, AuthorizationPurpose};
+use crate::jwt::{Claims, unix_now};
+use crate::outbound::ConnHandle;
+use crate::protocol::{self, Inbound, InboundPayload, Vsn};
+use crate::registry::{Kind, Reads, TopicKey};
+
+pub(crate) const CLOSE_GOING_AWAY: u16 = 1001;
+pub(crate) const CLOSE_POLICY: u16 = 1008;
+const CLOSE_NORMAL: u16 = 1000;
+const SLOW_CONSUMER: &str = "slow consumer: outbound queue full";
+/// How long a closing handshake may take before the TCP connection is just dropped.
+const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+const SLOW_CLOSE_WRITE_TIMEOUT: Duration = Duration::from_millis(200);
+
+/// What the upgrade request established.
+pub(crate) struct ConnectInfo {
+    pub vsn: Vsn,
+    pub token: String,
+    pub headers_json: Arc<str>,
+}
+
+/// Decrements the live-connection count however the connection ends (even by panic).
+pub(crate) struct ConnectionSlot(pub Arc<Inner>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0
+            .active_connections
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+enum Internal {
+    JoinAuthorized {
+        pending_id: u64,
+        joining: Box<Joining>,
+        answer: Result<Authorization, String>,
+    },
+    RefreshAuthorized {
+        topic: String,
+        generation: u64,
+        answer: Result<Authorization, String>,
+    },
+}
+
+struct PendingJoin {
+    id: u64,
+}
+
+struct Conn {
+    inner: Arc<Inner>,
+    vsn: Vsn,
+    connect_token: String,
+    headers_json: Arc<str>,
+    handle: Arc<ConnHandle>,
+    channels: HashMap<String, Channel>,
+    /// Token generation per channel, so late authorization answers for an old token are dropped.
+    generations: HashMap<String, u64>,
+    pending: HashMap<String, PendingJoin>,
+    next_id: u64,
+    internal_tx: mpsc::UnboundedSender<Internal>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        for (topic, ch) in std::mem::take(&mut self.channels) {
+            if let Some(id) = ch.sub_id {
+                self.inner.registry.unsubscribe(&ch.key, id);
+            }
+            untrack(&self.inner, &topic, &ch);
+        }
+    }
+}
+
+/// Removes the channel's presence (if any) and tells the topic's subscribers.
+fn untrack(inner: &Inner, topic: &str, ch: &Channel) {
+    if let Some(diff) = inner.presence.untrack(&ch.key, ch.presence_owner) {
+        fan_presence_diff(inner, topic, &ch.key, diff);
+    }
+}
+
+fn fan_presence_diff(inner: &Inner, topic: &str, key: &TopicKey, diff: Value) {
+    let out = Outgoing::new(
+        topic.to_string(),
+        Body::Event {
+            event: "presence_diff",
+            payload: Bytes::from(diff.to_string()),
+        },
+    );
+    inner.registry.fanout(key, &out, None, Kind::Presence);
+}
+
+enum Exit {
+    Shutdown,
+    SlowConsumer,
+    Idle,
+    Gone,
+}
+
+pub(crate) async fn run(socket: WebSocket, info: ConnectInfo, inner: Arc<Inner>) {
+    let cfg = inner.config();
+    let (handle, mut rx) = ConnHandle::new(cfg.outbound_queue);
+    let handle = Arc::new(handle);
+    let (internal_tx, mut internal_rx) = mpsc::unbounded_channel();
+    let mut conn = Conn {
+        inner: inner.clone(),
+        vsn: info.vsn,
+        connect_token: info.token,
+        headers_json: info.headers_json,
+        handle: handle.clone(),
+        channels: HashMap::new(),
+        generations: HashMap::new(),
+        pending: HashMap::new(),
+        next_id: 0,
+        internal_tx,
+    };
+    let (mut sink, mut stream) = socket.split();
+    let mut shutdown = inner.shutdown.clone();
+    let mut shutdown_while_writing = inner.shutdown.clone();
+    let mut last_inbound = Instant::now();
+
+    let exit = loop {
+        let idle_deadline = last_inbound + inner.config().idle_timeout;
+        let next_expiry = conn.channels.values().map(|c| c.expires_at).min();
+        tokio::select! {
+            biased;
+            _ = stopped(&mut shutdown) => break Exit::Shutdown,
+            _ = handle.overflowed() => break Exit::SlowConsumer,
+            Some(frame) = rx.recv() => {
+                let msg = match frame {
+                    Frame::Text(t) => Message::Text(t),
+                    Frame::Binary(b) => Message::Binary(b),
+                };
+                // A stuck write must not hide a shutdown or an overflow.
+                tokio::select! {
+                    biased;
+                    sent = sink.send(msg) => if sent.is_err() { break Exit::Gone },
+                    _ = handle.overflowed() => break Exit::SlowConsumer,
+                    _ = stopped(&mut shutdown_while_writing) => break Exit::Shutdown,
+                }
+            }
+            Some(internal) = internal_rx.recv() => conn.on_internal(internal),
+            incoming = stream.next() => {
+                last_inbound = Instant::now();
+                match incoming {
+                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break Exit::Gone,
+                    Some(Ok(Message::Text(t))) => conn.on_text(t.as_str()),
+                    Some(Ok(Message::Binary(b))) => conn.on_binary(b),
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                }
+            }
+            _ = tokio::time::sleep_until(idle_deadline) => break Exit::Idle,
+            _ = sleep_until_opt(next_expiry) => conn.expire_tokens(),
+        }
+    };
+    let close = match exit {
+        Exit::Shutdown => Some((CLOSE_GOING_AWAY, "server shutting down")),
+        Exit::SlowConsumer => {
+            log::info!("closing a realtime connection: {SLOW_CONSUMER}");
+            Some((CLOSE_POLICY, SLOW_CONSUMER))
+        }
+        Exit::Idle => Some((CLOSE_NORMAL, "idle timeout")),
+        Exit::Gone => None,
+    };
+    drop(conn);
+    // A slow consumer is not reading: its close frame probably cannot even be written, so it
+    // gets a short try and no wait for the client's half of the handshake.
+    let write_timeout = match exit {
+        Exit::SlowConsumer => SLOW_CLOSE_WRITE_TIMEOUT,
+        _ => CLOSE_WRITE_TIMEOUT,
+    };
+    if let Some((code, reason)) = close {
+        let frame = Message::Close(Some(CloseFrame {
+            code,
+            reason: Utf8Bytes::from_static(reason),
+        }));
+        let written = tokio::time::timeout(write_timeout, async {
+            sink.send(frame).await?;
+            sink.flush().await
+        })
+        .await;
+        if matches!(written, Ok(Ok(()))) && !matches!(exit, Exit::SlowConsumer) {
+            // Give the client a moment to answer the close handshake.
+            let _ =
+                tokio::time::timeout(CLOSE_WRITE_TIMEOUT, drain_until_closed(&mut stream)).await;
+        }
+    }
+    let _ = tokio::time::timeout(write_timeout, sink.close()).await;
+}
+
+/// Resolves once the server shuts down (immediately if it already has).
+async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+async fn drain_until_closed(stream: &mut SplitStream<WebSocket>) {
+    while let Some(Ok(m)) = stream.next().await {
+        if matches!(m, Message::Close(_)) {
+            break;
+        }
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn subtopic_of(topic: &str) -> Option<&str> {
+    topic.strip_prefix("realtime:")
+}
+
+impl Conn {
+    fn push(&self, frame: Frame) {
+        self.handle.push(frame);
+    }
+
+    fn text(
+        &self,
+        join_ref: Option<&str>,
+        msg_ref: Option<&str>,
+        topic: &str,
+        event: &str,
+        payload: &str,
+    ) -> Frame {
+        Frame::Text(Utf8Bytes::from(protocol::encode_text(
+            self.vsn, join_ref, msg_ref, topic, event, payload,
+        )))
+    }
+
+    fn reply(
+        &self,
+        join_ref: Option<&str>,
+        msg_ref: Option<&str>,
+        topic: &str,
+        status: &str,
+        response: Value,
+    ) {
+        let payload = json!({"status": status, "response": response}).to_string();
+        self.push(self.text(join_ref, msg_ref, topic, "phx_reply", &payload));
+    }
+
+    fn reply_error(&self, m: &Inbound, reason: &str) {
+        self.reply(
+            m.join_ref.as_deref(),
+            m.msg_ref.as_deref(),
+            &m.topic,
+            "error",
+            json!({"reason": reason}),
+        );
+    }
+
+    fn on_text(&mut self, text: &str) {
+        match protocol::decode_text(self.vsn, text) {
+            Ok(m) => self.dispatch(m),
+            Err(e) => {
+                log::debug!("ignoring realtime text frame: {e}");
+            }
+        }
+    }
+
+    fn on_binary(&mut self, frame: Bytes) {
+        match protocol::decode_binary(self.vsn, &frame) {
+            Ok(m) => self.dispatch(m),
+            Err(e) => log::debug!(
+                "ignoring realtime binary frame ({} bytes): {e}",
+                frame.len()
+            ),
+        }
+    }
+
+    fn dispatch(&mut self, m: Inbound) {
+        if m.topic == "phoenix" {
+            if m.event == "heartbeat" {
+                self.reply(None, m.msg_ref.as_deref(), "phoenix", "ok", json!({}));
+            } else {
+                log::debug!("ignoring event {:?} on the phoenix topic", m.event);
+            }
+            return;
+        }
+        if m.event == "phx_join" {
+            return self.join(m);
+        }
+        if !self.channels.contains_key(&m.topic) {
+            if m.event == "phx_leave" && self.pending.remove(&m.topic).is_some() {
+                self.reply(
+                    m.join_ref.as_deref(),
+                    m.msg_ref.as_deref(),
+                    &m.topic,
+                    "ok",
+                    json!({}),
+                );
+                return;
+            }
+            self.reply_error(&m, "unmatched topic");
+            return;
+        }
+        match m.event.as_str() {
+            "phx_leave" => {
+                self.reply(
+                    m.join_ref.as_deref(),
+                    m.msg_ref.as_deref(),
+                    &m.topic,
+                    "ok",
+                    json!({}),
+                );
+                if let Some(ch) = self.channels.remove(&m.topic) {
+                    self.close_channel(&m.topic, ch);
+                }
+            }
+            "broadcast" => self.broadcast(m),
+            "access_token" => self.access_token(m),
+            "presence" => self.presence(m),
+            other => {
+                let reason = format!("unsupported event \"{other}\"");
+                self.reply_error(&m, &reason);
+            }
+        }
+    }
+
+    /// Unsubscribes and tells the client with `phx_close` (ref = join_ref).
+    fn close_channel(&self, topic: &str, ch: Channel) {
+        if let Some(id) = ch.sub_id {
+            self.inner.registry.unsubscribe(&ch.key, id);
+        }
+        untrack(&self.inner, topic, &ch);
+        let jr = ch.join_ref.as_deref();
+        self.push(self.text(jr, jr, topic, "phx_close", "{}"));
+    }
+
+    /// `system` error followed by `phx_close`, as Supabase's channel shutdown does.
+    fn shutdown_channel(&mut self, topic: &str, message: &str) {
+        let Some(ch) = self.channels.remove(topic) else {
+            return;
+        };
+        let payload = json!({
+            "extension": "system",
+            "status": "error",
+            "message": message,
+            "channel": ch.key.subtopic,
+        })
+        .to_string();
+        self.push(self.text(ch.join_ref.as_deref(), None, topic, "system", &payload));
+        self.close_channel(topic, ch);
+    }
+
+    /// Failed joins are answered after `join_error_delay`, like Supabase, to slow down
+    /// phoenix.js's endless rejoin loop.
+    fn join_error(
+        &self,
+        join_ref: Option<String>,
+        msg_ref: Option<String>,
+        topic: &str,
+        reason: String,
+    ) {
+        log::debug!("refusing join of {topic}: {reason}");
+        let payload = json!({"status": "error", "response": {"reason": reason}}).to_string();
+        let frame = self.text(
+            join_ref.as_deref(),
+            msg_ref.as_deref(),
+            topic,
+            "phx_reply",
+            &payload,
+        );
+        let delay = self.inner.config().join_error_delay;
+        if delay.is_zero() {
+            self.push(frame);
+        } else {
+            let handle = self.handle.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                handle.push(frame);
+            });
+        }
+    }
+
+    fn join(&mut self, m: Inbound) {
+        let join_ref = m.join_ref.clone().or_else(|| m.msg_ref.clone());
+        let Some(subtopic) = subtopic_of(&m.topic).map(str::to_string) else {
+            self.reply_error(&m, "unmatched topic");
+            return;
+        };
+        // A second join on the same topic replaces the first (Phoenix duplicate-join rule).
+        if let Some(old) = self.channels.remove(&m.topic) {
+            self.close_channel(&m.topic, old);
+        }
+        self.pending.remove(&m.topic);
+        if subtopic.is_empty() {
+            return self.join_error(
+                join_ref,
+                m.msg_ref,
+                &m.topic,
+                "TopicNameRequired: You must provide a topic name".into(),
+            );
+        }
+        let req = match m.json_payload() {
+            Some(p) => parse_join(p),
+            None => JoinRequest::default(),
+        };
+        let cfg = self.inner.config();
+        if cfg.private_only && !req.private {
+            return self.join_error(
+                join_ref,
+                m.msg_ref,
+                &m.topic,
+                "PrivateOnly: This project only allows private channels".into(),
+            );
+        }
+        if self.channels.len() + self.pending.len() >= cfg.max_channels_per_connection {
+            return self.join_error(
+                join_ref,
+                m.msg_ref,
+                &m.topic,
+                "ChannelRateLimitReached: Too many channels".into(),
+            );
+        }
+        let token = req
+            .access_token
+            .clone()
+            .unwrap_or_else(|| self.connect_token.clone());
+        let claims = match self.inner.jwt().verify(&token, unix_now()) {
+            Ok(c) => c,
+            Err(e) => return self.join_error(join_ref, m.msg_ref, &m.topic, e.join_reason()),
+        };
+        if req.replay && !req.private {
+            return self.join_error(
+                join_ref,
+                m.msg_ref,
+                &m.topic,
+                "UnableToReplayMessages: Replay is not allowed for public channels".into(),
+            );
+        }
+        let joining = Joining {
+            topic: m.topic.clone(),
+            subtopic,
+            join_ref,
+            msg_ref: m.msg_ref.clone(),
+            req,
+            token,
+            claims,
+        };
+        if !joining.req.private {
+            return self.finish_join(joining, None);
+        }
+        self.next_id += 1;
+        let pending_id = self.next_id;
+        self.pending
+            .insert(m.topic.clone(), PendingJoin { id: pending_id });
+        let inner = self.inner.clone();
+        let tx = self.internal_tx.clone();
+        let headers = self.headers_json.clone();
+        tokio::spawn(async move {
+            let answer = ask(
+                &inner,
+                &joining.subtopic,
+                &joining.claims,
+                &headers,
+                joining.req.presence_enabled,
+                AuthorizationPurpose::Join,
+            )
+            .await;
+            let _ = tx.send(Internal::JoinAuthorized {
+                pending_id,
+                joining: Box::new(joining),
+                answer,
+            });
+        });
+    }
+
+    fn finish_join(&mut self, j: Joining, authorization: Option<Authorization>) {
+        let key = TopicKey {
+            private: j.req.private,
+            subtopic: j.subtopic.clone(),
+        };
+        let reads = reads_of(authorization);
+        let sub_id = (reads.broadcast || reads.presence).then(|| {
+            self.inner
+                .registry
+                .subscribe(key.clone(), self.vsn, self.handle.clone(), reads)
+        });
+        self.reply(
+            j.join_ref.as_deref(),
+            j.msg_ref.as_deref(),
+            &j.topic,
+            "ok",
+            json!({"postgres_changes": []}),
+        );
+        if j.req.postgres_changes > 0 {
+            // realtime-js reports CHANNEL_ERROR ("mismatch between server and client bindings")
+            // and leaves on its own; this message tells the developer why.
+            let payload = json!({
+                "extension": "postgres_changes",
+                "status": "error",
+                "message": "postgres_changes is not supported by pg_realtime: use broadcast from the database (realtime.broadcast_changes / realtime.send) instead",
+                "channel": j.subtopic,
+            })
+            .to_string();
+            self.push(self.text(j.join_ref.as_deref(), None, &j.topic, "system", &payload));
+        }
+        self.bump_generation(&j.topic);
+        let presence_key = j
+            .req
+            .presence_key
+            .clone()
+            .unwrap_or_else(|| self.inner.presence.generate_key());
+        if j.req.presence_enabled && reads.presence {
+            let state = self.inner.presence.state(&key).to_string();
+            self.push(self.text(
+                j.join_ref.as_deref(),
+                None,
+                &j.topic,
+                "presence_state",
+                &state,
+            ));
+        }
+        self.channels.insert(
+            j.topic,
+            Channel {
+                presence_key,
+                presence_owner: self.inner.presence.new_owner(),
+                join_ref: j.join_ref,
+                key,
+                sub_id,
+                broadcast_self: j.req.broadcast_self,
+                broadcast_ack: j.req.broadcast_ack,
+                expires_at: expiry_instant(j.claims.exp),
+                token: j.token,
+                claims: j.claims,
+                authorization,
+                presence_enabled: j.req.presence_enabled,
+            },
+        );
+    }
+
+    fn bump_generation(&mut self, topic: &str) -> u64 {
+        let g = self.generations.entry(topic.to_string()).or_insert(0);
+        *g += 1;
+        *g
+    }
+
+    fn generation(&self, topic: &str) -> u64 {
+        self.generations.get(topic).copied().unwrap_or(0)
+    }
+
+    fn on_internal(&mut self, internal: Internal) {
+        match internal {
+            Internal::JoinAuthorized {
+                pending_id,
+                joining,
+                answer,
+            } => {
+                // A leave or a newer join may have superseded this one meanwhile.
+                if self.pending.get(&joining.topic).map(|p| p.id) != Some(pending_id) {
+                    return;
+                }
+                self.pending.remove(&joining.topic);
+                match answer {
+                    Ok(a) if a.broadcast_read || a.presence_read => {
+                        self.finish_join(*joining, Some(a))
+                    }
+                    Ok(_) => {
+                        let reason = unauthorized_reason(&joining.subtopic);
+                        self.join_error(joining.join_ref, joining.msg_ref, &joining.topic, reason)
+                    }
+                    Err(reason) => {
+                        self.join_error(joining.join_ref, joining.msg_ref, &joining.topic, reason)
+                    }
+                }
+            }
+            Internal::RefreshAuthorized {
+                topic,
+                generation,
+                answer,
+            } => {
+                if self.generation(&topic) != generation {
+                    return;
+                }
+                let Some(ch) = self.channels.get_mut(&topic) else {
+                    return;
+                };
+                let subtopic = ch.key.subtopic.clone();
+                let could_read = ch
+                    .authorization
+                    .is_some_and(|a| a.broadcast_read || a.presence_read);
+                match answer {
+                    Ok(a) if a.broadcast_read || a.presence_read => {
+                        ch.authorization = Some(a);
+                        let reads = reads_of(Some(a));
+                        match ch.sub_id {
+                            Some(id) => self.inner.registry.set_reads(&ch.key, id, reads),
+                            None => {
+                                ch.sub_id = Some(self.inner.registry.subscribe(
+                                    ch.key.clone(),
+                                    self.vsn,
+                                    self.handle.clone(),
+                                    reads,
+                                ))
+                            }
+                        }
+                    }
+                    _ => {
+                        let message = if could_read {
+                            format!(
+                                "You no longer have permission to read from this Channel topic: {subtopic}"
+                            )
+                        } else {
+                            format!(
+                                "You do not have permissions to read from this Channel topic: {subtopic}"
+                            )
+                        };
+                        self.shutdown_channel(&topic, &message);
+                    }
+                }
+            }
+        }
+    }
+
+    fn broadcast(&mut self, m: Inbound) {
+        let Some(ch) = self.channels.get(&m.topic) else {
+            return;
+        };
+        if !ch.may_broadcast() {
+            // Supabase drops these silently and leaves an acking sender to time out; an error
+            // reply lets `send()` resolve 'error' at once. Nothing is delivered either way.
+            if ch.broadcast_ack {
+                let reason = format!(
+                    "Unauthorized: You do not have permissions to write to this Channel topic: {}",
+                    ch.key.subtopic
+                );
+                self.reply(
+                    m.join_ref.as_deref(),
+                    m.msg_ref.as_deref(),
+                    &m.topic,
+                    "error",
+                    json!({ "reason": reason }),
+                );
+            }
+            return;
+        }
+        let (body, size) = match m.payload {
+            InboundPayload::Json(raw) => {
+                if !raw.get().trim_start().starts_with('{') {
+                    log::debug!("ignoring a broadcast whose payload is not a JSON object");
+                    return;
+                }
+                let size = raw.get().len();
+                let text: Box<str> = raw.into();
+                (Body::JsonObject(Bytes::from(String::from(text))), size)
+            }
+            InboundPayload::User(u) => {
+                let size = u.payload.len();
+                (
+                    Body::User {
+                        event: u.event,
+                        payload: u.payload,
+                        meta: None,
+                    },
+                    size,
+                )
+            }
+        };
+        let cfg = self.inner.config();
+        if size > cfg.max_payload_bytes {
+            if ch.broadcast_ack {
+                let payload =
+                    json!({"status": "error", "response": "payload_size_exceeded"}).to_string();
+                self.push(self.text(
+                    m.join_ref.as_deref(),
+                    m.msg_ref.as_deref(),
+                    &m.topic,
+                    "phx_reply",
+                    &payload,
+                ));
+            }
+            return;
+        }
+        let exclude = if ch.broadcast_self { None } else { ch.sub_id };
+        let msg = Outgoing::new(m.topic.clone(), body);
+        self.inner
+            .registry
+            .fanout(&ch.key, &msg, exclude, Kind::Broadcast);
+        if ch.broadcast_ack {
+            self.reply(
+                m.join_ref.as_deref(),
+                m.msg_ref.as_deref(),
+                &m.topic,
+                "ok",
+                json!({}),
+            );
+        }
+    }
+
+    fn access_token(&mut self, m: Inbound) {
+        let Some(raw) = m.json_payload() else {
+            return;
+        };
+        let token = match serde_json::from_str::<Value>(raw.get()) {
+            Ok(Value::Object(o)) => match o.get("access_token") {
+                Some(Value::String(t)) => t.trim().to_string(),
+                _ => return,
+            },
+            _ => return,
+        };
+        let Some(ch) = self.channels.get_mut(&m.topic) else {
+            return;
+        };
+        // Opaque keys, and the token the channel already has, change nothing (reference 2.4).
+        if token.is_empty() || token.starts_with("sb_") || token == ch.token {
+            return;
+        }
+        match self.inner.jwt().verify(&token, unix_now()) {
+            Err(e) => self.shutdown_channel(&m.topic, &e.system_message()),
+            Ok(claims) => {
+                ch.expires_at = expiry_instant(claims.exp);
+                ch.token = token;
+                ch.claims = claims.clone();
+                let private = ch.key.private;
+                let subtopic = ch.key.subtopic.clone();
+                let presence = ch.presence_enabled;
+                if private {
+                    let generation = self.bump_generation(&m.topic);
+                    let inner = self.inner.clone();
+                    let tx = self.internal_tx.clone();
+                    let headers = self.headers_json.clone();
+                    let topic = m.topic.clone();
+                    tokio::spawn(async move {
+                        let answer = ask(
+                            &inner,
+                            &subtopic,
+                            &claims,
+                            &headers,
+                            presence,
+                            AuthorizationPurpose::TokenRefresh,
+                        )
+                        .await;
+                        let _ = tx.send(Internal::RefreshAuthorized {
+                            topic,
+                            generation,
+                            answer,
+                        });
+                    });
+                }
+            }
+        }
+    }
+
+    /// `track`/`untrack` (reference 4.1). Any channel may track; diffs go to every subscriber
+    /// of the topic, the tracker included.
+    fn presence(&mut self, m: Inbound) {
+        let Some(ch) = self.channels.get(&m.topic) else {
+            return;
+        };
+        let parsed: Option<Value> = m
+            .json_payload()
+            .and_then(|raw| serde_json::from_str(raw.get()).ok());
+        let kind = parsed
+            .as_ref()
+            .and_then(|p| p.get("event"))
+            .and_then(Value::as_str)
+            .map(str::to_ascii_lowercase);
+        if !ch.may_track() {
+            self.reply(
+                m.join_ref.as_deref(),
+                m.msg_ref.as_deref(),
+                &m.topic,
+                "error",
+                json!({}),
+            );
+            return;
+        }
+        match kind.as_deref() {
+            Some("track") => {
+                let meta = match parsed.as_ref().and_then(|p| p.get("payload")) {
+                    Some(Value::Object(o)) => o.clone(),
+                    _ => return self.reply_error(&m, "Presence track payload must be a map"),
+                };
+                let size = m.json_payload().map_or(0, |p| p.get().len());
+                if size > self.inner.config().max_payload_bytes {
+                    return self.shutdown_channel(&m.topic, "Track message size exceeded");
+                }
+                if let Some(diff) =
+                    self.inner
+                        .presence
+                        .track(&ch.key, ch.presence_owner, &ch.presence_key, meta)
+                {
+                    fan_presence_diff(&self.inner, &m.topic, &ch.key, diff);
+                }
+                self.reply(
+                    m.join_ref.as_deref(),
+                    m.msg_ref.as_deref(),
+                    &m.topic,
+                    "ok",
+                    json!({}),
+                );
+            }
+            Some("untrack") => {
+                untrack(&self.inner, &m.topic, ch);
+                self.reply(
+                    m.join_ref.as_deref(),
+                    m.msg_ref.as_deref(),
+                    &m.topic,
+                    "ok",
+                    json!({}),
+                );
+            }
+            _ => self.reply_error(&m, "presence event must be \"track\" or \"untrack\""),
+        }
+    }
+
+    fn expire_tokens(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<String> = self
+            .channels
+            .iter()
+            .filter(|(_, c)| c.expires_at <= now)
+            .map(|(t, _)| t.clone())
+            .collect();
+        let now_unix = unix_now();
+        for topic in expired {
+            let Some(ch) = self.channels.get(&topic) else {
+                continue;
+            };
+            let ago = (now_unix - ch.claims.exp).max(0);
+            self.shutdown_channel(&topic, &format!("Token has expired {ago} seconds ago"));
+        }
+    }
+}
+
+/// Public channels (no authorization) read everything.
+fn reads_of(authorization: Option<Authorization>) -> Reads {
+    authorization.map_or(Reads::ALL, |a| Reads {
+        broadcast: a.broadcast_read,
+        presence: a.presence_read,
+    })
+}
+
+async fn ask(
+    inner: &Inner,
+    subtopic: &str,
+    claims: &Claims,
+    headers_json: &str,
+    presence: bool,
+    purpose: AuthorizationPurpose,
+) -> Result<Authorization, String> {
+    let cfg = inner.config();
+    inner
+        .authz
+        .authorize(
+            cfg.authorize_private,
+            cfg.authorization_timeout,
+            &inner.events,
+            Ask {
+                subtopic,
+                claims,
+                headers_json,
+                presence,
+                purpose,
+            },
+        )
+        .await
+}
+
+struct Joining {
+    topic: String,
+    subtopic: String,
+    join_ref: Option<String>,
+    msg_ref: Option<String>,
+    req: JoinRequest,
+    token: String,
+    claims: Claims,
+}

@@ -1,0 +1,108 @@
+//! Messages from the network threads to the Postgres main thread. They are queued here and the
+//! eventfd makes the main thread's WaitLatchOrSocket return.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use crate::jwt::Claims;
+use crate::wake::WakeFd;
+
+#[derive(Debug)]
+pub enum Event {
+    /// The server cannot continue; the worker should exit(1) and be restarted by the postmaster.
+    Fatal(String),
+    /// Run the RLS checks for a private channel and answer with
+    /// [`crate::Server::complete_authorization`] (only produced when
+    /// [`crate::Config::authorize_private`] is true).
+    Authorize(AuthorizationRequest),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuthorizationPurpose {
+    /// `phx_join` on a private channel: read check (reference 5.1).
+    Join,
+    /// A new `access_token` on a joined private channel: read check again.
+    TokenRefresh,
+    /// A private broadcast (WebSocket or REST): write check (reference 5.2).
+    Broadcast,
+}
+
+/// What the worker must check. `claims.json` goes to `request.jwt.claims`, `claims.role` to
+/// `role`, `claims.sub` to `request.jwt.claim.sub`, `subtopic` to `realtime.topic`.
+#[derive(Clone, Debug)]
+pub struct AuthorizationRequest {
+    pub id: u64,
+    pub subtopic: String,
+    pub claims: Claims,
+    /// JSON object of request headers (WebSocket: only `x-*` headers, as Supabase does).
+    pub headers_json: String,
+    /// Presence is enabled on the join, so the presence extension should be probed too.
+    pub presence: bool,
+    pub purpose: AuthorizationPurpose,
+}
+
+/// The worker's answer: which extensions the token may read/write on that topic.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Authorization {
+    pub broadcast_read: bool,
+    pub broadcast_write: bool,
+    pub presence_read: bool,
+    pub presence_write: bool,
+}
+
+pub(crate) struct EventQueue {
+    queue: Mutex<VecDeque<Event>>,
+    wake: WakeFd,
+}
+
+impl EventQueue {
+    pub(crate) fn new(wake: WakeFd) -> Self {
+        EventQueue {
+            queue: Mutex::new(VecDeque::new()),
+            wake,
+        }
+    }
+
+    pub(crate) fn push(&self, event: Event) {
+        self.queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(event);
+        self.wake.signal();
+    }
+
+    /// Resets the eventfd before draining, so an event pushed concurrently either is drained
+    /// now or leaves the fd readable for the next wait.
+    pub(crate) fn drain(&self) -> Vec<Event> {
+        self.wake.reset();
+        self.queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+            .collect()
+    }
+
+    pub(crate) fn wake_fd(&self) -> std::os::fd::RawFd {
+        self.wake.raw()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wake::is_readable;
+
+    #[test]
+    fn push_wakes_and_drain_resets() {
+        let q = EventQueue::new(WakeFd::new().unwrap());
+        assert!(!is_readable(q.wake_fd()));
+        q.push(Event::Fatal("a".into()));
+        q.push(Event::Fatal("b".into()));
+        assert!(is_readable(q.wake_fd()));
+        let got = q.drain();
+        assert_eq!(got.len(), 2);
+        assert!(matches!(&got[0], Event::Fatal(m) if m == "a"));
+        assert!(!is_readable(q.wake_fd()));
+        assert!(q.drain().is_empty());
+    }
+}

@@ -1,0 +1,316 @@
+//! The network side of pg_realtime: a Supabase-Realtime-compatible WebSocket/HTTP server running
+//! on its own tokio threads. It never touches Postgres; the worker's main thread talks to it
+//! through [`Server`]: [`Server::publish`] for committed database messages, [`Server::wake_fd`] +
+//! [`Server::poll_events`] for what the network side needs from Postgres (authorization, fatal
+//! errors), and [`Server::complete_authorization`] to answer.
+
+mod authz;
+mod broadcast;
+mod channel;
+mod config;
+mod connection;
+mod error;
+mod events;
+mod http;
+pub mod jwt;
+mod outbound;
+mod presence;
+pub mod protocol;
+mod registry;
+mod rest;
+mod signals;
+mod wake;
+
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::{mpsc, watch};
+
+pub use config::Config;
+pub use error::ServerError;
+pub use events::{Authorization, AuthorizationPurpose, AuthorizationRequest, Event};
+pub use jwt::Claims;
+pub use protocol::Payload;
+
+use broadcast::{Body, Outgoing, id_meta};
+use events::EventQueue;
+use jwt::JwtVerifier;
+use registry::{Kind, Registry, TopicKey};
+
+/// A committed database message (`realtime.send`, `realtime.broadcast_changes`, ...).
+#[derive(Clone, Debug)]
+pub struct DbBroadcast {
+    /// Sub-topic, without the `realtime:` prefix.
+    pub topic: String,
+    pub event: String,
+    pub private: bool,
+    /// `realtime.messages.id` (uuid text); subscribers get it as `meta.id`.
+    pub id: String,
+    pub payload: Payload,
+}
+
+/// State shared by every task of the server.
+pub(crate) struct Inner {
+    config: RwLock<Arc<Config>>,
+    jwt: RwLock<Arc<JwtVerifier>>,
+    pub(crate) registry: Registry,
+    pub(crate) events: EventQueue,
+    pub(crate) authz: authz::Authorizer,
+    pub(crate) presence: presence::Presence,
+    pub(crate) active_connections: AtomicUsize,
+    pub(crate) shutdown: watch::Receiver<bool>,
+    /// Fixed at start: the WebSocket limits are set per upgrade but the REST body limit is
+    /// part of the router.
+    pub(crate) max_frame_bytes: usize,
+}
+
+impl Inner {
+    pub(crate) fn config(&self) -> Arc<Config> {
+        self.config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn jwt(&self) -> Arc<JwtVerifier> {
+        self.jwt.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+pub struct Server {
+    runtime: Option<tokio::runtime::Runtime>,
+    inner: Arc<Inner>,
+    shutdown_tx: watch::Sender<bool>,
+    publish_tx: mpsc::UnboundedSender<DbBroadcast>,
+    local_addrs: Vec<SocketAddr>,
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => {
+            let s = TcpSocket::new_v6()?;
+            // `::` must not also claim the IPv4 port, which `0.0.0.0` binds separately.
+            let one: libc::c_int = 1;
+            // SAFETY: setsockopt on a live socket with a pointer to a c_int of the right size.
+            let rc = unsafe {
+                libc::setsockopt(
+                    s.as_raw_fd(),
+                    libc::IPPROTO_IPV6,
+                    libc::IPV6_V6ONLY,
+                    (&one as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            s
+        }
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+impl Server {
+    /// Binds all listeners synchronously (so bind errors are returned here), then serves on the
+    /// runtime's own threads, all of which block every signal.
+    pub fn start(config: Config) -> Result<Server, ServerError> {
+        let targets = config::listen_targets(&config.listen_addresses, config.port)?;
+        if targets.is_empty() {
+            return Err(ServerError::NoListenAddress);
+        }
+        let wake = wake::WakeFd::new().map_err(ServerError::WakeFd)?;
+        let runtime = {
+            // Threads inherit the creating thread's mask, so block first: no runtime thread
+            // ever runs with signals unblocked, not even before on_thread_start.
+            let _blocked = signals::BlockedSignals::new();
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(config.worker_threads.max(1))
+                .thread_name("pg_realtime net")
+                .on_thread_start(signals::block_all_signals)
+                .enable_all()
+                .build()
+                .map_err(ServerError::Runtime)?
+        };
+        let mut listeners = Vec::new();
+        {
+            let _enter = runtime.enter();
+            let mut chosen_port: Option<u16> = None;
+            for t in &targets {
+                let mut addr = t.addr;
+                // With port 0, every address should share the port picked for the first one.
+                if addr.port() == 0
+                    && let Some(p) = chosen_port
+                {
+                    addr.set_port(p);
+                }
+                match bind(addr) {
+                    Ok(l) => {
+                        if chosen_port.is_none() {
+                            chosen_port = l.local_addr().ok().map(|a| a.port());
+                        }
+                        listeners.push(l);
+                    }
+                    Err(e) if t.optional => {
+                        log::info!("realtime: not listening on {addr}: {e}");
+                    }
+                    Err(source) => return Err(ServerError::Bind { addr, source }),
+                }
+            }
+        }
+        if listeners.is_empty() {
+            return Err(ServerError::NoListenAddress);
+        }
+        let local_addrs = listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect();
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let max_frame_bytes = config.max_frame_bytes;
+        let jwt = JwtVerifier::new(config.jwt_secret.as_deref(), config.jwt_jwks.as_deref());
+        let inner = Arc::new(Inner {
+            config: RwLock::new(Arc::new(config)),
+            jwt: RwLock::new(Arc::new(jwt)),
+            registry: Registry::default(),
+            events: EventQueue::new(wake),
+            authz: authz::Authorizer::default(),
+            presence: presence::Presence::default(),
+            active_connections: AtomicUsize::new(0),
+            shutdown: shutdown_rx,
+            max_frame_bytes,
+        });
+        let app = http::router(inner.clone(), max_frame_bytes);
+        for listener in listeners {
+            let app = app.clone();
+            let inner = inner.clone();
+            let mut stop = inner.shutdown.clone();
+            runtime.spawn(async move {
+                let served = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    })
+                    .await;
+                if let Err(e) = served {
+                    inner
+                        .events
+                        .push(Event::Fatal(format!("realtime listener failed: {e}")));
+                }
+            });
+        }
+        let (publish_tx, publish_rx) = mpsc::unbounded_channel();
+        runtime.spawn(dispatch_db_messages(publish_rx, inner.clone()));
+        Ok(Server {
+            runtime: Some(runtime),
+            inner,
+            shutdown_tx,
+            publish_tx,
+            local_addrs,
+        })
+    }
+
+    /// Readable when [`Server::poll_events`] has something.
+    pub fn wake_fd(&self) -> RawFd {
+        self.inner.events.wake_fd()
+    }
+
+    /// Non-blocking: drains pending events and resets the wake fd.
+    pub fn poll_events(&self) -> Vec<Event> {
+        self.inner.events.drain()
+    }
+
+    /// Non-blocking: fans a committed database message out to the subscribers of
+    /// (private, topic).
+    pub fn publish(&self, msg: DbBroadcast) {
+        if self.publish_tx.send(msg).is_err() {
+            log::warn!("realtime server is stopped; database message dropped");
+        }
+    }
+
+    /// Applies reloadable settings: JWT secret/JWKS, limits, delays, private_only,
+    /// authorization. Addresses, port, frame size and threads need a restart.
+    pub fn reload(&self, config: Config) {
+        let jwt = JwtVerifier::new(config.jwt_secret.as_deref(), config.jwt_jwks.as_deref());
+        *self.inner.jwt.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(jwt);
+        *self.inner.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
+    }
+
+    /// Answers an [`Event::Authorize`]. `Err` carries the complete join error reason (e.g.
+    /// `"IncreaseConnectionPool: Please increase your connection pool size"`). Returns false if
+    /// nobody waits any more (timed out, connection gone).
+    pub fn complete_authorization(&self, id: u64, result: Result<Authorization, String>) -> bool {
+        self.inner.authz.complete(id, result)
+    }
+
+    /// Number of open WebSocket connections (including upgrades in progress).
+    pub fn connection_count(&self) -> usize {
+        self.inner.active_connections.load(Ordering::Acquire)
+    }
+
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.local_addrs.clone()
+    }
+
+    /// Stops accepting, closes every socket with 1001 "server shutting down", waits up to
+    /// `grace` for them, then stops the runtime and joins its threads. Call it from a plain
+    /// thread (the worker's main thread), not from inside an async task.
+    pub fn shutdown(mut self, grace: Duration) {
+        let Some(runtime) = self.runtime.take() else {
+            return;
+        };
+        let _ = self.shutdown_tx.send(true);
+        let deadline = std::time::Instant::now() + grace;
+        let inner = self.inner.clone();
+        runtime.block_on(async move {
+            while inner.active_connections.load(Ordering::Acquire) > 0
+                && std::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        runtime.shutdown_timeout(left.max(Duration::from_millis(100)));
+    }
+}
+
+impl Drop for Server {
+    /// Without an explicit shutdown nothing is waited for: drop may run anywhere, even inside
+    /// an async context where blocking on the runtime would panic.
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            let _ = self.shutdown_tx.send(true);
+            runtime.shutdown_background();
+        }
+    }
+}
+
+async fn dispatch_db_messages(mut rx: mpsc::UnboundedReceiver<DbBroadcast>, inner: Arc<Inner>) {
+    while let Some(msg) = rx.recv().await {
+        if msg.payload.len() > inner.config().max_payload_bytes {
+            log::warn!(
+                "realtime: database message {} on {} exceeds the payload limit; not delivered",
+                msg.id,
+                msg.topic
+            );
+            continue;
+        }
+        let key = TopicKey {
+            private: msg.private,
+            subtopic: msg.topic,
+        };
+        let out = Outgoing::new(
+            format!("realtime:{}", key.subtopic),
+            Body::User {
+                event: msg.event,
+                payload: msg.payload,
+                meta: Some(id_meta(&msg.id)),
+            },
+        );
+        inner.registry.fanout(&key, &out, None, Kind::Broadcast);
+    }
+}

@@ -1,0 +1,232 @@
+//! Topic → subscribers. Public and private channels with the same name are separate
+//! namespaces, as in Supabase.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use crate::broadcast::Outgoing;
+use crate::outbound::ConnHandle;
+use crate::protocol::Vsn;
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct TopicKey {
+    pub private: bool,
+    pub subtopic: String,
+}
+
+/// What a subscriber may read (private channels: its RLS read check; public: everything).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Reads {
+    pub broadcast: bool,
+    pub presence: bool,
+}
+
+impl Reads {
+    pub(crate) const ALL: Reads = Reads {
+        broadcast: true,
+        presence: true,
+    };
+}
+
+/// Which read right a message needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Broadcast,
+    Presence,
+}
+
+struct Subscriber {
+    vsn: Vsn,
+    conn: Arc<ConnHandle>,
+    reads: Reads,
+}
+
+#[derive(Default)]
+pub(crate) struct Registry {
+    topics: RwLock<HashMap<TopicKey, HashMap<u64, Subscriber>>>,
+    next_id: AtomicU64,
+}
+
+impl Registry {
+    pub(crate) fn subscribe(
+        &self,
+        key: TopicKey,
+        vsn: Vsn,
+        conn: Arc<ConnHandle>,
+        reads: Reads,
+    ) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
+        topics
+            .entry(key)
+            .or_default()
+            .insert(id, Subscriber { vsn, conn, reads });
+        id
+    }
+
+    /// New read rights after a token refresh.
+    pub(crate) fn set_reads(&self, key: &TopicKey, id: u64, reads: Reads) {
+        let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(sub) = topics.get_mut(key).and_then(|subs| subs.get_mut(&id)) {
+            sub.reads = reads;
+        }
+    }
+
+    pub(crate) fn unsubscribe(&self, key: &TopicKey, id: u64) {
+        let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(subs) = topics.get_mut(key) {
+            subs.remove(&id);
+            if subs.is_empty() {
+                topics.remove(key);
+            }
+        }
+    }
+
+    /// Queues `msg` for every subscriber of `key` that may read `kind`, except `exclude`;
+    /// returns how many accepted it.
+    pub(crate) fn fanout(
+        &self,
+        key: &TopicKey,
+        msg: &Outgoing,
+        exclude: Option<u64>,
+        kind: Kind,
+    ) -> usize {
+        let topics = self.topics.read().unwrap_or_else(|p| p.into_inner());
+        let Some(subs) = topics.get(key) else {
+            return 0;
+        };
+        let mut delivered = 0;
+        for (id, sub) in subs {
+            let may_read = match kind {
+                Kind::Broadcast => sub.reads.broadcast,
+                Kind::Presence => sub.reads.presence,
+            };
+            if Some(*id) == exclude || !may_read {
+                continue;
+            }
+            if let Some(frame) = msg.frame(sub.vsn)
+                && sub.conn.push(frame)
+            {
+                delivered += 1;
+            }
+        }
+        delivered
+    }
+
+    #[cfg(test)]
+    pub(crate) fn subscriber_count(&self, key: &TopicKey) -> usize {
+        let topics = self.topics.read().unwrap_or_else(|p| p.into_inner());
+        topics.get(key).map_or(0, HashMap::len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broadcast::{Body, Frame};
+    use crate::protocol::Payload;
+    use bytes::Bytes;
+
+    fn key(private: bool, t: &str) -> TopicKey {
+        TopicKey {
+            private,
+            subtopic: t.into(),
+        }
+    }
+
+    fn msg(payload: Payload) -> Outgoing {
+        Outgoing::new(
+            "realtime:room".into(),
+            Body::User {
+                event: "e".into(),
+                payload,
+                meta: None,
+            },
+        )
+    }
+
+    #[tokio::test]
+    async fn fanout_respects_namespace_exclusion_and_format() {
+        let r = Registry::default();
+        let (a, mut ra) = ConnHandle::new(8);
+        let (b, mut rb) = ConnHandle::new(8);
+        let (c, mut rc) = ConnHandle::new(8);
+        let (a, b, c) = (Arc::new(a), Arc::new(b), Arc::new(c));
+        let ida = r.subscribe(key(false, "room"), Vsn::V2, a, Reads::ALL);
+        let _idb = r.subscribe(key(false, "room"), Vsn::V1, b, Reads::ALL);
+        let _idc = r.subscribe(key(true, "room"), Vsn::V2, c, Reads::ALL);
+
+        let json = msg(Payload::Json(Bytes::from_static(b"{}")));
+        assert_eq!(
+            r.fanout(&key(false, "room"), &json, Some(ida), Kind::Broadcast),
+            1
+        );
+        assert!(ra.try_recv().is_err(), "sender excluded");
+        assert!(matches!(rb.try_recv(), Ok(Frame::Text(_))));
+        assert!(rc.try_recv().is_err(), "private namespace untouched");
+
+        let bin = msg(Payload::Binary(Bytes::from_static(b"\x01")));
+        assert_eq!(
+            r.fanout(&key(false, "room"), &bin, None, Kind::Broadcast),
+            1
+        );
+        assert!(matches!(ra.try_recv(), Ok(Frame::Binary(_))));
+        assert!(rb.try_recv().is_err(), "V1 never receives binary");
+    }
+
+    #[tokio::test]
+    async fn fanout_respects_read_rights() {
+        let r = Registry::default();
+        let (p, mut rp) = ConnHandle::new(8);
+        let (b, mut rb) = ConnHandle::new(8);
+        let presence_only = Reads {
+            broadcast: false,
+            presence: true,
+        };
+        let idp = r.subscribe(key(true, "room"), Vsn::V2, Arc::new(p), presence_only);
+        r.subscribe(key(true, "room"), Vsn::V2, Arc::new(b), Reads::ALL);
+        let m = msg(Payload::Json(Bytes::from_static(b"{}")));
+        assert_eq!(r.fanout(&key(true, "room"), &m, None, Kind::Broadcast), 1);
+        assert!(rp.try_recv().is_err(), "no broadcast read");
+        assert!(rb.try_recv().is_ok());
+        assert_eq!(r.fanout(&key(true, "room"), &m, None, Kind::Presence), 2);
+        r.set_reads(&key(true, "room"), idp, Reads::ALL);
+        assert_eq!(r.fanout(&key(true, "room"), &m, None, Kind::Broadcast), 2);
+    }
+
+    #[test]
+    fn unsubscribe_removes_empty_topics() {
+        let r = Registry::default();
+        let (a, _ra) = ConnHandle::new(1);
+        let id = r.subscribe(key(false, "x"), Vsn::V1, Arc::new(a), Reads::ALL);
+        assert_eq!(r.subscriber_count(&key(false, "x")), 1);
+        r.unsubscribe(&key(false, "x"), id);
+        assert_eq!(r.subscriber_count(&key(false, "x")), 0);
+        assert!(r.topics.read().unwrap().is_empty());
+        assert_eq!(
+            r.fanout(
+                &key(false, "x"),
+                &msg(Payload::Json("1".into())),
+                None,
+                Kind::Broadcast
+            ),
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn full_queue_marks_slow_consumer_without_blocking_others() {
+        let r = Registry::default();
+        let (slow, _rs) = ConnHandle::new(1);
+        let (fast, mut rf) = ConnHandle::new(8);
+        let slow = Arc::new(slow);
+        r.subscribe(key(false, "x"), Vsn::V2, slow.clone(), Reads::ALL);
+        r.subscribe(key(false, "x"), Vsn::V2, Arc::new(fast), Reads::ALL);
+        let m = msg(Payload::Json("1".into()));
+        assert_eq!(r.fanout(&key(false, "x"), &m, None, Kind::Broadcast), 2);
+        assert_eq!(r.fanout(&key(false, "x"), &m, None, Kind::Broadcast), 1);
+        slow.overflowed().await;
+        assert!(rf.try_recv().is_ok() && rf.try_recv().is_ok());
+    }
+}

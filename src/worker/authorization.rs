@@ -1,0 +1,85 @@
+//! RLS authorization of private channels, on the worker's main thread.
+//!
+//! As Supabase does, the user's own policies on `realtime.messages` decide: probe rows are
+//! read (SELECT policies) and inserted (INSERT policies) under the client's role and claims,
+//! in a transaction that is always rolled back, so nothing is stored. The SQL lives in
+//! `realtime._authorize` (sql/api.sql); topics and claims are parameters, never SQL text.
+
+use super::transaction;
+use pgrx::prelude::*;
+use realtime_server::{Authorization, AuthorizationPurpose, AuthorizationRequest};
+
+const BROADCAST: &str = "broadcast";
+const PRESENCE: &str = "presence";
+/// A policy that runs longer than this fails the check instead of stalling the worker.
+const AUTHORIZATION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// One row of `realtime._authorize`: (extension, can_read, can_write).
+type Verdict = (Option<String>, Option<bool>, Option<bool>);
+
+fn run_checks(
+    request: &AuthorizationRequest,
+    read: &[&str],
+    write: &[&str],
+) -> Result<Vec<Verdict>, String> {
+    transaction::rolled_back(AUTHORIZATION_TIMEOUT, || {
+        Spi::connect(|client| {
+            let rows = client
+                .select(
+                    "SELECT extension, can_read, can_write
+                       FROM realtime._authorize($1, $2, $3, $4, $5, $6, $7)",
+                    None,
+                    &[
+                        request.subtopic.as_str().into(),
+                        request.claims.role.as_str().into(),
+                        (&*request.claims.json).into(),
+                        request.claims.sub.as_deref().into(),
+                        request.headers_json.as_str().into(),
+                        read.to_vec().into(),
+                        write.to_vec().into(),
+                    ],
+                )
+                .map_err(|e| e.to_string())?;
+            let mut out = Vec::new();
+            for row in rows {
+                out.push((
+                    row.get::<String>(1).map_err(|e| e.to_string())?,
+                    row.get::<bool>(2).map_err(|e| e.to_string())?,
+                    row.get::<bool>(3).map_err(|e| e.to_string())?,
+                ));
+            }
+            Ok(out)
+        })
+    })
+}
+
+/// Answers one request of the socket server. A role that does not exist or a policy that
+/// raises becomes a complete `Unauthorized: ...` join reason.
+pub fn answer(request: &AuthorizationRequest) -> Result<Authorization, String> {
+    let (read, write): (Vec<&str>, Vec<&str>) = match request.purpose {
+        AuthorizationPurpose::Broadcast => (vec![], vec![BROADCAST]),
+        AuthorizationPurpose::Join | AuthorizationPurpose::TokenRefresh if request.presence => {
+            (vec![BROADCAST, PRESENCE], vec![BROADCAST, PRESENCE])
+        }
+        AuthorizationPurpose::Join | AuthorizationPurpose::TokenRefresh => {
+            (vec![BROADCAST], vec![BROADCAST])
+        }
+    };
+    let verdicts = run_checks(request, &read, &write).map_err(|e| format!("Unauthorized: {e}"))?;
+    let mut answer = Authorization::default();
+    for (extension, can_read, can_write) in verdicts {
+        let (can_read, can_write) = (can_read.unwrap_or(false), can_write.unwrap_or(false));
+        match extension.as_deref() {
+            Some(BROADCAST) => {
+                answer.broadcast_read = can_read;
+                answer.broadcast_write = can_write;
+            }
+            Some(PRESENCE) => {
+                answer.presence_read = can_read;
+                answer.presence_write = can_write;
+            }
+            _ => {}
+        }
+    }
+    Ok(answer)
+}
