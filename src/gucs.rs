@@ -49,6 +49,9 @@ pub static MAX_CHANNELS_PER_CONNECTION: GucSetting<i32> = GucSetting::<i32>::new
 /// Frames that may wait for one slow connection before it is disconnected.
 pub static OUTBOUND_QUEUE: GucSetting<i32> = GucSetting::<i32>::new(1024);
 
+/// Largest `config.broadcast.replay.limit` honoured (Supabase caps it at 25).
+pub static REPLAY_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(25);
+
 /// Seconds without any frame from a client before its socket is closed.
 pub static IDLE_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(60);
 
@@ -197,6 +200,16 @@ pub fn init() {
         &OUTBOUND_QUEUE,
         16,
         1_000_000,
+        GucContext::Sighup,
+        none,
+    );
+    GucRegistry::define_int_guc(
+        c"realtime.replay_limit",
+        c"Most stored messages one private join may replay (config.broadcast.replay.limit).",
+        c"Supabase caps the limit at 25; larger requests are clamped to this value.",
+        &REPLAY_LIMIT,
+        1,
+        100_000,
         GucContext::Sighup,
         none,
     );

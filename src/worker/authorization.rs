@@ -7,7 +7,9 @@
 
 use super::transaction;
 use pgrx::prelude::*;
-use realtime_server::{Authorization, AuthorizationPurpose, AuthorizationRequest};
+use realtime_server::{
+    Authorization, AuthorizationPurpose, AuthorizationRequest, Payload, ReplayParams, Replayed,
+};
 
 const BROADCAST: &str = "broadcast";
 const PRESENCE: &str = "presence";
@@ -55,7 +57,62 @@ fn run_checks(
 
 /// Answers one request of the socket server. A role that does not exist or a policy that
 /// raises becomes a complete `Unauthorized: ...` join reason.
-pub fn answer(request: &AuthorizationRequest) -> Result<Authorization, String> {
+pub fn answer(request: &AuthorizationRequest) -> (Result<Authorization, String>, Vec<Replayed>) {
+    let rights = rights(request);
+    let replay = match (&rights, request.replay) {
+        (Ok(r), Some(params)) if r.broadcast_read => match replay(&request.subtopic, params) {
+            Ok(messages) => messages,
+            Err(e) => {
+                // Joining still works; the client only misses the history.
+                log!("pg_realtime: replay for {} failed: {e}", request.subtopic);
+                Vec::new()
+            }
+        },
+        _ => Vec::new(),
+    };
+    (rights, replay)
+}
+
+/// Broadcast Replay (as Supabase): the newest `limit` stored private broadcasts of the topic
+/// since `since_ms`, oldest first. Read as the owner: the read check already passed.
+fn replay(topic: &str, params: ReplayParams) -> Result<Vec<Replayed>, String> {
+    transaction::rolled_back(AUTHORIZATION_TIMEOUT, || {
+        Spi::connect(|client| {
+            let rows = client
+                .select(
+                    "SELECT id::text, event, payload::text, binary_payload FROM (
+                         SELECT id, event, payload, binary_payload, inserted_at
+                           FROM realtime.messages
+                          WHERE topic = $1 AND private AND extension = 'broadcast'
+                            AND event IS NOT NULL
+                            AND inserted_at >= to_timestamp($2::float8 / 1000)
+                            AND inserted_at < now() + interval '1 minute'
+                          ORDER BY inserted_at DESC LIMIT $3) AS newest
+                      ORDER BY inserted_at",
+                    None,
+                    &[topic.into(), params.since_ms.into(), params.limit.into()],
+                )
+                .map_err(|e| e.to_string())?;
+            let mut out = Vec::new();
+            for row in rows {
+                let get_text = |i: usize| row.get::<String>(i).map_err(|e| e.to_string());
+                let id = get_text(1)?.unwrap_or_default();
+                let event = get_text(2)?.unwrap_or_default();
+                let json = get_text(3)?;
+                let binary = row.get::<Vec<u8>>(4).map_err(|e| e.to_string())?;
+                let payload = match (json, binary) {
+                    (_, Some(bytes)) => Payload::Binary(bytes.into()),
+                    (Some(text), None) => Payload::Json(text.into()),
+                    (None, None) => Payload::Json(bytes::Bytes::from_static(b"{}")),
+                };
+                out.push(Replayed { id, event, payload });
+            }
+            Ok(out)
+        })
+    })
+}
+
+fn rights(request: &AuthorizationRequest) -> Result<Authorization, String> {
     let (read, write): (Vec<&str>, Vec<&str>) = match request.purpose {
         AuthorizationPurpose::Broadcast => (vec![], vec![BROADCAST]),
         AuthorizationPurpose::Join | AuthorizationPurpose::TokenRefresh if request.presence => {

@@ -125,6 +125,7 @@ fn server_config() -> Config {
         private_only: gucs::PRIVATE_ONLY.get(),
         worker_threads: gucs::WORKER_THREADS.get().max(1) as usize,
         authorize_private: true,
+        max_replay_limit: gucs::REPLAY_LIMIT.get().max(1) as usize,
         ..Config::default()
     }
 }
@@ -188,8 +189,9 @@ impl Delivery {
                     unsafe { pg_sys::proc_exit(1) };
                 }
                 Event::Authorize(request) => {
-                    let answer = authorization::answer(&request);
-                    self.server.complete_authorization(request.id, answer);
+                    let (answer, replay) = authorization::answer(&request);
+                    self.server
+                        .complete_authorization(request.id, answer, replay);
                 }
             }
         }

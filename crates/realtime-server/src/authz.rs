@@ -8,10 +8,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::oneshot;
 
-use crate::events::{Authorization, AuthorizationPurpose, AuthorizationRequest, Event, EventQueue};
+use crate::events::{
+    Authorization, AuthorizationPurpose, AuthorizationRequest, Event, EventQueue, ReplayParams,
+    Replayed,
+};
 use crate::jwt::Claims;
 
-type Answer = Result<Authorization, String>;
+/// The rights, and the stored messages to replay (empty unless the join asked for replay).
+pub(crate) type Answer = Result<(Authorization, Vec<Replayed>), String>;
 
 #[derive(Default)]
 pub(crate) struct Authorizer {
@@ -29,6 +33,7 @@ pub(crate) struct Ask<'a> {
     pub headers_json: &'a str,
     pub presence: bool,
     pub purpose: AuthorizationPurpose,
+    pub replay: Option<ReplayParams>,
 }
 
 impl Authorizer {
@@ -57,6 +62,7 @@ impl Authorizer {
             headers_json: ask.headers_json.to_string(),
             presence: ask.presence,
             purpose: ask.purpose,
+            replay: ask.replay,
         }));
         let answer = tokio::time::timeout(timeout, rx).await;
         self.pending

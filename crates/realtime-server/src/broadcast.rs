@@ -34,6 +34,8 @@ pub(crate) enum Frame {
 pub(crate) struct Outgoing {
     topic: String,
     body: Body,
+    /// The `realtime.messages` id of a database message (for replay de-duplication).
+    origin_id: Option<String>,
     v1: OnceLock<Option<Frame>>,
     v2: OnceLock<Option<Frame>>,
 }
@@ -44,9 +46,20 @@ impl Outgoing {
         Outgoing {
             topic,
             body,
+            origin_id: None,
             v1: OnceLock::new(),
             v2: OnceLock::new(),
         }
+    }
+
+    /// Marks a database message with its row id.
+    pub(crate) fn with_origin_id(mut self, id: String) -> Self {
+        self.origin_id = Some(id);
+        self
+    }
+
+    pub(crate) fn origin_id(&self) -> Option<&str> {
+        self.origin_id.as_deref()
     }
 
     /// The frame for a subscriber speaking `vsn`, or None when that format cannot carry it.

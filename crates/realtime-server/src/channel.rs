@@ -4,7 +4,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 use tokio::time::Instant;
 
-use crate::events::Authorization;
+use crate::events::{Authorization, ReplayParams};
 use crate::jwt::Claims;
 use crate::registry::TopicKey;
 
@@ -16,7 +16,8 @@ pub(crate) struct JoinRequest {
     pub broadcast_ack: bool,
     pub presence_enabled: bool,
     pub presence_key: Option<String>,
-    pub replay: bool,
+    /// `config.broadcast.replay`: None when absent, `Err` when its parameters are invalid.
+    pub replay: Option<Result<ReplayParams, ()>>,
     /// Number of postgres_changes bindings requested (not supported by this server).
     pub postgres_changes: usize,
     pub access_token: Option<String>,
@@ -29,6 +30,18 @@ fn flexible_bool(v: Option<&Value>) -> bool {
         Some(Value::String(s)) => s.eq_ignore_ascii_case("true"),
         _ => false,
     }
+}
+
+/// Supabase's rules: `since` is a required integer (ms since the epoch); `limit` an integer,
+/// 25 when missing (clamped to the configured maximum later).
+fn parse_replay(v: &Value) -> Result<ReplayParams, ()> {
+    let obj = v.as_object().ok_or(())?;
+    let since_ms = obj.get("since").and_then(Value::as_i64).ok_or(())?;
+    let limit = match obj.get("limit") {
+        None | Some(Value::Null) => 25,
+        Some(l) => l.as_i64().ok_or(())?,
+    };
+    Ok(ReplayParams { since_ms, limit })
 }
 
 pub(crate) fn parse_join(payload: &RawValue) -> JoinRequest {
@@ -59,7 +72,9 @@ pub(crate) fn parse_join(payload: &RawValue) -> JoinRequest {
             Value::Number(n) => Some(n.to_string()),
             _ => None,
         }),
-        replay: get("broadcast", "replay").is_some_and(|r| !r.is_null()),
+        replay: get("broadcast", "replay")
+            .filter(|r| !r.is_null())
+            .map(parse_replay),
         postgres_changes: config
             .and_then(|c| c.get("postgres_changes"))
             .and_then(Value::as_array)
@@ -128,7 +143,7 @@ mod tests {
                 broadcast_ack: false,
                 presence_enabled: false,
                 presence_key: None,
-                replay: false,
+                replay: None,
                 postgres_changes: 0,
                 access_token: Some("tok".into()),
             }
@@ -167,6 +182,14 @@ mod tests {
             r#"{"config":{"postgres_changes":[{"event":"*","schema":"public"}],"broadcast":{"replay":{"since":1}}}}"#,
         );
         assert_eq!(r.postgres_changes, 1);
-        assert!(r.replay);
+        assert_eq!(
+            r.replay,
+            Some(Ok(ReplayParams {
+                since_ms: 1,
+                limit: 25
+            }))
+        );
+        let bad = parse(r#"{"config":{"broadcast":{"replay":{"since":"x"}}}}"#);
+        assert_eq!(bad.replay, Some(Err(())));
     }
 }

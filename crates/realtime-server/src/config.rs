@@ -33,6 +33,8 @@ pub struct Config {
     pub authorize_private: bool,
     /// How long a private join waits for the worker's authorization answer.
     pub authorization_timeout: Duration,
+    /// Upper bound of `config.broadcast.replay.limit` (Supabase: 25).
+    pub max_replay_limit: usize,
 }
 
 impl Default for Config {
@@ -54,6 +56,7 @@ impl Default for Config {
             worker_threads: 2,
             authorize_private: false,
             authorization_timeout: Duration::from_secs(10),
+            max_replay_limit: 25,
         }
     }
 }

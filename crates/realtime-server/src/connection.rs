@@ -2,7 +2,7 @@
 //! drains the connection's outbound queue. Everything a client sends is untrusted: bad frames are
 //! logged and ignored, never unwrapped.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ use crate::Inner;
 use crate::authz::{Ask, unauthorized_reason};
 use crate::broadcast::{Body, Frame, Outgoing};
 use crate::channel::{Channel, JoinRequest, expiry_instant, parse_join};
-use crate::events::{Authorization, AuthorizationPurpose};
+use crate::events::{Authorization, AuthorizationPurpose, ReplayParams, Replayed};
 use crate::jwt::{Claims, unix_now};
 use crate::outbound::ConnHandle;
 use crate::protocol::{self, Inbound, InboundPayload, Vsn};
@@ -54,7 +54,7 @@ enum Internal {
     JoinAuthorized {
         pending_id: u64,
         joining: Box<Joining>,
-        answer: Result<Authorization, String>,
+        answer: crate::authz::Answer,
     },
     RefreshAuthorized {
         topic: String,
@@ -444,14 +444,31 @@ impl Conn {
             Ok(c) => c,
             Err(e) => return self.join_error(join_ref, m.msg_ref, &m.topic, e.join_reason()),
         };
-        if req.replay && !req.private {
-            return self.join_error(
-                join_ref,
-                m.msg_ref,
-                &m.topic,
-                "UnableToReplayMessages: Replay is not allowed for public channels".into(),
-            );
-        }
+        let replay = match req.replay {
+            None => None,
+            Some(_) if !req.private => {
+                return self.join_error(
+                    join_ref,
+                    m.msg_ref,
+                    &m.topic,
+                    "UnableToReplayMessages: Replay is not allowed for public channels".into(),
+                );
+            }
+            Some(Err(())) => {
+                return self.join_error(
+                    join_ref,
+                    m.msg_ref,
+                    &m.topic,
+                    "UnableToReplayMessages: Replay params are not valid".into(),
+                );
+            }
+            Some(Ok(p)) => Some(ReplayParams {
+                limit: p
+                    .limit
+                    .clamp(1, self.inner.config().max_replay_limit.max(1) as i64),
+                ..p
+            }),
+        };
         let joining = Joining {
             topic: m.topic.clone(),
             subtopic,
@@ -462,7 +479,7 @@ impl Conn {
             claims,
         };
         if !joining.req.private {
-            return self.finish_join(joining, None);
+            return self.finish_join(joining, None, Vec::new());
         }
         self.next_id += 1;
         let pending_id = self.next_id;
@@ -479,6 +496,7 @@ impl Conn {
                 &headers,
                 joining.req.presence_enabled,
                 AuthorizationPurpose::Join,
+                replay,
             )
             .await;
             let _ = tx.send(Internal::JoinAuthorized {
@@ -489,16 +507,28 @@ impl Conn {
         });
     }
 
-    fn finish_join(&mut self, j: Joining, authorization: Option<Authorization>) {
+    fn finish_join(
+        &mut self,
+        j: Joining,
+        authorization: Option<Authorization>,
+        replay: Vec<Replayed>,
+    ) {
         let key = TopicKey {
             private: j.req.private,
             subtopic: j.subtopic.clone(),
         };
         let reads = reads_of(authorization);
+        // Live copies of replayed messages are skipped, so each arrives once.
+        let replayed_ids: Option<Arc<HashSet<String>>> =
+            (!replay.is_empty()).then(|| Arc::new(replay.iter().map(|r| r.id.clone()).collect()));
         let sub_id = (reads.broadcast || reads.presence).then(|| {
-            self.inner
-                .registry
-                .subscribe(key.clone(), self.vsn, self.handle.clone(), reads)
+            self.inner.registry.subscribe_skipping(
+                key.clone(),
+                self.vsn,
+                self.handle.clone(),
+                reads,
+                replayed_ids,
+            )
         });
         self.reply(
             j.join_ref.as_deref(),
@@ -534,6 +564,20 @@ impl Conn {
                 "presence_state",
                 &state,
             ));
+        }
+        for r in replay {
+            let meta = json!({"replayed": true, "id": r.id}).to_string();
+            let out = Outgoing::new(
+                j.topic.clone(),
+                Body::User {
+                    event: r.event,
+                    payload: r.payload,
+                    meta: Some(Bytes::from(meta)),
+                },
+            );
+            if let Some(frame) = out.frame(self.vsn) {
+                self.push(frame);
+            }
         }
         self.channels.insert(
             j.topic,
@@ -577,8 +621,8 @@ impl Conn {
                 }
                 self.pending.remove(&joining.topic);
                 match answer {
-                    Ok(a) if a.broadcast_read || a.presence_read => {
-                        self.finish_join(*joining, Some(a))
+                    Ok((a, replay)) if a.broadcast_read || a.presence_read => {
+                        self.finish_join(*joining, Some(a), replay)
                     }
                     Ok(_) => {
                         let reason = unauthorized_reason(&joining.subtopic);
@@ -753,8 +797,10 @@ impl Conn {
                             &headers,
                             presence,
                             AuthorizationPurpose::TokenRefresh,
+                            None,
                         )
-                        .await;
+                        .await
+                        .map(|(a, _)| a);
                         let _ = tx.send(Internal::RefreshAuthorized {
                             topic,
                             generation,
@@ -863,7 +909,8 @@ async fn ask(
     headers_json: &str,
     presence: bool,
     purpose: AuthorizationPurpose,
-) -> Result<Authorization, String> {
+    replay: Option<ReplayParams>,
+) -> crate::authz::Answer {
     let cfg = inner.config();
     inner
         .authz
@@ -877,6 +924,7 @@ async fn ask(
                 headers_json,
                 presence,
                 purpose,
+                replay,
             },
         )
         .await

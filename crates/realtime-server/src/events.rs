@@ -39,6 +39,25 @@ pub struct AuthorizationRequest {
     /// Presence is enabled on the join, so the presence extension should be probed too.
     pub presence: bool,
     pub purpose: AuthorizationPurpose,
+    /// Broadcast Replay asked by the join (reference 6.8); the worker answers with the stored
+    /// messages when the read check passes. `limit` is already clamped to the setting.
+    pub replay: Option<ReplayParams>,
+}
+
+/// `config.broadcast.replay` of a private join.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplayParams {
+    /// Milliseconds since the epoch.
+    pub since_ms: i64,
+    pub limit: i64,
+}
+
+/// A stored broadcast message sent to a joining client with `meta.replayed`.
+#[derive(Clone, Debug)]
+pub struct Replayed {
+    pub id: String,
+    pub event: String,
+    pub payload: crate::protocol::Payload,
 }
 
 /// The worker's answer: which extensions the token may read/write on that topic.

@@ -32,7 +32,9 @@ use tokio::sync::{mpsc, watch};
 
 pub use config::Config;
 pub use error::ServerError;
-pub use events::{Authorization, AuthorizationPurpose, AuthorizationRequest, Event};
+pub use events::{
+    Authorization, AuthorizationPurpose, AuthorizationRequest, Event, ReplayParams, Replayed,
+};
 pub use jwt::Claims;
 pub use protocol::Payload;
 
@@ -243,8 +245,15 @@ impl Server {
     /// Answers an [`Event::Authorize`]. `Err` carries the complete join error reason (e.g.
     /// `"IncreaseConnectionPool: Please increase your connection pool size"`). Returns false if
     /// nobody waits any more (timed out, connection gone).
-    pub fn complete_authorization(&self, id: u64, result: Result<Authorization, String>) -> bool {
-        self.inner.authz.complete(id, result)
+    /// `replay` holds the stored messages for a join that asked for Broadcast Replay, oldest
+    /// first; they are sent after the join reply with `meta.replayed`.
+    pub fn complete_authorization(
+        &self,
+        id: u64,
+        result: Result<Authorization, String>,
+        replay: Vec<Replayed>,
+    ) -> bool {
+        self.inner.authz.complete(id, result.map(|a| (a, replay)))
     }
 
     /// Number of open WebSocket connections (including upgrades in progress).
@@ -310,7 +319,8 @@ async fn dispatch_db_messages(mut rx: mpsc::UnboundedReceiver<DbBroadcast>, inne
                 payload: msg.payload,
                 meta: Some(id_meta(&msg.id)),
             },
-        );
+        )
+        .with_origin_id(msg.id);
         inner.registry.fanout(&key, &out, None, Kind::Broadcast);
     }
 }

@@ -1,7 +1,7 @@
 //! Topic → subscribers. Public and private channels with the same name are separate
 //! namespaces, as in Supabase.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -40,6 +40,8 @@ struct Subscriber {
     vsn: Vsn,
     conn: Arc<ConnHandle>,
     reads: Reads,
+    /// Ids of database messages this subscriber already got by Broadcast Replay.
+    replayed: Option<Arc<HashSet<String>>>,
 }
 
 #[derive(Default)]
@@ -56,12 +58,29 @@ impl Registry {
         conn: Arc<ConnHandle>,
         reads: Reads,
     ) -> u64 {
+        self.subscribe_skipping(key, vsn, conn, reads, None)
+    }
+
+    /// Like [`Registry::subscribe`]; database messages whose id is in `replayed` are skipped.
+    pub(crate) fn subscribe_skipping(
+        &self,
+        key: TopicKey,
+        vsn: Vsn,
+        conn: Arc<ConnHandle>,
+        reads: Reads,
+        replayed: Option<Arc<HashSet<String>>>,
+    ) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
-        topics
-            .entry(key)
-            .or_default()
-            .insert(id, Subscriber { vsn, conn, reads });
+        topics.entry(key).or_default().insert(
+            id,
+            Subscriber {
+                vsn,
+                conn,
+                reads,
+                replayed,
+            },
+        );
         id
     }
 
@@ -103,6 +122,11 @@ impl Registry {
                 Kind::Presence => sub.reads.presence,
             };
             if Some(*id) == exclude || !may_read {
+                continue;
+            }
+            if let (Some(seen), Some(origin)) = (&sub.replayed, msg.origin_id())
+                && seen.contains(origin)
+            {
                 continue;
             }
             if let Some(frame) = msg.frame(sub.vsn)

@@ -76,10 +76,11 @@ async fn may_write(inner: &Inner, subtopic: &str, claims: &Claims, headers_json:
                 headers_json,
                 presence: false,
                 purpose: AuthorizationPurpose::Broadcast,
+                replay: None,
             },
         )
         .await
-        .is_ok_and(|a| a.broadcast_write)
+        .is_ok_and(|(a, _)| a.broadcast_write)
 }
 
 #[derive(Debug)]

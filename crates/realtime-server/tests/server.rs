@@ -818,7 +818,8 @@ async fn private_join_through_the_authorization_hook() {
             broadcast_read: true,
             broadcast_write: true,
             ..Default::default()
-        })
+        }),
+        Vec::new()
     ));
     assert_eq!(
         next_json(&mut ws).await[4],

@@ -60,6 +60,9 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms))
 
 async function sql(text, params = []) {
   const c = new Client({ connectionString: PG_URL })
+  // A connection the server drops (crash recovery) emits 'error' besides rejecting the query;
+  // the rejection is what callers handle.
+  c.on('error', () => {})
   await c.connect()
   try {
     return await c.query(text, params)

@@ -214,3 +214,34 @@ test('injection-shaped topics and claims are inert', async () => {
   const { rows } = await sql("SELECT to_regclass('realtime.messages') IS NOT NULL AS present")
   assert.equal(rows[0].present, true)
 })
+
+test('replay: stored messages since a time, oldest first, limited, never twice', async () => {
+  const room = topic('rw-')
+  const since = Date.now() - 1000
+  for (let i = 1; i <= 5; i++) await sql("SELECT realtime.send(jsonb_build_object('n', $2::int), 'old', $1, true)", [room, i])
+  // A public message of the same topic is not replayed to the private channel.
+  await sql("SELECT realtime.send('{\"n\": 99}', 'old', $1, false)", [room])
+  const received = []
+  const supabase = client({ key: roles.alice() })
+  const channel = supabase.channel(room, { config: { private: true, broadcast: { replay: { since, limit: 3 } } } })
+  channel.on('broadcast', { event: '*' }, (m) => received.push(m))
+  await new Promise((resolve, reject) =>
+    channel.subscribe((status, err) => (status === 'SUBSCRIBED' ? resolve() : status !== 'CLOSED' && err && reject(err))),
+  )
+  await waitFor(() => received.length === 3, 10000, 'three replayed messages')
+  assert.deepEqual(received.map((m) => m.payload.n), [3, 4, 5], 'the newest three, oldest first')
+  assert.ok(received.every((m) => m.meta && m.meta.replayed === true && m.meta.id === m.payload.id))
+  await sql("SELECT realtime.send('{\"n\": 6}', 'new', $1, true)", [room])
+  await waitFor(() => received.length === 4, 10000, 'the live message')
+  await sleep(300)
+  assert.deepEqual(received.map((m) => m.payload.n), [3, 4, 5, 6])
+  assert.equal(received[3].meta.replayed, undefined, 'live messages are not marked replayed')
+
+  // Replay on a public channel is refused with Supabase's reason.
+  const refused = await new Promise((resolve) => {
+    const ch = client({ key: roles.alice() }).channel(topic('rw-'))
+    ch.params.config.broadcast.replay = { since, limit: 1 }
+    ch.subscribe((status, err) => status !== 'SUBSCRIBED' && err && resolve(err.message))
+  })
+  assert.match(refused, /Replay is not allowed for public channels/)
+})
