@@ -70,4 +70,40 @@ mod tests {
             Some(0)
         );
     }
+
+    #[pg_test]
+    fn sql_presence_tracks_updates_and_untracks() {
+        Spi::run(r#"SELECT realtime.track('room-1', 'job', '{"a":1}')"#).unwrap();
+        Spi::run(r#"SELECT realtime.track('room-1', 'job', '{"a":2}', false, interval '1 hour')"#)
+            .unwrap();
+        let row = Spi::get_two::<String, bool>(
+            "SELECT payload->>'a', expires_at > now() FROM realtime.presence('room-1')
+              WHERE key = 'job' AND origin = 'sql'",
+        )
+        .unwrap();
+        assert_eq!(row, (Some("2".into()), Some(true)));
+        assert_eq!(
+            Spi::get_two::<i64, i64>("SELECT keys, connections FROM realtime.occupancy('room-1')")
+                .unwrap(),
+            (Some(1), Some(0))
+        );
+        assert_eq!(
+            Spi::get_one::<bool>("SELECT realtime.untrack('room-1', 'job')").unwrap(),
+            Some(true)
+        );
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT count(*) FROM realtime.presence('room-1')").unwrap(),
+            Some(0)
+        );
+    }
+
+    #[pg_test(error = "presence payload must be a JSON object")]
+    fn sql_presence_payload_must_be_an_object() {
+        Spi::run("SELECT realtime.track('room-1', 'k', '[1]')").unwrap();
+    }
+
+    #[pg_test(error = "presence key must not be empty")]
+    fn sql_presence_key_must_not_be_empty() {
+        Spi::run("SELECT realtime.track('room-1', '', '{}')").unwrap();
+    }
 }

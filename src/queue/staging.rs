@@ -173,6 +173,18 @@ fn payload_text(trigger: &PgTrigger<'_>) -> Result<Option<Vec<u8>>, RealtimeErro
     }
 }
 
+/// Queues "the SQL presence of (topic, private) changed"; the worker re-reads it after commit.
+pub fn stage_presence_sync(topic: &str, private: bool) -> Result<(), RealtimeError> {
+    stage(&Message {
+        topic,
+        event: "",
+        id: "",
+        private,
+        kind: PayloadKind::PresenceSync,
+        payload: &[],
+    })
+}
+
 /// `AFTER INSERT` row trigger on `realtime.messages` (attached with
 /// `WHEN (NEW.extension = 'broadcast' AND NEW.event IS NOT NULL)`, which leaves out the
 /// authorization probes that carry no event).

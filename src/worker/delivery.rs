@@ -1,7 +1,7 @@
 //! Reading the commit queue: entries are delivered in ring order (= commit order) once their
 //! transaction committed, skipped when it aborted, and waited for while it is in progress.
 
-use super::{authorization, logging};
+use super::{authorization, logging, presence};
 use crate::gucs;
 use crate::queue::shmem;
 use bytes::Bytes;
@@ -9,8 +9,9 @@ use commit_ring::{Message, PayloadKind};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use realtime_server::{Config, DbBroadcast, Event, Payload, Server};
+use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Entries taken per lock hold, so committing backends never wait long for the ring.
 const BATCH: usize = 512;
@@ -18,6 +19,8 @@ const BATCH: usize = 512;
 /// wake-up (its backend wakes the worker at commit or abort; this only bounds a lost wake-up).
 const BLOCKED_POLL: Duration = Duration::from_millis(50);
 const IDLE_POLL: Duration = Duration::from_secs(1);
+/// How often presence tracked from SQL with a ttl is checked for expiry.
+const PRESENCE_EXPIRY_INTERVAL: Duration = Duration::from_secs(1);
 /// How long clients get to see their close frames at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
@@ -104,6 +107,7 @@ pub struct Delivery {
     database: u32,
     blocked: bool,
     server: Server,
+    last_expiry: Instant,
 }
 
 /// The settings the socket server reads, snapshotted on the main thread (the only thread that
@@ -149,10 +153,13 @@ impl Delivery {
             "pg_realtime: worker ready, serving database \"{database_name}\" on ws://{}/realtime/v1/websocket",
             addrs.join(", ws://")
         );
+        presence::forget_sockets();
+        presence::load_all(&server);
         Delivery {
             database: u32::from(unsafe { pg_sys::MyDatabaseId }),
             blocked: false,
             server,
+            last_expiry: Instant::now(),
         }
     }
 
@@ -182,8 +189,10 @@ impl Delivery {
         }
         pgrx::check_for_interrupts!();
         logging::flush();
+        let mut presence_changes = Vec::new();
         for event in self.server.poll_events() {
             match event {
+                Event::Presence(change) => presence_changes.push(change),
                 Event::Fatal(reason) => {
                     log!("pg_realtime: the socket server failed: {reason}");
                     unsafe { pg_sys::proc_exit(1) };
@@ -194,6 +203,11 @@ impl Delivery {
                         .complete_authorization(request.id, answer, replay);
                 }
             }
+        }
+        presence::mirror(presence_changes);
+        if self.last_expiry.elapsed() >= PRESENCE_EXPIRY_INTERVAL {
+            self.last_expiry = Instant::now();
+            presence::expire();
         }
     }
 
@@ -206,7 +220,12 @@ impl Delivery {
             let (messages, blocked) = drain(self.database);
             self.blocked = blocked;
             let n = messages.len() as u64;
+            let mut presence_topics = BTreeSet::new();
             for m in messages {
+                if m.kind == PayloadKind::PresenceSync {
+                    presence_topics.insert((m.topic, m.private));
+                    continue;
+                }
                 let payload = Bytes::from(m.payload);
                 self.server.publish(DbBroadcast {
                     topic: m.topic,
@@ -216,9 +235,11 @@ impl Delivery {
                     payload: match m.kind {
                         PayloadKind::Json => Payload::Json(payload),
                         PayloadKind::Binary => Payload::Binary(payload),
+                        PayloadKind::PresenceSync => continue,
                     },
                 });
             }
+            presence::sync(&self.server, presence_topics);
             shmem::stats().delivered.fetch_add(n, Ordering::Relaxed);
             if n == 0 || blocked {
                 return;

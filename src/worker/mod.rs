@@ -6,6 +6,7 @@ mod authorization;
 mod delivery;
 mod logging;
 mod maintenance;
+mod presence;
 mod transaction;
 
 use crate::gucs;

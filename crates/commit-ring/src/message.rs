@@ -8,6 +8,9 @@
 pub enum PayloadKind {
     Json,
     Binary,
+    /// Not a broadcast: the SQL-tracked presence of (topic, private) changed and must be
+    /// re-read once the transaction is visible. Carries no payload.
+    PresenceSync,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +42,7 @@ impl std::error::Error for DecodeError {}
 
 const PRIVATE: u8 = 1;
 const BINARY: u8 = 2;
+const PRESENCE_SYNC: u8 = 4;
 
 impl<'a> Message<'a> {
     pub fn encode(&self) -> Vec<u8> {
@@ -49,8 +53,10 @@ impl<'a> Message<'a> {
         if self.private {
             flags |= PRIVATE;
         }
-        if self.kind == PayloadKind::Binary {
-            flags |= BINARY;
+        match self.kind {
+            PayloadKind::Json => {}
+            PayloadKind::Binary => flags |= BINARY,
+            PayloadKind::PresenceSync => flags |= PRESENCE_SYNC,
         }
         out.push(flags);
         for field in [self.topic, self.event, self.id] {
@@ -82,7 +88,9 @@ impl<'a> Message<'a> {
             event: fields[1],
             id: fields[2],
             private: flags & PRIVATE != 0,
-            kind: if flags & BINARY != 0 {
+            kind: if flags & PRESENCE_SYNC != 0 {
+                PayloadKind::PresenceSync
+            } else if flags & BINARY != 0 {
                 PayloadKind::Binary
             } else {
                 PayloadKind::Json
@@ -114,6 +122,14 @@ mod tests {
             ..m.clone()
         };
         assert_eq!(Message::decode(&b.encode()).unwrap(), b);
+        let p = Message {
+            event: "",
+            id: "",
+            kind: PayloadKind::PresenceSync,
+            payload: &[],
+            ..m.clone()
+        };
+        assert_eq!(Message::decode(&p.encode()).unwrap(), p);
     }
 
     #[test]

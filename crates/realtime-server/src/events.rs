@@ -15,6 +15,26 @@ pub enum Event {
     /// [`crate::Server::complete_authorization`] (only produced when
     /// [`crate::Config::authorize_private`] is true).
     Authorize(AuthorizationRequest),
+    /// A socket's presence changed; the worker mirrors it so SQL can read it.
+    Presence(PresenceChange),
+}
+
+/// One change of socket presence. `owner` identifies the joined channel that tracked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PresenceChange {
+    Tracked {
+        topic: String,
+        private: bool,
+        key: String,
+        owner: u64,
+        phx_ref: String,
+        meta_json: String,
+    },
+    Untracked {
+        topic: String,
+        private: bool,
+        owner: u64,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -33,7 +33,8 @@ use tokio::sync::{mpsc, watch};
 pub use config::Config;
 pub use error::ServerError;
 pub use events::{
-    Authorization, AuthorizationPurpose, AuthorizationRequest, Event, ReplayParams, Replayed,
+    Authorization, AuthorizationPurpose, AuthorizationRequest, Event, PresenceChange, ReplayParams,
+    Replayed,
 };
 pub use jwt::Claims;
 pub use protocol::Payload;
@@ -60,7 +61,7 @@ pub(crate) struct Inner {
     config: RwLock<Arc<Config>>,
     jwt: RwLock<Arc<JwtVerifier>>,
     pub(crate) registry: Registry,
-    pub(crate) events: EventQueue,
+    pub(crate) events: Arc<EventQueue>,
     pub(crate) authz: authz::Authorizer,
     pub(crate) presence: presence::Presence,
     pub(crate) active_connections: AtomicUsize,
@@ -176,13 +177,14 @@ impl Server {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let max_frame_bytes = config.max_frame_bytes;
         let jwt = JwtVerifier::new(config.jwt_secret.as_deref(), config.jwt_jwks.as_deref());
+        let events = Arc::new(EventQueue::new(wake));
         let inner = Arc::new(Inner {
             config: RwLock::new(Arc::new(config)),
             jwt: RwLock::new(Arc::new(jwt)),
             registry: Registry::default(),
-            events: EventQueue::new(wake),
+            events: events.clone(),
             authz: authz::Authorizer::default(),
-            presence: presence::Presence::default(),
+            presence: presence::Presence::mirrored(events),
             active_connections: AtomicUsize::new(0),
             shutdown: shutdown_rx,
             max_frame_bytes,
@@ -254,6 +256,35 @@ impl Server {
         replay: Vec<Replayed>,
     ) -> bool {
         self.inner.authz.complete(id, result.map(|a| (a, replay)))
+    }
+
+    /// Sets the members tracked from SQL (`realtime.track`) on one topic to exactly `members`
+    /// (key, meta as a JSON object), telling the topic's subscribers what changed.
+    pub fn sync_sql_presence(&self, topic: &str, private: bool, members: Vec<(String, String)>) {
+        let members = members
+            .into_iter()
+            .map(|(key, meta)| {
+                let meta = match serde_json::from_str::<serde_json::Value>(&meta) {
+                    Ok(serde_json::Value::Object(m)) => m,
+                    _ => serde_json::Map::new(),
+                };
+                (key, meta)
+            })
+            .collect();
+        let key = TopicKey {
+            private,
+            subtopic: topic.to_string(),
+        };
+        if let Some(diff) = self.inner.presence.sync_sql(&key, members) {
+            let out = Outgoing::new(
+                format!("realtime:{topic}"),
+                Body::Event {
+                    event: "presence_diff",
+                    payload: bytes::Bytes::from(diff.to_string()),
+                },
+            );
+            self.inner.registry.fanout(&key, &out, None, Kind::Presence);
+        }
     }
 
     /// Number of open WebSocket connections (including upgrades in progress).

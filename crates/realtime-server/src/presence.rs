@@ -2,12 +2,16 @@
 //! grouped by presence key, each meta carrying a unique `phx_ref`.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use serde_json::{Map, Value, json};
 
+use crate::events::{Event, EventQueue, PresenceChange};
 use crate::registry::TopicKey;
+
+/// The owner of entries tracked from SQL (`realtime.track`): at most one meta per key.
+const SQL_OWNER: u64 = u64::MAX;
 
 struct Entry {
     owner: u64,
@@ -21,6 +25,8 @@ pub(crate) struct Presence {
     topics: Mutex<HashMap<TopicKey, HashMap<String, Vec<Entry>>>>,
     counter: AtomicU64,
     owners: AtomicU64,
+    /// Where socket presence changes are reported, so the worker can mirror them for SQL.
+    mirror: Option<Arc<EventQueue>>,
 }
 
 fn render(e: &Entry, prev: Option<&str>) -> Value {
@@ -39,6 +45,30 @@ fn one(key: &str, meta: Value) -> Value {
 }
 
 impl Presence {
+    pub(crate) fn mirrored(events: Arc<EventQueue>) -> Self {
+        Presence {
+            mirror: Some(events),
+            ..Presence::default()
+        }
+    }
+
+    fn report(&self, change: PresenceChange) {
+        if let Some(events) = &self.mirror {
+            events.push(Event::Presence(change));
+        }
+    }
+
+    fn report_tracked(&self, topic: &TopicKey, key: &str, e: &Entry) {
+        self.report(PresenceChange::Tracked {
+            topic: topic.subtopic.clone(),
+            private: topic.private,
+            key: key.to_string(),
+            owner: e.owner,
+            phx_ref: e.phx_ref.clone(),
+            meta_json: Value::Object(e.meta.clone()).to_string(),
+        });
+    }
+
     /// Identifies one joined channel as the owner of at most one meta.
     pub(crate) fn new_owner(&self) -> u64 {
         self.owners.fetch_add(1, Ordering::Relaxed)
@@ -95,6 +125,7 @@ impl Presence {
             let prev = std::mem::replace(&mut existing.phx_ref, phx_ref);
             existing.meta = meta;
             let joined = render(existing, Some(&prev));
+            self.report_tracked(topic, key, existing);
             return Some(json!({"joins": one(key, joined), "leaves": one(key, old)}));
         }
         let entry = Entry {
@@ -103,8 +134,63 @@ impl Presence {
             meta,
         };
         let joined = render(&entry, None);
+        self.report_tracked(topic, key, &entry);
         entries.push(entry);
         Some(json!({"joins": one(key, joined), "leaves": {}}))
+    }
+
+    /// Makes the SQL-tracked members of `topic` exactly `members` (key → meta); returns the
+    /// `presence_diff` payload, or None when nothing changed.
+    pub(crate) fn sync_sql(
+        &self,
+        topic: &TopicKey,
+        members: HashMap<String, Map<String, Value>>,
+    ) -> Option<Value> {
+        let mut topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
+        let keys = topics.entry(topic.clone()).or_default();
+        let (mut joins, mut leaves) = (Map::new(), Map::new());
+        let add = |side: &mut Map<String, Value>, key: &str, meta: Value| {
+            let slot = side
+                .entry(key.to_string())
+                .or_insert_with(|| json!({"metas": []}));
+            if let Some(metas) = slot.get_mut("metas").and_then(Value::as_array_mut) {
+                metas.push(meta);
+            }
+        };
+        for (key, entries) in keys.iter_mut() {
+            let Some(pos) = entries.iter().position(|e| e.owner == SQL_OWNER) else {
+                continue;
+            };
+            match members.get(key) {
+                None => add(&mut leaves, key, render(&entries.remove(pos), None)),
+                Some(meta) if entries[pos].meta != *meta => {
+                    let e = &mut entries[pos];
+                    add(&mut leaves, key, render(e, None));
+                    let prev = std::mem::replace(&mut e.phx_ref, self.next_ref());
+                    e.meta = meta.clone();
+                    add(&mut joins, key, render(e, Some(&prev)));
+                }
+                Some(_) => {}
+            }
+        }
+        keys.retain(|_, entries| !entries.is_empty());
+        for (key, meta) in members {
+            let entries = keys.entry(key.clone()).or_default();
+            if entries.iter().any(|e| e.owner == SQL_OWNER) {
+                continue;
+            }
+            let e = Entry {
+                owner: SQL_OWNER,
+                phx_ref: self.next_ref(),
+                meta,
+            };
+            add(&mut joins, &key, render(&e, None));
+            entries.push(e);
+        }
+        if keys.is_empty() {
+            topics.remove(topic);
+        }
+        (!joins.is_empty() || !leaves.is_empty()).then(|| json!({"joins": joins, "leaves": leaves}))
     }
 
     /// Removes `owner`'s meta; returns the leave diff if there was one.
@@ -121,6 +207,13 @@ impl Presence {
         });
         if keys.is_empty() {
             topics.remove(topic);
+        }
+        if diff.is_some() {
+            self.report(PresenceChange::Untracked {
+                topic: topic.subtopic.clone(),
+                private: topic.private,
+                owner,
+            });
         }
         diff
     }
@@ -193,6 +286,53 @@ mod tests {
         p.untrack(&topic(), 2);
         assert_eq!(p.state(&topic()), json!({}));
         assert!(p.topics.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn sql_members_join_update_and_leave_beside_sockets() {
+        let p = Presence::default();
+        p.track(&topic(), 1, "bot", meta(json!({"socket": true})));
+        let members = |v: Value| -> HashMap<String, Map<String, Value>> {
+            v.as_object()
+                .unwrap()
+                .iter()
+                .map(|(k, m)| (k.clone(), m.as_object().unwrap().clone()))
+                .collect()
+        };
+        let d = p
+            .sync_sql(
+                &topic(),
+                members(json!({"bot": {"sql": 1}, "job": {"sql": 2}})),
+            )
+            .unwrap();
+        assert_eq!(d["joins"]["bot"]["metas"][0]["sql"], json!(1));
+        assert_eq!(d["joins"]["job"]["metas"][0]["sql"], json!(2));
+        assert_eq!(d["leaves"], json!({}));
+        assert_eq!(
+            p.state(&topic())["bot"]["metas"].as_array().unwrap().len(),
+            2
+        );
+        assert!(
+            p.sync_sql(
+                &topic(),
+                members(json!({"bot": {"sql": 1}, "job": {"sql": 2}}))
+            )
+            .is_none(),
+            "no change, no diff"
+        );
+        let d = p
+            .sync_sql(&topic(), members(json!({"bot": {"sql": 3}})))
+            .unwrap();
+        assert_eq!(d["joins"]["bot"]["metas"][0]["sql"], json!(3));
+        assert!(d["joins"]["bot"]["metas"][0]["phx_ref_prev"].is_string());
+        assert_eq!(d["leaves"]["bot"]["metas"][0]["sql"], json!(1));
+        assert_eq!(d["leaves"]["job"]["metas"][0]["sql"], json!(2));
+        p.sync_sql(&topic(), HashMap::new()).unwrap();
+        assert_eq!(
+            p.state(&topic())["bot"]["metas"].as_array().unwrap().len(),
+            1
+        );
+        assert!(p.state(&topic()).get("job").is_none());
     }
 
     #[test]

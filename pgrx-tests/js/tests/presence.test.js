@@ -97,3 +97,107 @@ test('without a key, each join gets its own', async () => {
   const keys = Object.keys(a.channel.presenceState())
   assert.notEqual(keys[0], keys[1])
 })
+
+// Presence shared with SQL: realtime.presence / track / untrack / occupancy.
+
+const { sql, pgClient, sleep } = require('./helpers')
+
+const sqlMembers = async (room) =>
+  (await sql('SELECT key, payload, origin, connection_id, expires_at FROM realtime.presence($1) ORDER BY key', [room])).rows
+
+test('a socket-tracked member appears in realtime.presence() and leaves with its socket', async () => {
+  const room = topic('sql-sees-sockets')
+  const a = member(room, 'alice')
+  await subscribe(a.channel)
+  await a.channel.track({ status: 'online' })
+  let rows = []
+  const deadline = Date.now() + 10000
+  while (Date.now() < deadline) {
+    rows = await sqlMembers(room)
+    if (rows.length === 1) break
+    await sleep(50)
+  }
+  assert.equal(rows.length, 1, 'the socket member is visible from SQL')
+  assert.equal(rows[0].key, 'alice')
+  assert.deepEqual(rows[0].payload, { status: 'online' })
+  assert.equal(rows[0].origin, 'socket')
+  assert.notEqual(rows[0].connection_id, null)
+  const occ = (await sql('SELECT * FROM realtime.occupancy($1)', [room])).rows[0]
+  assert.equal(Number(occ.keys), 1)
+  assert.equal(Number(occ.connections), 1)
+
+  a.channel.socket.disconnect()
+  const until = Date.now() + 10000
+  while (Date.now() < until && (await sqlMembers(room)).length > 0) await sleep(50)
+  assert.deepEqual(await sqlMembers(room), [], 'gone once the socket closed')
+})
+
+test('realtime.track from SQL reaches clients after commit; untrack removes it; rollback is never seen', async () => {
+  const room = topic('sql-track')
+  const w = member(room, 'watcher')
+  await subscribe(w.channel)
+
+  // A rolled-back track.
+  const c = await pgClient()
+  c.on('error', () => {})
+  await c.query('BEGIN')
+  await c.query("SELECT realtime.track($1, 'ghost', '{\"x\": 1}')", [room])
+  await c.query('ROLLBACK')
+  // A committed one.
+  await sql("SELECT realtime.track($1, 'job-1', '{\"kind\": \"worker\"}')", [room])
+  await waitFor(() => metas(w.channel, 'job-1').length === 1, 10000, 'the SQL member')
+  assert.equal(metas(w.channel, 'job-1')[0].kind, 'worker')
+  assert.equal(metas(w.channel, 'ghost').length, 0, 'the rolled-back track was never seen')
+  assert.ok(w.events.join.some((e) => e.key === 'job-1'), 'a join event fired')
+
+  // Tracking again updates the meta.
+  await sql("SELECT realtime.track($1, 'job-1', '{\"kind\": \"busy\"}')", [room])
+  await waitFor(() => metas(w.channel, 'job-1')[0]?.kind === 'busy', 10000, 'the updated meta')
+  assert.equal(metas(w.channel, 'job-1').length, 1)
+
+  // A late joiner gets it in presence_state.
+  const late = member(room, 'late')
+  await subscribe(late.channel)
+  await waitFor(() => metas(late.channel, 'job-1').length === 1, 10000, 'the SQL member for a late joiner')
+
+  const rows = await sqlMembers(room)
+  assert.deepEqual(rows.map((r) => [r.key, r.origin]), [['job-1', 'sql']])
+
+  const removed = (await sql("SELECT realtime.untrack($1, 'job-1') AS removed", [room])).rows[0].removed
+  assert.equal(removed, true)
+  await waitFor(() => metas(w.channel, 'job-1').length === 0, 10000, 'the SQL member to leave')
+  assert.ok(w.events.leave.some((e) => e.key === 'job-1'), 'a leave event fired')
+  await c.end()
+})
+
+test('a ttl entry expires by itself', async () => {
+  const room = topic('sql-ttl')
+  const w = member(room, 'watcher')
+  await subscribe(w.channel)
+  await sql("SELECT realtime.track($1, 'brief', '{}', false, interval '1 second')", [room])
+  await waitFor(() => metas(w.channel, 'brief').length === 1, 10000, 'the ttl member')
+  const [row] = await sqlMembers(room)
+  assert.notEqual(row.expires_at, null)
+  await waitFor(() => metas(w.channel, 'brief').length === 0, 15000, 'the ttl member to expire')
+  assert.deepEqual(await sqlMembers(room), [])
+})
+
+test('occupancy counts keys and connections across sockets and SQL', async () => {
+  const room = topic('occupancy')
+  const a = member(room, 'same')
+  const b = member(room, 'same')
+  await subscribe(a.channel)
+  await subscribe(b.channel)
+  await a.channel.track({ d: 1 })
+  await b.channel.track({ d: 2 })
+  await sql("SELECT realtime.track($1, 'sql-key', '{}')", [room])
+  let occ
+  const deadline = Date.now() + 10000
+  while (Date.now() < deadline) {
+    occ = (await sql('SELECT keys, connections FROM realtime.occupancy($1)', [room])).rows[0]
+    if (Number(occ.connections) === 2) break
+    await sleep(50)
+  }
+  assert.deepEqual([Number(occ.keys), Number(occ.connections)], [2, 2])
+  await sql("SELECT realtime.untrack($1, 'sql-key')", [room])
+})
