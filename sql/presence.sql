@@ -146,3 +146,5 @@ COMMENT ON FUNCTION realtime.occupancy(text) IS
     'How many distinct keys and how many socket connections are present on topic.';
 COMMENT ON FUNCTION realtime._expire_presence() IS
     'Internal: removes SQL presence whose ttl ran out; the worker runs it every second.';
+COMMENT ON FUNCTION realtime.queue_presence_sync() IS
+    'Internal trigger: queues a presence sync for the topic, which the worker applies after commit.';
