@@ -52,6 +52,12 @@ pub static OUTBOUND_QUEUE: GucSetting<i32> = GucSetting::<i32>::new(1024);
 /// Largest `config.broadcast.replay.limit` honoured (Supabase caps it at 25).
 pub static REPLAY_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(25);
 
+/// Presence calls (track/untrack) one channel may make per window; 0 turns the limit off.
+pub static PRESENCE_CALLS_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(5);
+
+/// The presence rate-limit window, in seconds.
+pub static PRESENCE_CALLS_WINDOW: GucSetting<i32> = GucSetting::<i32>::new(30);
+
 /// Seconds without any frame from a client before its socket is closed.
 pub static IDLE_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(60);
 
@@ -212,6 +218,26 @@ pub fn init() {
         100_000,
         GucContext::Sighup,
         none,
+    );
+    GucRegistry::define_int_guc(
+        c"realtime.presence_calls_limit",
+        c"Presence calls (track/untrack) one channel may make per window; 0 means no limit.",
+        c"A channel that exceeds it is closed with \"Client presence rate limit exceeded\", as Supabase does (5 per 30 s).",
+        &PRESENCE_CALLS_LIMIT,
+        0,
+        1_000_000,
+        GucContext::Sighup,
+        none,
+    );
+    GucRegistry::define_int_guc(
+        c"realtime.presence_calls_window",
+        c"The window of realtime.presence_calls_limit.",
+        c"",
+        &PRESENCE_CALLS_WINDOW,
+        1,
+        3600,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
     );
     GucRegistry::define_int_guc(
         c"realtime.idle_timeout",

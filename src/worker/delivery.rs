@@ -130,6 +130,8 @@ fn server_config() -> Config {
         worker_threads: gucs::WORKER_THREADS.get().max(1) as usize,
         authorize_private: true,
         max_replay_limit: gucs::REPLAY_LIMIT.get().max(1) as usize,
+        presence_calls_limit: gucs::PRESENCE_CALLS_LIMIT.get().max(0) as u32,
+        presence_calls_window: Duration::from_secs(gucs::PRESENCE_CALLS_WINDOW.get().max(1) as u64),
         ..Config::default()
     }
 }

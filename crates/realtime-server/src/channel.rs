@@ -99,6 +99,8 @@ pub(crate) struct Channel {
     pub presence_enabled: bool,
     pub presence_key: String,
     pub presence_owner: u64,
+    /// Presence calls in the current rate-limit window, and when that window began.
+    pub presence_calls: (Instant, u32),
 }
 
 impl Channel {

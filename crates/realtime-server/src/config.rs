@@ -35,6 +35,9 @@ pub struct Config {
     pub authorization_timeout: Duration,
     /// Upper bound of `config.broadcast.replay.limit` (Supabase: 25).
     pub max_replay_limit: usize,
+    /// Presence calls (track/untrack) one channel may make per window; 0 = unlimited.
+    pub presence_calls_limit: u32,
+    pub presence_calls_window: Duration,
 }
 
 impl Default for Config {
@@ -57,6 +60,8 @@ impl Default for Config {
             authorize_private: false,
             authorization_timeout: Duration::from_secs(10),
             max_replay_limit: 25,
+            presence_calls_limit: 5,
+            presence_calls_window: Duration::from_secs(30),
         }
     }
 }

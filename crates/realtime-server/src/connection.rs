@@ -100,14 +100,7 @@ fn untrack(inner: &Inner, topic: &str, ch: &Channel) {
 }
 
 fn fan_presence_diff(inner: &Inner, topic: &str, key: &TopicKey, diff: Value) {
-    let out = Outgoing::new(
-        topic.to_string(),
-        Body::Event {
-            event: "presence_diff",
-            payload: Bytes::from(diff.to_string()),
-        },
-    );
-    inner.registry.fanout(key, &out, None, Kind::Presence);
+    inner.presence_diffs.add(topic, key, &diff);
 }
 
 enum Exit {
@@ -594,6 +587,7 @@ impl Conn {
                 claims: j.claims,
                 authorization,
                 presence_enabled: j.req.presence_enabled,
+                presence_calls: (tokio::time::Instant::now(), 0),
             },
         );
     }
@@ -815,6 +809,22 @@ impl Conn {
     /// `track`/`untrack` (reference 4.1). Any channel may track; diffs go to every subscriber
     /// of the topic, the tracker included.
     fn presence(&mut self, m: Inbound) {
+        let cfg = self.inner.config();
+        let Some(ch) = self.channels.get_mut(&m.topic) else {
+            return;
+        };
+        // Supabase's per-channel limit: a fixed window of presence calls.
+        if cfg.presence_calls_limit > 0 {
+            let (start, calls) = &mut ch.presence_calls;
+            if start.elapsed() >= cfg.presence_calls_window {
+                *start = tokio::time::Instant::now();
+                *calls = 0;
+            }
+            *calls += 1;
+            if *calls > cfg.presence_calls_limit {
+                return self.shutdown_channel(&m.topic, "Client presence rate limit exceeded");
+            }
+        }
         let Some(ch) = self.channels.get(&m.topic) else {
             return;
         };

@@ -15,6 +15,7 @@ mod http;
 pub mod jwt;
 mod outbound;
 mod presence;
+mod presence_diffs;
 pub mod protocol;
 mod registry;
 mod rest;
@@ -64,6 +65,7 @@ pub(crate) struct Inner {
     pub(crate) events: Arc<EventQueue>,
     pub(crate) authz: authz::Authorizer,
     pub(crate) presence: presence::Presence,
+    pub(crate) presence_diffs: presence_diffs::PresenceDiffs,
     pub(crate) active_connections: AtomicUsize,
     pub(crate) shutdown: watch::Receiver<bool>,
     /// Fixed at start: the WebSocket limits are set per upgrade but the REST body limit is
@@ -185,6 +187,7 @@ impl Server {
             events: events.clone(),
             authz: authz::Authorizer::default(),
             presence: presence::Presence::mirrored(events),
+            presence_diffs: presence_diffs::PresenceDiffs::default(),
             active_connections: AtomicUsize::new(0),
             shutdown: shutdown_rx,
             max_frame_bytes,
@@ -209,6 +212,7 @@ impl Server {
         }
         let (publish_tx, publish_rx) = mpsc::unbounded_channel();
         runtime.spawn(dispatch_db_messages(publish_rx, inner.clone()));
+        runtime.spawn(presence_diffs::flush_loop(inner.clone()));
         Ok(Server {
             runtime: Some(runtime),
             inner,
@@ -276,14 +280,9 @@ impl Server {
             subtopic: topic.to_string(),
         };
         if let Some(diff) = self.inner.presence.sync_sql(&key, members) {
-            let out = Outgoing::new(
-                format!("realtime:{topic}"),
-                Body::Event {
-                    event: "presence_diff",
-                    payload: bytes::Bytes::from(diff.to_string()),
-                },
-            );
-            self.inner.registry.fanout(&key, &out, None, Kind::Presence);
+            self.inner
+                .presence_diffs
+                .add(&format!("realtime:{topic}"), &key, &diff);
         }
     }
 

@@ -928,10 +928,8 @@ async fn presence_track_update_and_leave() {
     stop(server).await;
 }
 
-/// Postgres signals must only ever reach the worker's main thread.
-#[test]
-fn runtime_threads_block_signals() {
-    let server = realtime_server::Server::start(test_config()).unwrap();
+/// Checks the signal mask of every runtime thread; returns how many there are.
+fn check_runtime_threads() -> usize {
     let mut checked = 0;
     for task in std::fs::read_dir("/proc/self/task").unwrap() {
         let dir = task.unwrap().path();
@@ -953,6 +951,22 @@ fn runtime_threads_block_signals() {
             );
         }
         checked += 1;
+    }
+    checked
+}
+
+/// Postgres signals must only ever reach the worker's main thread.
+#[test]
+fn runtime_threads_block_signals() {
+    let server = realtime_server::Server::start(test_config()).unwrap();
+    // The runtime starts its threads asynchronously: wait until they exist.
+    let mut checked = 0;
+    for _ in 0..200 {
+        checked = check_runtime_threads();
+        if checked >= 2 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
     }
     assert!(checked >= 2, "found {checked} runtime threads");
     // The calling thread's own mask is left as it was.

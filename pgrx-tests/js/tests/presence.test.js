@@ -201,3 +201,26 @@ test('occupancy counts keys and connections across sockets and SQL', async () =>
   assert.deepEqual([Number(occ.keys), Number(occ.connections)], [2, 2])
   await sql("SELECT realtime.untrack($1, 'sql-key')", [room])
 })
+
+test('thirty members joining at once all converge (diffs are coalesced, nothing lost)', async () => {
+  const room = topic('crowd')
+  const members = Array.from({ length: 30 }, (_, i) => member(room, `m${i}`))
+  await Promise.all(members.map((m) => subscribe(m.channel)))
+  await Promise.all(members.map((m, i) => m.channel.track({ i })))
+  await waitFor(() => members.every((m) => Object.keys(m.channel.presenceState()).length === 30), 20000, 'everyone sees everyone')
+  // Half leave at once.
+  await Promise.all(members.slice(0, 15).map((m) => m.channel.untrack()))
+  await waitFor(() => members.slice(15).every((m) => Object.keys(m.channel.presenceState()).length === 15), 20000, 'the leaves')
+})
+
+test('more presence calls than the per-channel limit close the channel', async () => {
+  const room = topic('presence-limit')
+  const m = member(room, 'chatty')
+  const system = []
+  m.channel.on('system', {}, (s) => system.push(s))
+  await subscribe(m.channel)
+  for (let i = 0; i < 5; i++) assert.equal(await m.channel.track({ i }), 'ok', `call ${i + 1} is within the limit`)
+  void m.channel.track({ i: 6 })
+  await waitFor(() => system.length > 0, 10000, 'the rate-limit system message')
+  assert.match(JSON.stringify(system), /Client presence rate limit exceeded/)
+})
