@@ -223,3 +223,34 @@ fn connect_refusals_are_http_401_with_reasons() {
         None | Some(Frame::Text(_))
     ));
 }
+
+/// Settings reach the running server on reload: `realtime.private_only` turned on with
+/// `ALTER SYSTEM` + `pg_reload_conf()` refuses public joins with Supabase's reason, and
+/// turning it off again lets them in, without restarting the worker.
+#[test]
+fn settings_reload_without_a_restart() {
+    let cluster = Cluster::start("protocol_reload", &[]);
+    let pid = cluster.worker_pid();
+    let mut s = Socket::connect(&cluster, &jwt(json!({})), "2.0.0");
+    assert_eq!(s.join("before", json!({}))["status"], "ok");
+
+    cluster.execute("ALTER SYSTEM SET realtime.private_only = on");
+    cluster.execute("SELECT pg_reload_conf()");
+    let refused = realtime_integration_tests::eventually(WAIT, || {
+        let topic = format!("during-{}", s.next_ref());
+        let reply = s.join(&topic, json!({}));
+        reply["status"] == "error"
+            && reply["response"]["reason"]
+                == "PrivateOnly: This project only allows private channels"
+    });
+    assert!(refused, "public joins are refused after the reload");
+
+    cluster.execute("ALTER SYSTEM RESET realtime.private_only");
+    cluster.execute("SELECT pg_reload_conf()");
+    let allowed = realtime_integration_tests::eventually(WAIT, || {
+        let topic = format!("after-{}", s.next_ref());
+        s.join(&topic, json!({}))["status"] == "ok"
+    });
+    assert!(allowed, "public joins work again");
+    assert_eq!(cluster.worker_pid(), pid, "the worker was not restarted");
+}
