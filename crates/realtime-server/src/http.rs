@@ -21,6 +21,10 @@ use crate::jwt::{JwtError, unix_now};
 use crate::protocol::Vsn;
 use crate::rest;
 
+/// Per-connection WebSocket buffers (see `upgrade`).
+const READ_BUFFER: usize = 4 * 1024;
+const WRITE_BUFFER: usize = 16 * 1024;
+
 pub(crate) fn router(inner: Arc<Inner>, max_body: usize) -> Router {
     Router::new()
         .route("/realtime/v1/websocket", get(websocket))
@@ -138,7 +142,7 @@ async fn websocket(
     let cfg = inner.config();
     let count = inner.active_connections.fetch_add(1, Ordering::AcqRel) + 1;
     let slot = ConnectionSlot(inner.clone());
-    if count > cfg.max_connections {
+    if count > cfg.max_connections.min(inner.socket_cap) {
         drop(slot);
         return connect_error(
             &inner,
@@ -153,8 +157,12 @@ async fn websocket(
         headers_json: x_headers_json(&headers).into(),
     };
     let frame_limit = inner.max_frame_bytes;
+    // Small buffers: most sockets are idle, and the library's 128 KiB defaults would cost
+    // that much per connection. They grow for large frames when needed.
     ws.max_message_size(frame_limit)
         .max_frame_size(frame_limit)
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
         .on_upgrade(move |socket| async move {
             let task = connection::run(socket, info, inner);
             // A bug triggered by one client must not take the server down with it.

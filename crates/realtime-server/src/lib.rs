@@ -71,6 +71,9 @@ pub(crate) struct Inner {
     /// Fixed at start: the WebSocket limits are set per upgrade but the REST body limit is
     /// part of the router.
     pub(crate) max_frame_bytes: usize,
+    /// Connections the open-file limit allows; past it, connects get the same 429 as past
+    /// `max_connections` instead of hanging in the listen backlog.
+    pub(crate) socket_cap: usize,
 }
 
 impl Inner {
@@ -122,6 +125,39 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(1024)
 }
 
+/// Every socket is a file: raise the soft open-file limit to the hard one, since servers are
+/// often started with a soft limit of 1024 (PAM sessions do that), which would cap the
+/// connections far below `max_connections`. Only this process is affected.
+/// Returns the soft limit now in force.
+fn raise_open_file_limit() -> u64 {
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return u64::MAX;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let wanted = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) == 0 {
+                return limit.rlim_max;
+            }
+            log::warn!(
+                "realtime: cannot raise the open-file limit from {}: {}",
+                limit.rlim_cur,
+                std::io::Error::last_os_error()
+            );
+        }
+        limit.rlim_cur
+    }
+}
+
+/// Files the worker needs besides client sockets: PostgreSQL's own (max_files_per_process
+/// defaults to 1000), listeners, the event fd, the runtime's.
+const RESERVED_FILES: u64 = 1100;
+
 impl Server {
     /// Binds all listeners synchronously (so bind errors are returned here), then serves on the
     /// runtime's own threads, all of which block every signal.
@@ -131,6 +167,7 @@ impl Server {
             return Err(ServerError::NoListenAddress);
         }
         let wake = wake::WakeFd::new().map_err(ServerError::WakeFd)?;
+        let open_files = raise_open_file_limit();
         let runtime = {
             // Threads inherit the creating thread's mask, so block first: no runtime thread
             // ever runs with signals unblocked, not even before on_thread_start.
@@ -191,6 +228,8 @@ impl Server {
             active_connections: AtomicUsize::new(0),
             shutdown: shutdown_rx,
             max_frame_bytes,
+            socket_cap: usize::try_from(open_files.saturating_sub(RESERVED_FILES))
+                .unwrap_or(usize::MAX),
         });
         let app = http::router(inner.clone(), max_frame_bytes);
         for listener in listeners {

@@ -1,0 +1,264 @@
+//! Options every scenario shares, connecting many sockets at once, the receive loop, and the
+//! report (a table on stdout and a JSON file).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::sync::{Semaphore, watch};
+use tokio_tungstenite::tungstenite::Message;
+
+use super::args::Args;
+use super::client::{self, HEARTBEAT, HEARTBEAT_EVERY, Incoming, Protocol, Role, Ws};
+use super::jwt;
+use super::stats::{Recorder, Window};
+
+pub struct Common {
+    pub protocol: Protocol,
+    /// libpq-style connection string of the cluster (finds the worker pid, sends SQL).
+    pub pg: Option<String>,
+    pub warmup: Duration,
+    pub duration: Duration,
+    pub drain: Duration,
+    pub source_addrs: usize,
+    pub connect_concurrency: usize,
+    /// Process to watch instead of the pg_realtime worker (a peer server).
+    pid: Option<i32>,
+}
+
+fn secs(args: &Args, key: &str, default: f64) -> Result<Duration, String> {
+    Duration::try_from_secs_f64(args.get(key, default)?).map_err(|e| format!("--{key}: {e}"))
+}
+
+impl Common {
+    pub fn from_args(args: &Args) -> Result<Common, String> {
+        let protocol = match args.string("protocol", "phoenix").as_str() {
+            "phoenix" => {
+                let secret = args
+                    .opt("jwt-secret")
+                    .or_else(|| std::env::var("REALTIME_JWT_SECRET").ok())
+                    .ok_or("--jwt-secret (or REALTIME_JWT_SECRET) is required")?;
+                Protocol::Phoenix {
+                    base: args.string("url", "ws://127.0.0.1:4000/realtime/v1/websocket"),
+                    token: jwt::anon_token(&secret),
+                }
+            }
+            "plain" => Protocol::Plain {
+                sub_url: args
+                    .opt("sub-url")
+                    .ok_or("--protocol plain needs --sub-url")?,
+                pub_url: args.opt("pub-url"),
+            },
+            other => return Err(format!("--protocol: phoenix or plain, not {other:?}")),
+        };
+        Ok(Common {
+            protocol,
+            pg: args.opt("pg"),
+            warmup: secs(args, "warmup", 2.0)?,
+            duration: secs(args, "duration", 10.0)?,
+            drain: secs(args, "drain", 2.0)?,
+            source_addrs: args.get("source-addrs", 4)?,
+            connect_concurrency: args.get("connect-concurrency", 64)?,
+            pid: args.get("pid", 0).map(|p: i32| (p > 0).then_some(p))?,
+        })
+    }
+
+    /// The process whose RSS and CPU are reported: `--pid`, else the pg_realtime worker.
+    pub fn watched_pid(&self) -> Option<i32> {
+        if self.pid.is_some() {
+            return self.pid;
+        }
+        let conn_str = self.pg.clone()?;
+        blocking(move || {
+            let mut c = postgres::Client::connect(&conn_str, postgres::NoTls).ok()?;
+            c.query_opt(
+                "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_realtime'",
+                &[],
+            )
+            .ok()
+            .flatten()
+            .map(|row| row.get(0))
+        })
+        .flatten()
+    }
+
+    /// A window that opens after the warm-up.
+    pub fn window(&self) -> Window {
+        let start_us = super::stats::now_us() + self.warmup.as_micros() as u64;
+        Window {
+            start_us,
+            end_us: start_us + self.duration.as_micros() as u64,
+        }
+    }
+}
+
+/// Runs synchronous Postgres work on a plain thread: the `postgres` crate drives its own
+/// runtime and refuses to run inside tokio's (spawn_blocking threads included).
+pub fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    std::thread::spawn(f).join().ok()
+}
+
+/// Opens one socket per `(topic, role)`, `concurrency` at a time; results keep their order.
+/// `first_index` offsets the source-address rotation (child processes each get a share).
+pub async fn connect_many(
+    protocol: &Protocol,
+    specs: &[(String, Role)],
+    first_index: usize,
+    source_addrs: usize,
+    concurrency: usize,
+) -> Vec<Result<Ws, String>> {
+    let gate = Arc::new(Semaphore::new(concurrency.max(1)));
+    let mut handles = Vec::with_capacity(specs.len());
+    for (i, (topic, role)) in specs.iter().enumerate() {
+        let (gate, protocol, topic, role) = (gate.clone(), protocol.clone(), topic.clone(), *role);
+        let source = client::source_addr(first_index + i, source_addrs);
+        handles.push(tokio::spawn(async move {
+            let _permit = gate.acquire().await.map_err(|e| e.to_string())?;
+            client::open(&protocol, &topic, role, source).await
+        }));
+    }
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await.unwrap_or_else(|e| Err(format!("task: {e}"))));
+    }
+    out
+}
+
+/// Reads a subscriber socket until `stop` turns true (or, with `want`, until that many
+/// messages of the window arrived): records stamps, sends heartbeats when speaking Phoenix.
+pub async fn receive(
+    ws: Ws,
+    window: Window,
+    stop: watch::Receiver<bool>,
+    heartbeat: bool,
+) -> Recorder {
+    receive_until(ws, window, stop, heartbeat, None).await
+}
+
+pub async fn receive_until(
+    mut ws: Ws,
+    window: Window,
+    mut stop: watch::Receiver<bool>,
+    heartbeat: bool,
+    want: Option<u64>,
+) -> Recorder {
+    let mut rec = Recorder::default();
+    let start = tokio::time::Instant::now() + HEARTBEAT_EVERY;
+    let mut beat = tokio::time::interval_at(start, HEARTBEAT_EVERY);
+    loop {
+        tokio::select! {
+            // `changed` rather than `wait_for`: the latter holds a lock guard across the await,
+            // which makes the task !Send.
+            r = stop.changed() => if r.is_err() || *stop.borrow() { break },
+            _ = beat.tick(), if heartbeat => {
+                if let Err(e) = ws.send(Message::text(HEARTBEAT)).await {
+                    rec.error(format!("heartbeat: {e}"));
+                    break;
+                }
+            }
+            msg = ws.next() => match msg {
+                Some(Ok(m)) => match client::classify(&m) {
+                    Incoming::Stamp(t) => {
+                        rec.stamp(t, &window);
+                        if want.is_some_and(|w| rec.in_window >= w) {
+                            break;
+                        }
+                    }
+                    Incoming::Other => {}
+                    Incoming::Failure(f) => {
+                        rec.error(f);
+                        if matches!(m, Message::Close(_)) {
+                            break;
+                        }
+                    }
+                },
+                Some(Err(e)) => {
+                    rec.error(format!("read: {e}"));
+                    break;
+                }
+                None => {
+                    rec.error("closed");
+                    break;
+                }
+            }
+        }
+    }
+    close(ws).await;
+    rec
+}
+
+/// A polite close, bounded: a stuck peer must not hold up the report.
+pub async fn close(mut ws: Ws) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(None)).await;
+}
+
+/// The figures of one run, in order.
+pub struct Report {
+    scenario: String,
+    rows: Vec<(String, Value)>,
+}
+
+impl Report {
+    pub fn new(scenario: &str) -> Report {
+        Report {
+            scenario: scenario.to_owned(),
+            rows: Vec::new(),
+        }
+    }
+
+    pub fn add(&mut self, key: &str, value: impl Into<Value>) {
+        self.rows.push((key.to_owned(), value.into()));
+    }
+
+    pub fn to_json(&self) -> Value {
+        let mut map = serde_json::Map::new();
+        map.insert("scenario".into(), json!(self.scenario));
+        for (k, v) in &self.rows {
+            map.insert(k.clone(), v.clone());
+        }
+        Value::Object(map)
+    }
+
+    /// Prints the table and writes the JSON file, if one was asked for.
+    pub fn emit(&self, json_path: Option<&str>) -> Result<(), String> {
+        println!("== {}", self.scenario);
+        for (k, v) in &self.rows {
+            println!("  {k:<28} {}", human(v));
+        }
+        if let Some(path) = json_path {
+            let text = serde_json::to_string_pretty(&self.to_json()).map_err(|e| e.to_string())?;
+            std::fs::write(path, text + "\n").map_err(|e| format!("{path}: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Latency objects as "p50 … p99 … max …" in milliseconds; process objects as RSS and CPU.
+fn human(v: &Value) -> String {
+    let ms = |k: &str| v.get(k).and_then(Value::as_f64).map(|us| us / 1000.0);
+    if let (Some(p50), Some(p95), Some(p99), Some(max)) =
+        (ms("p50_us"), ms("p95_us"), ms("p99_us"), ms("max_us"))
+    {
+        return format!("p50 {p50:.2} ms  p95 {p95:.2} ms  p99 {p99:.2} ms  max {max:.2} ms");
+    }
+    if let (Some(before), Some(after), Some(cpu)) = (
+        v.get("rss_before_kib").and_then(Value::as_u64),
+        v.get("rss_after_kib").and_then(Value::as_u64),
+        v.get("cpu_percent").and_then(Value::as_f64),
+    ) {
+        return format!(
+            "RSS {:.1} -> {:.1} MiB  CPU {cpu:.0}% of one core",
+            before as f64 / 1024.0,
+            after as f64 / 1024.0
+        );
+    }
+    match v {
+        Value::Number(n) => match n.as_f64() {
+            Some(f) if f.fract() != 0.0 => format!("{f:.2}"),
+            _ => n.to_string(),
+        },
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}

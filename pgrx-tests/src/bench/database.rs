@@ -1,0 +1,232 @@
+//! `database`: N Postgres connections send at a fixed total rate, one message per transaction
+//! (`SELECT realtime.send(...)` in autocommit), and WebSocket subscribers measure send→receive
+//! latency. The stamp is taken just before the statement is sent, so the latency includes the
+//! statement and its commit: what a user of `realtime.send` actually waits for.
+//!
+//! `--sql notify` runs the same load as INSERT + `pg_notify` for the LISTEN/NOTIFY bridge peer.
+
+use std::thread;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde_json::json;
+use tokio::sync::watch;
+
+use super::args::Args;
+use super::client::{self, Role};
+use super::common::{self, Common, Report};
+use super::fanout::{sleep_until_us, topic_name};
+use super::stats::{
+    self, Recorder, Window, histogram, latency_json, now_us, proc_delta_json, round2,
+};
+
+const SEND_SQL: &str = "SELECT realtime.send(jsonb_build_object('t', $1::bigint, 'p', $2::text), 'e', $3::text, false)";
+/// The do-it-yourself equivalent: keep the row (as `realtime.send` does) and NOTIFY it, in one
+/// statement. Needs `bench.plain_messages` (scripts/bench creates it).
+const NOTIFY_SQL: &str = "WITH row AS (\
+       INSERT INTO bench.plain_messages (topic, extension, payload, event, private) \
+       VALUES ($3::text, 'broadcast', jsonb_build_object('t', $1::bigint, 'p', $2::text), 'e', false) \
+       RETURNING payload) \
+     SELECT pg_notify($3::text, (SELECT payload::text FROM row))";
+
+struct Sent {
+    in_window: u64,
+    /// Client-side duration of each statement, commit included.
+    statement: Histogram<u64>,
+    errors: Recorder,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn sender(
+    conn_str: String,
+    sql: &'static str,
+    index: usize,
+    conns: usize,
+    topics: usize,
+    rate: f64,
+    window: Window,
+    pad: String,
+) -> Sent {
+    let mut out = Sent {
+        in_window: 0,
+        statement: histogram(),
+        errors: Recorder::default(),
+    };
+    let mut client = match postgres::Client::connect(&conn_str, postgres::NoTls) {
+        Ok(c) => c,
+        Err(e) => {
+            out.errors.error(format!("connect: {e}"));
+            return out;
+        }
+    };
+    let stmt = match client.prepare(sql) {
+        Ok(s) => s,
+        Err(e) => {
+            out.errors.error(format!("prepare: {e}"));
+            return out;
+        }
+    };
+    let started = Instant::now();
+    let mut sent = 0u64;
+    loop {
+        // Open loop: message k is due at k/rate; if late, send at once (the achieved rate
+        // then shows the shortfall).
+        let due = started + Duration::from_secs_f64(sent as f64 / rate);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            thread::sleep(wait);
+        }
+        let t = now_us();
+        if t >= window.end_us {
+            break;
+        }
+        // Spread each connection's messages over all topics.
+        let topic = topic_name((index + sent as usize * conns) % topics);
+        let result = client.execute(&stmt, &[&(t as i64), &pad, &topic]);
+        let took = now_us().saturating_sub(t).max(1);
+        sent += 1;
+        match result {
+            Ok(_) if window.contains(t) => {
+                out.in_window += 1;
+                out.statement.saturating_record(took);
+            }
+            Ok(_) => {}
+            Err(e) => out.errors.error(format!("send: {e}")),
+        }
+    }
+    out
+}
+
+pub async fn run(args: &Args) -> Result<Report, String> {
+    let common = Common::from_args(args)?;
+    let conns: usize = args.get("conns", 8)?;
+    let topics: usize = args.get("topics", 10)?;
+    let subs: usize = args.get("subs", 10)?;
+    let rate: f64 = args.get("rate", 1_000.0)?;
+    let size: usize = args.get("payload", 100)?;
+    let sql = match args.string("sql", "realtime").as_str() {
+        "realtime" => SEND_SQL,
+        "notify" => NOTIFY_SQL,
+        other => return Err(format!("--sql: realtime or notify, not {other:?}")),
+    };
+    args.finish()?;
+    let conn_str = common
+        .pg
+        .clone()
+        .ok_or("--pg <connection string> is required")?;
+    if conns == 0 || topics == 0 || rate <= 0.0 {
+        return Err("--conns, --topics and --rate must be positive".into());
+    }
+    let pid = common.watched_pid();
+
+    let specs: Vec<(String, Role)> = (0..topics)
+        .flat_map(|t| (0..subs).map(move |_| (topic_name(t), Role::Subscriber)))
+        .collect();
+    let sockets = common::connect_many(
+        &common.protocol,
+        &specs,
+        0,
+        common.source_addrs,
+        common.connect_concurrency,
+    )
+    .await;
+    let window = common.window();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut setup = Recorder::default();
+    let mut receivers = Vec::new();
+    for socket in sockets {
+        match socket {
+            Ok(ws) => receivers.push(tokio::spawn(common::receive(
+                ws,
+                window,
+                stop_rx.clone(),
+                common.protocol.is_phoenix(),
+            ))),
+            Err(e) => setup.error(e),
+        }
+    }
+
+    let pad = client::padding(size);
+    let senders: Vec<_> = (0..conns)
+        .map(|i| {
+            let (conn_str, pad) = (conn_str.clone(), pad.clone());
+            let per_conn = rate / conns as f64;
+            thread::spawn(move || sender(conn_str, sql, i, conns, topics, per_conn, window, pad))
+        })
+        .collect();
+
+    sleep_until_us(window.start_us).await;
+    let (worker0, me0) = (
+        pid.and_then(stats::sample),
+        stats::sample(std::process::id() as i32),
+    );
+    sleep_until_us(window.end_us).await;
+    let (worker1, me1) = (
+        pid.and_then(stats::sample),
+        stats::sample(std::process::id() as i32),
+    );
+
+    // The senders stop at the window's end; joining them blocks this runtime thread only
+    // briefly, while the receivers keep running on the other workers.
+    let joined = tokio::task::block_in_place(|| {
+        senders
+            .into_iter()
+            .map(|h| h.join().map_err(|_| "a sender thread panicked".to_owned()))
+            .collect::<Result<Vec<Sent>, String>>()
+    })?;
+    let mut statement = histogram();
+    let (mut sent_in_window, mut send_errors) = (0u64, Recorder::default());
+    for s in joined {
+        sent_in_window += s.in_window;
+        let _ = statement.add(&s.statement);
+        send_errors.merge(s.errors);
+    }
+    tokio::time::sleep(common.drain).await;
+    let _ = stop_tx.send(true);
+    let mut received = Recorder::default();
+    for r in receivers {
+        received.merge(r.await.map_err(|e| e.to_string())?);
+    }
+
+    let expected = sent_in_window * subs as u64;
+    let secs = window.secs();
+    let mut report = Report::new("database");
+    report.add(
+        "params",
+        json!({"conns": conns, "topics": topics, "subs_per_topic": subs, "rate": rate,
+               "payload_bytes": size, "sql": if sql == SEND_SQL { "realtime.send" } else { "insert + pg_notify" },
+               "duration_s": secs}),
+    );
+    report.add("sent_per_sec", round2(sent_in_window as f64 / secs));
+    report.add(
+        "deliveries_per_sec",
+        round2(received.in_window as f64 / secs),
+    );
+    report.add("expected_deliveries", expected);
+    report.add("received_deliveries", received.in_window);
+    report.add(
+        "delivered_ratio",
+        if expected > 0 {
+            round2(received.in_window as f64 / expected as f64)
+        } else {
+            0.0
+        },
+    );
+    report.add("latency", latency_json(&received.latency));
+    report.add("statement_latency", latency_json(&statement));
+    report.add(
+        "errors",
+        setup.errors + send_errors.errors + received.errors,
+    );
+    let mut samples = setup.error_samples;
+    samples.extend(send_errors.error_samples);
+    samples.extend(received.error_samples);
+    samples.truncate(5);
+    report.add("error_samples", json!(samples));
+    report.add("server_process", proc_delta_json(worker0, worker1));
+    report.add(
+        "server_cpu_us_per_delivery",
+        stats::cpu_us_per(worker0, worker1, received.in_window),
+    );
+    report.add("generator_process", proc_delta_json(me0, me1));
+    Ok(report)
+}

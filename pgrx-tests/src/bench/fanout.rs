@@ -1,0 +1,248 @@
+//! `fanout`: P publishers broadcast over WebSocket to T topics with S subscribers each, at a
+//! fixed total rate. Client-to-client traffic never touches Postgres, so this measures the
+//! network side of the worker alone.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio::sync::watch;
+use tokio::time::{Instant, MissedTickBehavior};
+
+use super::args::Args;
+use super::client::{self, Frames, HEARTBEAT, HEARTBEAT_EVERY, Incoming, Protocol, Role, Ws};
+use super::common::{self, Common, Report};
+use super::stats::{self, Recorder, Window, latency_json, now_us, proc_delta_json, round2};
+
+/// Publishers send in bursts on this tick: fine enough for smooth load, coarse enough that
+/// the timer is not the work.
+const TICK: Duration = Duration::from_millis(2);
+
+pub fn topic_name(i: usize) -> String {
+    format!("bench_{i}")
+}
+
+#[derive(Default)]
+struct Published {
+    in_window: u64,
+    errors: Recorder,
+}
+
+pub async fn run(args: &Args) -> Result<Report, String> {
+    let common = Common::from_args(args)?;
+    let pubs: usize = args.get("pubs", 4)?;
+    let topics: usize = args.get("topics", 4)?;
+    let subs: usize = args.get("subs", 25)?;
+    let rate: f64 = args.get("rate", 10_000.0)?;
+    let size: usize = args.get("payload", 100)?;
+    let frames = match args.string("frames", "text").as_str() {
+        "text" => Frames::Text,
+        "binary" => Frames::Binary,
+        other => return Err(format!("--frames: text or binary, not {other:?}")),
+    };
+    args.finish()?;
+    if pubs == 0 || topics == 0 {
+        return Err("--pubs and --topics must be at least 1".into());
+    }
+    let pid = common.watched_pid();
+
+    let mut specs: Vec<(String, Role)> = Vec::new();
+    for t in 0..topics {
+        specs.extend((0..subs).map(|_| (topic_name(t), Role::Subscriber)));
+    }
+    specs.extend((0..pubs).map(|p| (topic_name(p % topics), Role::Publisher)));
+    let setup_started = Instant::now();
+    let sockets = common::connect_many(
+        &common.protocol,
+        &specs,
+        0,
+        common.source_addrs,
+        common.connect_concurrency,
+    )
+    .await;
+    let setup_secs = setup_started.elapsed().as_secs_f64();
+
+    let window = common.window();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut setup = Recorder::default();
+    let (mut receivers, mut publishers) = (Vec::new(), Vec::new());
+    let pad = client::padding(size);
+    let per_pub = rate / pubs as f64;
+    for ((topic, role), socket) in specs.iter().zip(sockets) {
+        let ws = match socket {
+            Ok(ws) => ws,
+            Err(e) => {
+                setup.error(e);
+                continue;
+            }
+        };
+        match role {
+            Role::Subscriber => receivers.push(tokio::spawn(common::receive(
+                ws,
+                window,
+                stop_rx.clone(),
+                common.protocol.is_phoenix(),
+            ))),
+            Role::Publisher => publishers.push(tokio::spawn(publish(
+                ws,
+                common.protocol.clone(),
+                frames,
+                topic.clone(),
+                per_pub,
+                window,
+                pad.clone(),
+            ))),
+        }
+    }
+
+    // Sample the watched process exactly over the window.
+    sleep_until_us(window.start_us).await;
+    let (worker0, me0) = (
+        pid.and_then(stats::sample),
+        stats::sample(std::process::id() as i32),
+    );
+    sleep_until_us(window.end_us).await;
+    let (worker1, me1) = (
+        pid.and_then(stats::sample),
+        stats::sample(std::process::id() as i32),
+    );
+
+    let mut published = Published::default();
+    for p in publishers {
+        let r = p.await.map_err(|e| e.to_string())?;
+        published.in_window += r.in_window;
+        published.errors.merge(r.errors);
+    }
+    tokio::time::sleep(common.drain).await;
+    let _ = stop_tx.send(true);
+    let mut received = Recorder::default();
+    for r in receivers {
+        received.merge(r.await.map_err(|e| e.to_string())?);
+    }
+
+    // Every publisher's topic has `subs` subscribers, none of them the publisher itself.
+    let expected = published.in_window * subs as u64;
+    let secs = window.secs();
+    let mut report = Report::new("fanout");
+    report.add(
+        "params",
+        json!({"pubs": pubs, "topics": topics, "subs_per_topic": subs, "rate": rate,
+               "payload_bytes": size, "frames": format!("{frames:?}").to_lowercase(),
+               "protocol": if common.protocol.is_phoenix() { "phoenix" } else { "plain" },
+               "duration_s": secs}),
+    );
+    report.add("sockets", specs.len() as u64);
+    report.add("setup_seconds", round2(setup_secs));
+    report.add(
+        "published_per_sec",
+        round2(published.in_window as f64 / secs),
+    );
+    report.add(
+        "deliveries_per_sec",
+        round2(received.in_window as f64 / secs),
+    );
+    report.add("expected_deliveries", expected);
+    report.add("received_deliveries", received.in_window);
+    report.add(
+        "delivered_ratio",
+        if expected > 0 {
+            round2(received.in_window as f64 / expected as f64)
+        } else {
+            0.0
+        },
+    );
+    report.add("latency", latency_json(&received.latency));
+    let errors = setup.errors + published.errors.errors + received.errors;
+    report.add("errors", errors);
+    let mut samples = setup.error_samples;
+    samples.extend(published.errors.error_samples);
+    samples.extend(received.error_samples);
+    samples.truncate(5);
+    report.add("error_samples", json!(samples));
+    report.add("server_process", proc_delta_json(worker0, worker1));
+    report.add(
+        "server_cpu_us_per_delivery",
+        stats::cpu_us_per(worker0, worker1, received.in_window),
+    );
+    report.add("generator_process", proc_delta_json(me0, me1));
+    Ok(report)
+}
+
+pub async fn sleep_until_us(t_us: u64) {
+    let now = now_us();
+    if t_us > now {
+        tokio::time::sleep(Duration::from_micros(t_us - now)).await;
+    }
+}
+
+/// Sends `rate` messages/s on one socket until the window closes. The stamp is taken as each
+/// message is written, so a publisher that falls behind shows as a lower published rate, not
+/// as hidden latency.
+async fn publish(
+    mut ws: Ws,
+    protocol: Protocol,
+    frames: Frames,
+    topic: String,
+    rate: f64,
+    window: Window,
+    pad: String,
+) -> Published {
+    let mut out = Published::default();
+    let started = Instant::now();
+    let max_burst = ((rate * 0.05) as u64).max(1);
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    let mut beat = tokio::time::interval_at(Instant::now() + HEARTBEAT_EVERY, HEARTBEAT_EVERY);
+    let mut sent = 0u64;
+    'run: loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if now_us() >= window.end_us {
+                    break;
+                }
+                let due = (started.elapsed().as_secs_f64() * rate) as u64;
+                for _ in 0..due.saturating_sub(sent).min(max_burst) {
+                    let t = now_us();
+                    let body = client::payload(t, &pad);
+                    let msg = client::broadcast(&protocol, frames, &topic, sent, &body);
+                    if let Err(e) = ws.feed(msg).await {
+                        out.errors.error(format!("publish: {e}"));
+                        break 'run;
+                    }
+                    sent += 1;
+                    if window.contains(t) {
+                        out.in_window += 1;
+                    }
+                }
+                if let Err(e) = ws.flush().await {
+                    out.errors.error(format!("publish: {e}"));
+                    break;
+                }
+            }
+            _ = beat.tick(), if protocol.is_phoenix() => {
+                if ws.send(tokio_tungstenite::tungstenite::Message::text(HEARTBEAT)).await.is_err() {
+                    out.errors.error("heartbeat failed");
+                    break;
+                }
+            }
+            msg = ws.next() => match msg {
+                Some(Ok(m)) => {
+                    if let Incoming::Failure(f) = client::classify(&m) {
+                        out.errors.error(format!("publisher: {f}"));
+                        break;
+                    }
+                }
+                Some(Err(e)) => {
+                    out.errors.error(format!("publisher read: {e}"));
+                    break;
+                }
+                None => {
+                    out.errors.error("publisher socket closed");
+                    break;
+                }
+            }
+        }
+    }
+    common::close(ws).await;
+    out
+}

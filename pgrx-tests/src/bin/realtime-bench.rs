@@ -1,0 +1,52 @@
+//! `realtime-bench`: a load generator for pg_realtime (and, in plain mode, its peers).
+//!
+//! ```text
+//! realtime-bench fanout      --jwt-secret S [--pubs 4 --topics 4 --subs 25 --rate 10000 --payload 100]
+//! realtime-bench database    --jwt-secret S --pg CONN [--conns 8 --topics 10 --subs 10 --rate 1000]
+//! realtime-bench connections --jwt-secret S --pg CONN [--count 1000 --per-proc 5000 --topics 100]
+//! common: --url ws://127.0.0.1:4000/realtime/v1/websocket --warmup 2 --duration 10 --drain 2
+//!         --json FILE --threads 2 --source-addrs 4 --pid PID
+//!         --protocol plain --sub-url ws://host:port/{topic} [--pub-url ...]   (peers)
+//! ```
+//! Each scenario prints a table and, with `--json`, writes the same figures as JSON.
+//! `realtime-bench ratio --ours A.json --peer B.json --key deliveries_per_sec` compares two.
+
+#[path = "../bench/mod.rs"]
+mod bench;
+
+use bench::args::Args;
+
+const USAGE: &str = "usage: realtime-bench <fanout|database|connections|ratio> [--option value ...]\n\
+                     (see the top of src/bin/realtime-bench.rs and BENCHMARKS.md)";
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("realtime-bench: {e}");
+        std::process::exit(2);
+    }
+}
+
+fn run() -> Result<(), String> {
+    let mut words = std::env::args().skip(1);
+    let scenario = words.next().ok_or(USAGE)?;
+    let args = Args::parse(words)?;
+    let threads: usize = args.get("threads", 2)?;
+    // Read before the scenario checks for unknown options.
+    let json = args.opt("json");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.max(1))
+        .enable_all()
+        .build()
+        .map_err(|e| format!("tokio runtime: {e}"))?;
+    runtime.block_on(async {
+        let report = match scenario.as_str() {
+            "fanout" => bench::fanout::run(&args).await?,
+            "database" => bench::database::run(&args).await?,
+            "connections" => bench::connections::run(&args).await?,
+            "connections-child" => return bench::connections::child(&args).await,
+            "ratio" => return bench::ratio::run(&args),
+            _ => return Err(USAGE.to_owned()),
+        };
+        report.emit(json.as_deref())
+    })
+}

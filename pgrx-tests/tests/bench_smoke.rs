@@ -1,0 +1,94 @@
+//! Keeps the load generator working: every scenario runs for a second or two at tiny sizes
+//! against a fresh cluster, and must deliver messages without errors. Nothing here looks at
+//! how fast anything was (benchmarks are not tests; the figures live in BENCHMARKS.md).
+
+use std::process::Command;
+
+use realtime_integration_tests::{Cluster, JWT_SECRET};
+use serde_json::Value;
+
+const BENCH: &str = env!("CARGO_BIN_EXE_realtime-bench");
+
+fn run(cluster: &Cluster, scenario: &str, args: &[&str]) -> Value {
+    let json = cluster.path().join(format!("bench-{scenario}.json"));
+    let url = format!("ws://127.0.0.1:{}/realtime/v1/websocket", cluster.ws_port);
+    let output = Command::new(BENCH)
+        .arg(scenario)
+        .args(["--url", &url, "--pg", &cluster.connection_string()])
+        .args(["--warmup", "0.5", "--duration", "1", "--drain", "1"])
+        .args(["--json", json.to_str().expect("utf-8 path")])
+        .args(args)
+        .env("REALTIME_JWT_SECRET", JWT_SECRET)
+        .output()
+        .expect("realtime-bench runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{scenario} failed:\n{stdout}{}\n--- server log ---\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        cluster.log()
+    );
+    let text = std::fs::read_to_string(&json).expect("the JSON report was written");
+    let report: Value = serde_json::from_str(&text).expect("the JSON report parses");
+    assert_eq!(report["scenario"], scenario, "{text}");
+    assert_eq!(report["errors"], 0, "{scenario} saw errors:\n{stdout}");
+    report
+}
+
+#[test]
+fn every_scenario_delivers() {
+    let cluster = Cluster::start("bench_smoke", &[]);
+
+    let fanout = run(
+        &cluster,
+        "fanout",
+        &[
+            "--pubs", "2", "--topics", "2", "--subs", "3", "--rate", "200",
+        ],
+    );
+    assert!(fanout["received_deliveries"].as_u64() > Some(0), "{fanout}");
+    assert!(fanout["latency"]["p99_us"].is_u64(), "{fanout}");
+
+    let binary = run(
+        &cluster,
+        "fanout",
+        &[
+            "--pubs", "1", "--topics", "1", "--subs", "2", "--rate", "100", "--frames", "binary",
+        ],
+    );
+    assert!(binary["received_deliveries"].as_u64() > Some(0), "{binary}");
+
+    let database = run(
+        &cluster,
+        "database",
+        &[
+            "--conns", "2", "--topics", "2", "--subs", "2", "--rate", "50",
+        ],
+    );
+    assert!(
+        database["received_deliveries"].as_u64() > Some(0),
+        "{database}"
+    );
+    assert!(
+        database["statement_latency"]["p50_us"].is_u64(),
+        "{database}"
+    );
+
+    // Two child processes, so the parent/child protocol is exercised too.
+    let connections = run(
+        &cluster,
+        "connections",
+        &[
+            "--count",
+            "20",
+            "--per-proc",
+            "10",
+            "--topics",
+            "4",
+            "--hold",
+            "0.5",
+        ],
+    );
+    assert_eq!(connections["joined"], 20, "{connections}");
+    assert_eq!(connections["ping_received"], 20, "{connections}");
+}
