@@ -154,9 +154,10 @@ fn raise_open_file_limit() -> u64 {
     }
 }
 
-/// Files the worker needs besides client sockets: PostgreSQL's own (max_files_per_process
-/// defaults to 1000), listeners, the event fd, the runtime's.
-const RESERVED_FILES: u64 = 1100;
+/// Files the worker needs besides client sockets: listeners, the event fd, the runtime's, and
+/// PostgreSQL's own. The worker only touches a few relations, and PostgreSQL's file cache closes
+/// files and retries when it runs out, so a small reserve is enough.
+const RESERVED_FILES: u64 = 256;
 
 impl Server {
     /// Binds all listeners synchronously (so bind errors are returned here), then serves on the
