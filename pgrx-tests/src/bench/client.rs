@@ -78,6 +78,17 @@ fn server_addr(url: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("{authority}: no IPv4 address"))
 }
 
+/// What a Phoenix join asks for beyond the defaults (public, presence off, broadcast self/ack
+/// off, the connect-time token).
+#[derive(Clone, Debug, Default)]
+pub struct JoinOptions {
+    /// `Some(key)` enables presence under that key.
+    pub presence_key: Option<String>,
+    pub private: bool,
+    /// The channel's own token (a user's JWT), as realtime-js sends it; else the connect token.
+    pub access_token: Option<String>,
+}
+
 /// Opens a WebSocket for `topic` from `source`; for Phoenix also joins `realtime:<topic>`.
 pub async fn open(
     protocol: &Protocol,
@@ -85,24 +96,21 @@ pub async fn open(
     role: Role,
     source: Ipv4Addr,
 ) -> Result<Ws, String> {
-    let url = protocol.url(topic, role)?;
-    let server = server_addr(&url)?;
+    open_with(protocol, topic, role, source, &JoinOptions::default()).await
+}
+
+/// [`open`], joining with `options`.
+pub async fn open_with(
+    protocol: &Protocol,
+    topic: &str,
+    role: Role,
+    source: Ipv4Addr,
+    options: &JoinOptions,
+) -> Result<Ws, String> {
     let setup = async {
-        let socket = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
-        socket
-            .bind(SocketAddr::new(source.into(), 0))
-            .map_err(|e| format!("bind {source}: {e}"))?;
-        let stream = socket
-            .connect(server)
-            .await
-            .map_err(|e| format!("connect {server}: {e}"))?;
-        // Latency is the point: no Nagle delay on small frames.
-        stream.set_nodelay(true).ok();
-        let (mut ws, _) = tokio_tungstenite::client_async(url.as_str(), stream)
-            .await
-            .map_err(|e| format!("handshake: {e}"))?;
+        let mut ws = connect_ws(protocol, topic, role, source).await?;
         if let Protocol::Phoenix { token, .. } = protocol {
-            join(&mut ws, topic, token).await?;
+            join(&mut ws, topic, token, options).await?;
         }
         Ok(ws)
     };
@@ -111,20 +119,95 @@ pub async fn open(
         .map_err(|_| "connect/join timed out".to_owned())?
 }
 
-/// Joins a public channel with broadcast self/ack off and presence off, and waits for the ok.
-async fn join(ws: &mut Ws, topic: &str, token: &str) -> Result<(), String> {
-    let frame = serde_json::json!([
-        "1", "1", format!("realtime:{topic}"), "phx_join",
+/// Opens the WebSocket only (no join), within [`SETUP_TIMEOUT`].
+pub async fn connect(
+    protocol: &Protocol,
+    topic: &str,
+    role: Role,
+    source: Ipv4Addr,
+) -> Result<Ws, String> {
+    tokio::time::timeout(SETUP_TIMEOUT, connect_ws(protocol, topic, role, source))
+        .await
+        .map_err(|_| "connect timed out".to_owned())?
+}
+
+async fn connect_ws(
+    protocol: &Protocol,
+    topic: &str,
+    role: Role,
+    source: Ipv4Addr,
+) -> Result<Ws, String> {
+    let url = protocol.url(topic, role)?;
+    let server = server_addr(&url)?;
+    let socket = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
+    socket
+        .bind(SocketAddr::new(source.into(), 0))
+        .map_err(|e| format!("bind {source}: {e}"))?;
+    let stream = socket
+        .connect(server)
+        .await
+        .map_err(|e| format!("connect {server}: {e}"))?;
+    // Latency is the point: no Nagle delay on small frames.
+    stream.set_nodelay(true).ok();
+    let (ws, _) = tokio_tungstenite::client_async(url.as_str(), stream)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    Ok(ws)
+}
+
+/// The `phx_join` frame for `realtime:<topic>`: broadcast self/ack off, presence and privacy
+/// as `options` say.
+pub fn join_frame(
+    join_ref: &str,
+    topic: &str,
+    connect_token: &str,
+    options: &JoinOptions,
+) -> String {
+    let presence = match &options.presence_key {
+        Some(key) => serde_json::json!({"enabled": true, "key": key}),
+        None => serde_json::json!({"enabled": false}),
+    };
+    serde_json::json!([
+        join_ref, join_ref, format!("realtime:{topic}"), "phx_join",
         {
             "config": {
                 "broadcast": {"self": false, "ack": false},
-                "presence": {"enabled": false},
-                "private": false
+                "presence": presence,
+                "private": options.private
             },
-            "access_token": token
+            "access_token": options.access_token.as_deref().unwrap_or(connect_token)
         }
-    ]);
-    ws.send(Message::text(frame.to_string()))
+    ])
+    .to_string()
+}
+
+/// The reply to the frame whose ref is `reference`: `Ok(None)` if `text` is something else,
+/// `Ok(Some(()))` for an ok, `Err(reason)` for a refusal.
+pub fn reply_to(text: &str, reference: &str) -> Result<Option<()>, String> {
+    let Ok(serde_json::Value::Array(a)) = serde_json::from_str(text) else {
+        return Ok(None);
+    };
+    let is_reply = a.get(1).and_then(|v| v.as_str()) == Some(reference)
+        && a.get(3).and_then(|v| v.as_str()) == Some("phx_reply");
+    if !is_reply {
+        return Ok(None);
+    }
+    let status = a
+        .get(4)
+        .and_then(|p| p.get("status"))
+        .and_then(|s| s.as_str());
+    match status {
+        Some("ok") => Ok(Some(())),
+        _ => Err(format!(
+            "refused: {}",
+            a.get(4).cloned().unwrap_or_default()
+        )),
+    }
+}
+
+/// Joins a channel and waits for the ok.
+async fn join(ws: &mut Ws, topic: &str, token: &str, options: &JoinOptions) -> Result<(), String> {
+    ws.send(Message::text(join_frame("1", topic, token, options)))
         .await
         .map_err(|e| format!("send join: {e}"))?;
     loop {
@@ -135,25 +218,11 @@ async fn join(ws: &mut Ws, topic: &str, token: &str) -> Result<(), String> {
             Some(Err(e)) => return Err(format!("read join reply: {e}")),
             None => return Err("closed while joining".into()),
         };
-        let Ok(serde_json::Value::Array(a)) = serde_json::from_str(text.as_str()) else {
-            continue;
-        };
-        let is_reply = a.get(1).and_then(|v| v.as_str()) == Some("1")
-            && a.get(3).and_then(|v| v.as_str()) == Some("phx_reply");
-        if !is_reply {
-            continue;
+        match reply_to(text.as_str(), "1") {
+            Ok(None) => continue,
+            Ok(Some(())) => return Ok(()),
+            Err(e) => return Err(format!("join {e}")),
         }
-        let status = a
-            .get(4)
-            .and_then(|p| p.get("status"))
-            .and_then(|s| s.as_str());
-        return match status {
-            Some("ok") => Ok(()),
-            _ => Err(format!(
-                "join refused: {}",
-                a.get(4).cloned().unwrap_or_default()
-            )),
-        };
     }
 }
 

@@ -10,12 +10,14 @@ use tokio::sync::{Semaphore, watch};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::args::Args;
-use super::client::{self, HEARTBEAT, HEARTBEAT_EVERY, Incoming, Protocol, Role, Ws};
+use super::client::{self, HEARTBEAT, HEARTBEAT_EVERY, Incoming, JoinOptions, Protocol, Role, Ws};
 use super::jwt;
 use super::stats::{Recorder, Window};
 
 pub struct Common {
     pub protocol: Protocol,
+    /// The cluster's `realtime.jwt_secret` (Phoenix only), for scenarios that sign user tokens.
+    pub jwt_secret: Option<String>,
     /// libpq-style connection string of the cluster (finds the worker pid, sends SQL).
     pub pg: Option<String>,
     pub warmup: Duration,
@@ -33,15 +35,18 @@ fn secs(args: &Args, key: &str, default: f64) -> Result<Duration, String> {
 
 impl Common {
     pub fn from_args(args: &Args) -> Result<Common, String> {
+        let mut jwt_secret = None;
         let protocol = match args.string("protocol", "phoenix").as_str() {
             "phoenix" => {
                 let secret = args
                     .opt("jwt-secret")
                     .or_else(|| std::env::var("REALTIME_JWT_SECRET").ok())
                     .ok_or("--jwt-secret (or REALTIME_JWT_SECRET) is required")?;
+                let token = jwt::anon_token(&secret);
+                jwt_secret = Some(secret);
                 Protocol::Phoenix {
                     base: args.string("url", "ws://127.0.0.1:4000/realtime/v1/websocket"),
-                    token: jwt::anon_token(&secret),
+                    token,
                 }
             }
             "plain" => Protocol::Plain {
@@ -54,6 +59,7 @@ impl Common {
         };
         Ok(Common {
             protocol,
+            jwt_secret,
             pg: args.opt("pg"),
             warmup: secs(args, "warmup", 2.0)?,
             duration: secs(args, "duration", 10.0)?,
@@ -108,14 +114,29 @@ pub async fn connect_many(
     source_addrs: usize,
     concurrency: usize,
 ) -> Vec<Result<Ws, String>> {
+    let specs: Vec<_> = specs
+        .iter()
+        .map(|(topic, role)| (topic.clone(), *role, JoinOptions::default()))
+        .collect();
+    connect_many_with(protocol, specs, first_index, source_addrs, concurrency).await
+}
+
+/// [`connect_many`] with join options per socket.
+pub async fn connect_many_with(
+    protocol: &Protocol,
+    specs: Vec<(String, Role, JoinOptions)>,
+    first_index: usize,
+    source_addrs: usize,
+    concurrency: usize,
+) -> Vec<Result<Ws, String>> {
     let gate = Arc::new(Semaphore::new(concurrency.max(1)));
     let mut handles = Vec::with_capacity(specs.len());
-    for (i, (topic, role)) in specs.iter().enumerate() {
-        let (gate, protocol, topic, role) = (gate.clone(), protocol.clone(), topic.clone(), *role);
+    for (i, (topic, role, options)) in specs.into_iter().enumerate() {
+        let (gate, protocol) = (gate.clone(), protocol.clone());
         let source = client::source_addr(first_index + i, source_addrs);
         handles.push(tokio::spawn(async move {
             let _permit = gate.acquire().await.map_err(|e| e.to_string())?;
-            client::open(&protocol, &topic, role, source).await
+            client::open_with(&protocol, &topic, role, source, &options).await
         }));
     }
     let mut out = Vec::with_capacity(handles.len());

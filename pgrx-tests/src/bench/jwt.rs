@@ -7,8 +7,16 @@ use super::stats::now_us;
 
 /// An anon token valid for a day (longer than any run).
 pub fn anon_token(secret: &str) -> String {
+    token(secret, "anon", None)
+}
+
+/// A token for `role` (and user `sub`, as Supabase Auth issues them), valid for a day.
+pub fn token(secret: &str, role: &str, sub: Option<&str>) -> String {
     let now = now_us() / 1_000_000;
-    let claims = serde_json::json!({"role": "anon", "iat": now, "exp": now + 24 * 3600});
+    let mut claims = serde_json::json!({"role": role, "iat": now, "exp": now + 24 * 3600});
+    if let Some(sub) = sub {
+        claims["sub"] = sub.into();
+    }
     let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
     let signing_input = format!(
         "{}.{}",
