@@ -99,8 +99,54 @@ fn a_thousand_sends_in_one_transaction_arrive_complete_and_in_order() {
 
 #[test]
 fn transactions_are_delivered_in_commit_order_not_send_order() {
-    let cluster = Cluster::start("delivery_order", &[]);
+    commit_order(Cluster::start("delivery_order", &[]));
+}
+
+/// Without the commit lock, sequential commits still arrive in commit order, aborted ones are
+/// still skipped, and many concurrent committers lose nothing and keep each one's order.
+#[test]
+fn relaxed_commit_order_keeps_order_and_loses_nothing() {
+    let cluster = Cluster::start("delivery_relaxed", &["realtime.strict_commit_order = off"]);
+    let mut s = subscriber(&cluster, "relaxed");
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let mut c = cluster.connect();
+            std::thread::spawn(move || {
+                for i in 0..50 {
+                    c.batch_execute("BEGIN").unwrap();
+                    send(&mut c, "relaxed", json!({"w": w, "i": i}));
+                    let end = if i % 5 == 4 { "ROLLBACK" } else { "COMMIT" };
+                    c.batch_execute(end).unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().expect("writer thread");
+    }
+    let got = next_payloads(&mut s, 4 * 40);
+    for w in 0..4 {
+        let mine: Vec<i64> = got
+            .iter()
+            .filter(|p| p["w"] == w)
+            .map(|p| p["i"].as_i64().unwrap())
+            .collect();
+        let want: Vec<i64> = (0..50).filter(|i| i % 5 != 4).collect();
+        assert_eq!(
+            mine, want,
+            "writer {w}: every committed message, in its order"
+        );
+    }
+    let mut ordered = subscriber(&cluster, "order");
+    commit_order_on(&cluster, &mut ordered);
+}
+
+fn commit_order(cluster: Cluster) {
     let mut s = subscriber(&cluster, "order");
+    commit_order_on(&cluster, &mut s);
+}
+
+fn commit_order_on(cluster: &Cluster, s: &mut Socket) {
     let mut a = cluster.connect();
     let mut b = cluster.connect();
     a.batch_execute("BEGIN").unwrap();
@@ -110,7 +156,7 @@ fn transactions_are_delivered_in_commit_order_not_send_order() {
     send(&mut a, "order", json!({"tx": "a", "sent": 3}));
     b.batch_execute("COMMIT").unwrap();
     a.batch_execute("COMMIT").unwrap();
-    let got: Vec<Value> = next_payloads(&mut s, 3)
+    let got: Vec<Value> = next_payloads(s, 3)
         .iter()
         .map(|p| p["tx"].clone())
         .collect();

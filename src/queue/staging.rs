@@ -97,13 +97,17 @@ fn pre_commit() {
     if bodies.is_empty() {
         return;
     }
-    unsafe {
-        pg_sys::LockSharedObject(
-            pg_sys::DatabaseRelationId,
-            pg_sys::InvalidOid,
-            QUEUE_LOCK_SUBID,
-            pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE,
-        );
+    if gucs::STRICT_COMMIT_ORDER.get() {
+        // Held until the commit is visible: the next sender queues behind it, so ring order is
+        // commit order (PreCommit_Notify does the same).
+        unsafe {
+            pg_sys::LockSharedObject(
+                pg_sys::DatabaseRelationId,
+                pg_sys::InvalidOid,
+                QUEUE_LOCK_SUBID,
+                pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE,
+            );
+        }
     }
     let xid = unsafe { pg_sys::GetTopTransactionId() };
     let database = unsafe { pg_sys::MyDatabaseId };
