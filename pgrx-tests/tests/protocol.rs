@@ -254,3 +254,40 @@ fn settings_reload_without_a_restart() {
     assert!(allowed, "public joins work again");
     assert_eq!(cluster.worker_pid(), pid, "the worker was not restarted");
 }
+
+/// No ghost presence: a client that goes silent (a dropped TCP connection sends nothing, not
+/// even a FIN) is closed after `realtime.idle_timeout`, and the others see it leave.
+#[test]
+fn a_silent_client_leaves_presence_after_the_idle_timeout() {
+    let cluster = Cluster::start("protocol_ghost", &["realtime.idle_timeout = 2"]);
+    let presence = json!({"presence": {"enabled": true, "key": "ghost"}});
+    let mut ghost = Socket::connect(&cluster, &jwt(json!({})), "2.0.0");
+    assert_eq!(ghost.join("lobby", presence)["status"], "ok");
+    let r = ghost.next_ref();
+    ghost.push(
+        Some("1"),
+        &r,
+        "realtime:lobby",
+        "presence",
+        json!({"type": "presence", "event": "track", "payload": {"here": true}}),
+    );
+
+    let mut watcher = Socket::connect(&cluster, &jwt(json!({})), "2.0.0");
+    let config = json!({"presence": {"enabled": true, "key": "watcher"}});
+    assert_eq!(watcher.join("lobby", config)["status"], "ok");
+    // From here on the ghost sends nothing. The watcher keeps heartbeating while it waits.
+    let mut left = false;
+    for _ in 0..100 {
+        let r = watcher.next_ref();
+        watcher.push(None, &r, "phoenix", "heartbeat", json!({}));
+        if let Some(diff) = watcher.recv_event("presence_diff", Duration::from_millis(200))
+            && diff.payload["leaves"].get("ghost").is_some()
+        {
+            left = true;
+            break;
+        }
+    }
+    assert!(left, "the silent client's presence left");
+    // Only now may the ghost's socket go: dropping it earlier would close it cleanly.
+    drop(ghost);
+}
