@@ -505,3 +505,23 @@ fn the_worker_waits_quietly_in_a_database_without_the_extension() {
         .log()
         .contains("pg_realtime: worker ready")));
 }
+
+/// DROP EXTENSION under a running worker: it notices within a second, says so once, restarts
+/// to wait quietly for the extension, and serves again after CREATE EXTENSION.
+#[test]
+fn dropping_the_extension_sends_the_worker_back_to_waiting() {
+    let cluster = Cluster::start("drop_extension", &[]);
+    let ready = |c: &Cluster| c.log().matches("pg_realtime: worker ready").count();
+    assert_eq!(ready(&cluster), 1);
+    cluster.execute("DROP EXTENSION pg_realtime");
+    assert!(eventually(Duration::from_secs(30), || cluster
+        .log()
+        .contains("waiting for CREATE EXTENSION")));
+    std::thread::sleep(Duration::from_secs(3));
+    let log = cluster.log();
+    assert_eq!(log.matches("the extension was dropped").count(), 1, "{log}");
+    assert!(!log.contains("cannot expire"), "no error flood: {log}");
+    cluster.execute("CREATE EXTENSION pg_realtime");
+    assert!(eventually(Duration::from_secs(30), || ready(&cluster) == 2));
+    cluster.wait_for_server();
+}

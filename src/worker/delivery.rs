@@ -209,7 +209,10 @@ impl Delivery {
         presence::mirror(presence_changes);
         if self.last_expiry.elapsed() >= PRESENCE_EXPIRY_INTERVAL {
             self.last_expiry = Instant::now();
-            presence::expire();
+            if let Err(e) = presence::expire() {
+                super::exit_if_extension_dropped();
+                log!("pg_realtime: cannot expire SQL presence: {e}");
+            }
         }
     }
 

@@ -74,18 +74,31 @@ pub extern "C-unwind" fn pg_realtime_worker_main(_arg: pg_sys::Datum) {
 /// Waits, without flooding the log, until `CREATE EXTENSION pg_realtime` has run in the
 /// worker's database, draining the queue meanwhile so other databases' sends never block.
 /// Returns false when asked to stop.
+/// Whether `CREATE EXTENSION pg_realtime` has run in the worker's database.
+fn extension_exists() -> bool {
+    transaction::run(|| {
+        Spi::get_one::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_realtime')",
+        )
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+    })
+}
+
+/// Called when the worker's own SQL fails: if the extension was dropped, exit with code 1 so
+/// the postmaster starts a fresh worker, which waits (quietly) for CREATE EXTENSION again.
+fn exit_if_extension_dropped() {
+    if !extension_exists() {
+        log!("pg_realtime: the extension was dropped; restarting the worker to wait for it");
+        unsafe { pg_sys::proc_exit(1) };
+    }
+}
+
 fn wait_for_extension(database: &str) -> bool {
     let mut logged = false;
     loop {
-        let exists = transaction::run(|| {
-            Spi::get_one::<bool>(
-                "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_realtime')",
-            )
-            .ok()
-            .flatten()
-            .unwrap_or(false)
-        });
-        if exists {
+        if extension_exists() {
             return true;
         }
         if !logged {

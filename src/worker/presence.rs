@@ -157,11 +157,12 @@ pub fn mirror(changes: Vec<PresenceChange>) {
     }
 }
 
-/// Removes SQL presence whose ttl ran out; the trigger queues the resulting leaves.
-pub fn expire() {
+/// Removes SQL presence whose ttl ran out; the trigger queues the resulting leaves. Returns
+/// the error, if any, for the caller to judge (the extension may have been dropped).
+pub fn expire() -> Result<(), String> {
     match transaction::try_run(|| Spi::run("SELECT realtime._expire_presence()")) {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => log!("pg_realtime: cannot expire SQL presence: {e}"),
-        Err(e) => log!("pg_realtime: cannot expire SQL presence: {e}"),
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(e),
     }
 }
