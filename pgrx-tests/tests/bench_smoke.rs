@@ -91,4 +91,24 @@ fn every_scenario_delivers() {
     );
     assert_eq!(connections["joined"], 20, "{connections}");
     assert_eq!(connections["ping_received"], 20, "{connections}");
+
+    // Two child processes again; every member must end up holding all 12 keys.
+    let presence = run(
+        &cluster,
+        "presence",
+        &["--members", "12", "--per-proc", "6", "--timeout", "20"],
+    );
+    assert_eq!(presence["joined"], 12, "{presence}");
+    assert_eq!(presence["tracks_sent"], 12, "{presence}");
+    assert_eq!(presence["converged_members"], 12, "{presence}");
+    assert_eq!(presence["complete_before_close"], 12, "{presence}");
+    assert!(presence["convergence_seconds"].is_f64(), "{presence}");
+
+    let private = run(
+        &cluster,
+        "private-joins",
+        &["--joins", "30", "--concurrency", "4"],
+    );
+    assert_eq!(private["joins_ok"], 30, "{private}");
+    assert_eq!(private["uncovered_topic_refused"], true, "{private}");
 }

@@ -89,17 +89,8 @@ pub struct JoinOptions {
     pub access_token: Option<String>,
 }
 
-/// Opens a WebSocket for `topic` from `source`; for Phoenix also joins `realtime:<topic>`.
-pub async fn open(
-    protocol: &Protocol,
-    topic: &str,
-    role: Role,
-    source: Ipv4Addr,
-) -> Result<Ws, String> {
-    open_with(protocol, topic, role, source, &JoinOptions::default()).await
-}
-
-/// [`open`], joining with `options`.
+/// Opens a WebSocket for `topic` from `source`; for Phoenix also joins `realtime:<topic>`
+/// with `options`.
 pub async fn open_with(
     protocol: &Protocol,
     topic: &str,

@@ -8,5 +8,7 @@ pub mod connections;
 pub mod database;
 pub mod fanout;
 pub mod jwt;
+pub mod presence;
+pub mod private_joins;
 pub mod ratio;
 pub mod stats;

@@ -4,6 +4,8 @@
 //! realtime-bench fanout      --jwt-secret S [--pubs 4 --topics 4 --subs 25 --rate 10000 --payload 100]
 //! realtime-bench database    --jwt-secret S --pg CONN [--conns 8 --topics 10 --subs 10 --rate 1000]
 //! realtime-bench connections --jwt-secret S --pg CONN [--count 1000 --per-proc 5000 --topics 100]
+//! realtime-bench presence    --jwt-secret S [--members 100 --per-proc 5000 --timeout 60]
+//! realtime-bench private-joins --jwt-secret S --pg CONN [--joins 2000 --concurrency 200]
 //! common: --url ws://127.0.0.1:4000/realtime/v1/websocket --warmup 2 --duration 10 --drain 2
 //!         --json FILE --threads 2 --source-addrs 4 --pid PID
 //!         --protocol plain --sub-url ws://host:port/{topic} [--pub-url ...]   (peers)
@@ -16,7 +18,8 @@ mod bench;
 
 use bench::args::Args;
 
-const USAGE: &str = "usage: realtime-bench <fanout|database|connections|ratio> [--option value ...]\n\
+const USAGE: &str = "usage: realtime-bench <fanout|database|connections|presence|private-joins|ratio> \
+                     [--option value ...]\n\
                      (see the top of src/bin/realtime-bench.rs and BENCHMARKS.md)";
 
 fn main() {
@@ -44,6 +47,9 @@ fn run() -> Result<(), String> {
             "database" => bench::database::run(&args).await?,
             "connections" => bench::connections::run(&args).await?,
             "connections-child" => return bench::connections::child(&args).await,
+            "presence" => bench::presence::run(&args).await?,
+            "presence-child" => return bench::presence::child(&args).await,
+            "private-joins" => bench::private_joins::run(&args).await?,
             "ratio" => return bench::ratio::run(&args),
             _ => return Err(USAGE.to_owned()),
         };
