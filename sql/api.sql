@@ -174,8 +174,10 @@ BEGIN
             set_config('request.jwt.claim.role', _authorize.role, true),
             set_config('request.headers', headers, true);
 
+    -- inserted_at pins the probes' partition and, with id, its primary key: without it the
+    -- planner may scan the partition, which fills with the dead rows of earlier checks.
     SELECT coalesce(array_agg(m.extension), '{}') INTO visible
-      FROM realtime.messages AS m WHERE m.id = ANY (probes);
+      FROM realtime.messages AS m WHERE m.id = ANY (probes) AND m.inserted_at = now();
 
     FOREACH e IN ARRAY ARRAY(SELECT DISTINCT x FROM unnest(read_extensions || write_extensions) AS x) LOOP
         extension := e;

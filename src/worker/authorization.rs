@@ -6,7 +6,10 @@
 //! `realtime._authorize` (sql/api.sql); topics and claims are parameters, never SQL text.
 
 use super::transaction;
+use pgrx::PgOid;
+use pgrx::pg_sys;
 use pgrx::prelude::*;
+use pgrx::spi::OwnedPreparedStatement;
 use realtime_server::{
     Authorization, AuthorizationPurpose, AuthorizationRequest, Payload, ReplayParams, Replayed,
 };
@@ -16,6 +19,12 @@ const PRESENCE: &str = "presence";
 /// A policy that runs longer than this fails the check instead of stalling the worker.
 const AUTHORIZATION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
+thread_local! {
+    /// Parsed and planned once per worker: authorization is the hot path of private joins.
+    static AUTHORIZE_PLAN: std::cell::OnceCell<OwnedPreparedStatement> =
+        const { std::cell::OnceCell::new() };
+}
+
 /// One row of `realtime._authorize`: (extension, can_read, can_write).
 type Verdict = (Option<String>, Option<bool>, Option<bool>);
 
@@ -24,33 +33,51 @@ fn run_checks(
     read: &[&str],
     write: &[&str],
 ) -> Result<Vec<Verdict>, String> {
+    let error = |e: pgrx::spi::SpiError| e.to_string();
     transaction::rolled_back(AUTHORIZATION_TIMEOUT, || {
         Spi::connect(|client| {
-            let rows = client
-                .select(
-                    "SELECT extension, can_read, can_write
-                       FROM realtime._authorize($1, $2, $3, $4, $5, $6, $7)",
-                    None,
-                    &[
-                        request.subtopic.as_str().into(),
-                        request.claims.role.as_str().into(),
-                        (&*request.claims.json).into(),
-                        request.claims.sub.as_deref().into(),
-                        request.headers_json.as_str().into(),
-                        read.to_vec().into(),
-                        write.to_vec().into(),
-                    ],
-                )
-                .map_err(|e| e.to_string())?;
-            let mut out = Vec::new();
-            for row in rows {
-                out.push((
-                    row.get::<String>(1).map_err(|e| e.to_string())?,
-                    row.get::<bool>(2).map_err(|e| e.to_string())?,
-                    row.get::<bool>(3).map_err(|e| e.to_string())?,
-                ));
-            }
-            Ok(out)
+            AUTHORIZE_PLAN.with(|cell| {
+                let plan = match cell.get() {
+                    Some(plan) => plan,
+                    None => {
+                        let text = PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTOID);
+                        let texts = PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTARRAYOID);
+                        let kept = client
+                            .prepare_mut(
+                                "SELECT extension, can_read, can_write
+                                   FROM realtime._authorize($1, $2, $3, $4, $5, $6, $7)",
+                                &[text, text, text, text, text, texts, texts],
+                            )
+                            .map_err(error)?
+                            .keep();
+                        cell.get_or_init(|| kept)
+                    }
+                };
+                let rows = client
+                    .select(
+                        plan,
+                        None,
+                        &[
+                            request.subtopic.as_str().into(),
+                            request.claims.role.as_str().into(),
+                            (&*request.claims.json).into(),
+                            request.claims.sub.as_deref().into(),
+                            request.headers_json.as_str().into(),
+                            read.to_vec().into(),
+                            write.to_vec().into(),
+                        ],
+                    )
+                    .map_err(error)?;
+                let mut out = Vec::new();
+                for row in rows {
+                    out.push((
+                        row.get::<String>(1).map_err(error)?,
+                        row.get::<bool>(2).map_err(error)?,
+                        row.get::<bool>(3).map_err(error)?,
+                    ));
+                }
+                Ok(out)
+            })
         })
     })
 }
