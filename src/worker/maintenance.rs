@@ -12,15 +12,13 @@ pub fn interval() -> Duration {
 
 pub fn run() {
     let retention = gucs::RETENTION.get();
-    let outcome = transaction::try_run(move || {
+    let outcome = transaction::try_spi(move || {
         Spi::run_with_args(
             "SELECT realtime.maintain_partitions(make_interval(secs => $1))",
             &[f64::from(retention).into()],
         )
     });
-    match outcome {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => warning!("pg_realtime: partition maintenance failed: {e}"),
-        Err(e) => warning!("pg_realtime: partition maintenance failed: {e}"),
+    if let Err(e) = outcome {
+        warning!("pg_realtime: partition maintenance failed: {e}");
     }
 }

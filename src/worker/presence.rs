@@ -9,36 +9,31 @@ use std::collections::{BTreeSet, HashMap};
 
 /// Sockets do not outlive the worker, so neither does their mirror.
 pub fn forget_sockets() {
-    match transaction::try_run(|| Spi::run("TRUNCATE realtime.presence_sockets")) {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => log!("pg_realtime: cannot empty realtime.presence_sockets: {e}"),
-        Err(e) => log!("pg_realtime: cannot empty realtime.presence_sockets: {e}"),
+    if let Err(e) = transaction::try_spi(|| Spi::run("TRUNCATE realtime.presence_sockets")) {
+        log!("pg_realtime: cannot empty realtime.presence_sockets: {e}");
     }
 }
 
 /// Hands every topic's SQL-tracked presence to a freshly started server.
 pub fn load_all(server: &Server) {
-    let topics = transaction::try_run(|| {
+    let topics = transaction::try_spi(|| {
         Spi::connect(|client| {
-            let mut topics = Vec::new();
-            if let Ok(rows) = client.select(
+            let mut topics = BTreeSet::new();
+            let rows = client.select(
                 "SELECT DISTINCT topic, private FROM realtime.presence_tracked",
                 None,
                 &[],
-            ) {
-                for row in rows {
-                    if let (Ok(Some(topic)), Ok(Some(private))) =
-                        (row.get::<String>(1), row.get::<bool>(2))
-                    {
-                        topics.push((topic, private));
-                    }
+            )?;
+            for row in rows {
+                if let (Some(topic), Some(private)) = (row.get::<String>(1)?, row.get::<bool>(2)?) {
+                    topics.insert((topic, private));
                 }
             }
-            topics
+            Ok(topics)
         })
     });
     match topics {
-        Ok(topics) => sync(server, topics.into_iter().collect()),
+        Ok(topics) => sync(server, topics),
         Err(e) => log!("pg_realtime: cannot load SQL presence: {e}"),
     }
 }
@@ -49,29 +44,27 @@ pub fn sync(server: &Server, topics: BTreeSet<(String, bool)>) {
     if topics.is_empty() {
         return;
     }
-    let members = transaction::try_run(|| {
+    let members = transaction::try_spi(|| {
         Spi::connect(|client| {
             let mut out = Vec::new();
             for (topic, private) in &topics {
-                let mut members = Vec::new();
-                if let Ok(rows) = client.select(
+                let rows = client.select(
                     "SELECT key, payload::text FROM realtime.presence_tracked
                       WHERE topic = $1 AND private = $2
                         AND (expires_at IS NULL OR expires_at > now())",
                     None,
                     &[topic.as_str().into(), (*private).into()],
-                ) {
-                    for row in rows {
-                        if let (Ok(Some(key)), Ok(Some(meta))) =
-                            (row.get::<String>(1), row.get::<String>(2))
-                        {
-                            members.push((key, meta));
-                        }
+                )?;
+                let mut members = Vec::new();
+                for row in rows {
+                    if let (Some(key), Some(meta)) = (row.get::<String>(1)?, row.get::<String>(2)?)
+                    {
+                        members.push((key, meta));
                     }
                 }
                 out.push((topic.clone(), *private, members));
             }
-            out
+            Ok(out)
         })
     });
     match members {
@@ -122,7 +115,7 @@ pub fn mirror(changes: Vec<PresenceChange>) {
             PresenceChange::Untracked { owner, .. } => gone.push(owner as i64),
         }
     }
-    let result = transaction::try_run(move || -> Result<(), pgrx::spi::SpiError> {
+    let result = transaction::try_spi(move || -> Result<(), pgrx::spi::SpiError> {
         if !gone.is_empty() {
             Spi::run_with_args(
                 "DELETE FROM realtime.presence_sockets WHERE connection_id = ANY ($1)",
@@ -150,19 +143,13 @@ pub fn mirror(changes: Vec<PresenceChange>) {
         }
         Ok(())
     });
-    match result {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => log!("pg_realtime: cannot mirror socket presence: {e}"),
-        Err(e) => log!("pg_realtime: cannot mirror socket presence: {e}"),
+    if let Err(e) = result {
+        log!("pg_realtime: cannot mirror socket presence: {e}");
     }
 }
 
 /// Removes SQL presence whose ttl ran out; the trigger queues the resulting leaves. Returns
 /// the error, if any, for the caller to judge (the extension may have been dropped).
 pub fn expire() -> Result<(), String> {
-    match transaction::try_run(|| Spi::run("SELECT realtime._expire_presence()")) {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(e) => Err(e),
-    }
+    transaction::try_spi(|| Spi::run("SELECT realtime._expire_presence()"))
 }

@@ -58,6 +58,15 @@ unsafe extern "C" {
     fn disable_timeout(id: c_int, keep_indicator: bool);
 }
 
+/// [`try_run`] for a body that returns an SPI result: either kind of failure as one message.
+pub fn try_spi<R>(
+    body: impl FnOnce() -> Result<R, pgrx::spi::SpiError>
+    + std::panic::UnwindSafe
+    + std::panic::RefUnwindSafe,
+) -> Result<R, String> {
+    try_run(body)?.map_err(|e| e.to_string())
+}
+
 fn caught_message(caught: CaughtError) -> String {
     match caught {
         CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => r.message().to_string(),

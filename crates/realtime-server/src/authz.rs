@@ -36,6 +36,22 @@ pub(crate) struct Ask<'a> {
     pub replay: Option<ReplayParams>,
 }
 
+impl crate::Inner {
+    /// Asks the worker under the current settings (whether private channels are authorized at
+    /// all, and how long to wait).
+    pub(crate) async fn authorize(&self, ask: Ask<'_>) -> Answer {
+        let cfg = self.config();
+        self.authz
+            .authorize(
+                cfg.authorize_private,
+                cfg.authorization_timeout,
+                &self.events,
+                ask,
+            )
+            .await
+    }
+}
+
 impl Authorizer {
     /// Asks the worker; `Err` carries a complete join error reason.
     pub(crate) async fn authorize(

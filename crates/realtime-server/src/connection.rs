@@ -939,22 +939,15 @@ async fn ask(
     purpose: AuthorizationPurpose,
     replay: Option<ReplayParams>,
 ) -> crate::authz::Answer {
-    let cfg = inner.config();
     inner
-        .authz
-        .authorize(
-            cfg.authorize_private,
-            cfg.authorization_timeout,
-            &inner.events,
-            Ask {
-                subtopic,
-                claims,
-                headers_json,
-                presence,
-                purpose,
-                replay,
-            },
-        )
+        .authorize(Ask {
+            subtopic,
+            claims,
+            headers_json,
+            presence,
+            purpose,
+            replay,
+        })
         .await
 }
 

@@ -63,22 +63,15 @@ fn all_headers_json(headers: &HeaderMap) -> String {
 
 /// Private sends need the write permission of the token on that topic.
 async fn may_write(inner: &Inner, subtopic: &str, claims: &Claims, headers_json: &str) -> bool {
-    let cfg = inner.config();
     inner
-        .authz
-        .authorize(
-            cfg.authorize_private,
-            cfg.authorization_timeout,
-            &inner.events,
-            Ask {
-                subtopic,
-                claims,
-                headers_json,
-                presence: false,
-                purpose: AuthorizationPurpose::Broadcast,
-                replay: None,
-            },
-        )
+        .authorize(Ask {
+            subtopic,
+            claims,
+            headers_json,
+            presence: false,
+            purpose: AuthorizationPurpose::Broadcast,
+            replay: None,
+        })
         .await
         .is_ok_and(|(a, _)| a.broadcast_write)
 }
