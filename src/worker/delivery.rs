@@ -227,21 +227,21 @@ impl Delivery {
             let n = messages.len() as u64;
             let mut presence_topics = BTreeSet::new();
             for m in messages {
-                if m.kind == PayloadKind::PresenceSync {
-                    presence_topics.insert((m.topic, m.private));
-                    continue;
-                }
-                let payload = Bytes::from(m.payload);
+                let payload = match m.kind {
+                    PayloadKind::Json => Payload::Json(Bytes::from(m.payload)),
+                    PayloadKind::Binary => Payload::Binary(Bytes::from(m.payload)),
+                    // Not a broadcast: re-read that topic's SQL presence once, below.
+                    PayloadKind::PresenceSync => {
+                        presence_topics.insert((m.topic, m.private));
+                        continue;
+                    }
+                };
                 self.server.publish(DbBroadcast {
                     topic: m.topic,
                     event: m.event,
                     private: m.private,
                     id: m.id,
-                    payload: match m.kind {
-                        PayloadKind::Json => Payload::Json(payload),
-                        PayloadKind::Binary => Payload::Binary(payload),
-                        PayloadKind::PresenceSync => continue,
-                    },
+                    payload,
                 });
             }
             presence::sync(&self.server, presence_topics);
