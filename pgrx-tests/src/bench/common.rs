@@ -12,7 +12,7 @@ use tokio_tungstenite::tungstenite::Message;
 use super::args::Args;
 use super::client::{self, HEARTBEAT, HEARTBEAT_EVERY, Incoming, JoinOptions, Protocol, Role, Ws};
 use super::jwt;
-use super::stats::{Recorder, Window};
+use super::stats::{Recorder, Window, latency_json, round2};
 
 pub struct Common {
     pub protocol: Protocol,
@@ -232,6 +232,26 @@ impl Report {
         self.rows.push((key.to_owned(), value.into()));
     }
 
+    /// Deliveries per second, expected and received counts, the delivered ratio and the
+    /// latency of the messages stamped inside the measurement window.
+    pub fn add_deliveries(&mut self, received: &Recorder, expected: u64, secs: f64) {
+        let ratio = |n: u64, d: u64| {
+            if d > 0 {
+                round2(n as f64 / d as f64)
+            } else {
+                0.0
+            }
+        };
+        self.add(
+            "deliveries_per_sec",
+            round2(received.in_window as f64 / secs),
+        );
+        self.add("expected_deliveries", expected);
+        self.add("received_deliveries", received.in_window);
+        self.add("delivered_ratio", ratio(received.in_window, expected));
+        self.add("latency", latency_json(&received.latency));
+    }
+
     pub fn to_json(&self) -> Value {
         let mut map = serde_json::Map::new();
         map.insert("scenario".into(), json!(self.scenario));
@@ -282,4 +302,92 @@ fn human(v: &Value) -> String {
         Value::String(s) => s.clone(),
         other => other.to_string(),
     }
+}
+
+/// A child process of the generator holding a share of the sockets (one process may open at
+/// most 20,000 files). Parent and child talk over pipes: one line per command and per answer.
+pub struct Child {
+    pub process: tokio::process::Child,
+    pub pid: Option<i32>,
+    pub lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    pub stdin: tokio::process::ChildStdin,
+}
+
+/// Starts `subcommand` of this binary once per share of `total` sockets (at most `per_proc`
+/// each, with `--count` and `--first`), with the shared connection options and `extra`.
+pub fn spawn_children(
+    common: &Common,
+    subcommand: &str,
+    token: &str,
+    total: usize,
+    per_proc: usize,
+    threads: usize,
+    extra: &[String],
+) -> Result<Vec<Child>, String> {
+    use tokio::io::AsyncBufReadExt;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut children = Vec::new();
+    let mut first = 0;
+    while first < total {
+        let n = per_proc.max(1).min(total - first);
+        let mut process = tokio::process::Command::new(&exe)
+            .arg(subcommand)
+            .args(["--count", &n.to_string(), "--first", &first.to_string()])
+            .args(extra)
+            .args(["--source-addrs", &common.source_addrs.to_string()])
+            .args([
+                "--connect-concurrency",
+                &common.connect_concurrency.to_string(),
+            ])
+            .args(["--threads", &threads.to_string()])
+            // The token rides in the environment, not on a command line anyone can read.
+            .env("REALTIME_BENCH_TOKEN", token)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("spawn child: {e}"))?;
+        let stdout = process.stdout.take().ok_or("child stdout")?;
+        let stdin = process.stdin.take().ok_or("child stdin")?;
+        let pid = process.id().map(|p| p as i32);
+        children.push(Child {
+            process,
+            pid,
+            lines: tokio::io::BufReader::new(stdout).lines(),
+            stdin,
+        });
+        first += n;
+    }
+    Ok(children)
+}
+
+/// Sends one command line to every child.
+pub async fn tell_all(children: &mut [Child], command: &[u8]) -> Result<(), String> {
+    use tokio::io::AsyncWriteExt;
+    for child in children {
+        child
+            .stdin
+            .write_all(command)
+            .await
+            .map_err(|e| e.to_string())?;
+        child.stdin.flush().await.map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Reads every child's `joined <ok> <failed> <seconds>` line; returns the sums of ok and failed.
+pub async fn read_joined(children: &mut [Child]) -> Result<(u64, u64), String> {
+    let (mut joined, mut failed) = (0u64, 0u64);
+    for child in children {
+        let line = child.lines.next_line().await.map_err(|e| e.to_string())?;
+        let words: Vec<&str> = line.as_deref().unwrap_or("").split_whitespace().collect();
+        match words.as_slice() {
+            ["joined", ok, bad, _] => {
+                joined += ok.parse::<u64>().unwrap_or(0);
+                failed += bad.parse::<u64>().unwrap_or(0);
+            }
+            _ => return Err(format!("child said {line:?} instead of joined")),
+        }
+    }
+    Ok((joined, failed))
 }

@@ -8,11 +8,10 @@
 //! a child prints `joined <ok> <failed> <seconds>`, waits for `ping` on stdin, then prints
 //! `result <json>` once every socket got its message (or a timeout passed).
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -47,46 +46,22 @@ pub async fn run(args: &Args) -> Result<Report, String> {
 
     let before = stats::sample(pid);
     let started = Instant::now();
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let mut children = Vec::new();
-    let mut first = 0;
-    while first < count {
-        let n = per_proc.min(count - first);
-        let mut child = tokio::process::Command::new(&exe)
-            .arg("connections-child")
-            .args(["--count", &n.to_string(), "--first", &first.to_string()])
-            .args(["--topics", &topics.to_string(), "--url", base])
-            .args(["--source-addrs", &common.source_addrs.to_string()])
-            .args([
-                "--connect-concurrency",
-                &common.connect_concurrency.to_string(),
-            ])
-            .args(["--threads", &threads.to_string()])
-            // The token rides in the environment, not on a command line anyone can read.
-            .env("REALTIME_BENCH_TOKEN", token)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| format!("spawn child: {e}"))?;
-        let stdout = child.stdout.take().ok_or("child stdout")?;
-        let stdin = child.stdin.take().ok_or("child stdin")?;
-        children.push((child, BufReader::new(stdout).lines(), stdin));
-        first += n;
-    }
-
-    let (mut joined, mut failed) = (0u64, 0u64);
-    for (_, lines, _) in &mut children {
-        let line = lines.next_line().await.map_err(|e| e.to_string())?;
-        let words: Vec<&str> = line.as_deref().unwrap_or("").split_whitespace().collect();
-        match words.as_slice() {
-            ["joined", ok, bad, _] => {
-                joined += ok.parse::<u64>().unwrap_or(0);
-                failed += bad.parse::<u64>().unwrap_or(0);
-            }
-            _ => return Err(format!("child said {line:?} instead of joined")),
-        }
-    }
+    let extra = [
+        "--topics".to_string(),
+        topics.to_string(),
+        "--url".into(),
+        base.clone(),
+    ];
+    let mut children = common::spawn_children(
+        &common,
+        "connections-child",
+        token,
+        count,
+        per_proc,
+        threads,
+        &extra,
+    )?;
+    let (joined, failed) = common::read_joined(&mut children).await?;
     let join_secs = started.elapsed().as_secs_f64();
     // Let allocations settle (buffers freed after the handshakes) before reading RSS.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -94,20 +69,20 @@ pub async fn run(args: &Args) -> Result<Report, String> {
     tokio::time::sleep(hold).await;
     let held = stats::sample(pid);
 
-    for (_, _, stdin) in &mut children {
-        stdin
-            .write_all(b"ping\n")
-            .await
-            .map_err(|e| e.to_string())?;
-        stdin.flush().await.map_err(|e| e.to_string())?;
-    }
+    common::tell_all(&mut children, b"ping\n").await?;
     let topic_count = topics as i64;
     common::blocking(move || send_pings(&conn_str, topic_count))
         .ok_or("the ping thread panicked")??;
 
     let (mut received, mut errors, mut worst) = (0u64, 0u64, json!(null));
     let mut samples: Vec<Value> = Vec::new();
-    for (mut child, mut lines, stdin) in children {
+    for child in children {
+        let common::Child {
+            mut process,
+            mut lines,
+            stdin,
+            ..
+        } = child;
         drop(stdin);
         let line = lines
             .next_line()
@@ -127,7 +102,7 @@ pub async fn run(args: &Args) -> Result<Report, String> {
         if max(&result["latency"]) >= max(&worst) {
             worst = result["latency"].clone();
         }
-        let _ = child.wait().await;
+        let _ = process.wait().await;
     }
     samples.truncate(5);
 

@@ -197,21 +197,7 @@ pub async fn run(args: &Args) -> Result<Report, String> {
                "duration_s": secs}),
     );
     report.add("sent_per_sec", round2(sent_in_window as f64 / secs));
-    report.add(
-        "deliveries_per_sec",
-        round2(received.in_window as f64 / secs),
-    );
-    report.add("expected_deliveries", expected);
-    report.add("received_deliveries", received.in_window);
-    report.add(
-        "delivered_ratio",
-        if expected > 0 {
-            round2(received.in_window as f64 / expected as f64)
-        } else {
-            0.0
-        },
-    );
-    report.add("latency", latency_json(&received.latency));
+    report.add_deliveries(&received, expected, secs);
     report.add("statement_latency", latency_json(&statement));
     report.add(
         "errors",

@@ -12,7 +12,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use super::args::Args;
 use super::client::{self, Frames, HEARTBEAT, HEARTBEAT_EVERY, Incoming, Protocol, Role, Ws};
 use super::common::{self, Common, Report};
-use super::stats::{self, Recorder, Window, latency_json, now_us, proc_delta_json, round2};
+use super::stats::{self, Recorder, Window, now_us, proc_delta_json, round2};
 
 /// Publishers send in bursts on this tick: fine enough for smooth load, coarse enough that
 /// the timer is not the work.
@@ -137,21 +137,7 @@ pub async fn run(args: &Args) -> Result<Report, String> {
         "published_per_sec",
         round2(published.in_window as f64 / secs),
     );
-    report.add(
-        "deliveries_per_sec",
-        round2(received.in_window as f64 / secs),
-    );
-    report.add("expected_deliveries", expected);
-    report.add("received_deliveries", received.in_window);
-    report.add(
-        "delivered_ratio",
-        if expected > 0 {
-            round2(received.in_window as f64 / expected as f64)
-        } else {
-            0.0
-        },
-    );
-    report.add("latency", latency_json(&received.latency));
+    report.add_deliveries(&received, expected, secs);
     let errors = setup.errors + published.errors.errors + received.errors;
     report.add("errors", errors);
     let mut samples = setup.error_samples;

@@ -18,7 +18,6 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -55,48 +54,26 @@ pub async fn run(args: &Args) -> Result<Report, String> {
     let pid = common.watched_pid();
 
     let started = Instant::now();
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let mut children = Vec::new();
-    let mut first = 0;
-    while first < members {
-        let n = per_proc.min(members - first);
-        let mut child = tokio::process::Command::new(&exe)
-            .arg("presence-child")
-            .args(["--count", &n.to_string(), "--first", &first.to_string()])
-            .args(["--members", &members.to_string(), "--topic", &topic])
-            .args(["--url", base, "--timeout", &timeout.to_string()])
-            .args(["--source-addrs", &common.source_addrs.to_string()])
-            .args([
-                "--connect-concurrency",
-                &common.connect_concurrency.to_string(),
-            ])
-            .args(["--threads", &threads.to_string()])
-            // The token rides in the environment, not on a command line anyone can read.
-            .env("REALTIME_BENCH_TOKEN", token)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| format!("spawn child: {e}"))?;
-        let stdout = child.stdout.take().ok_or("child stdout")?;
-        let stdin = child.stdin.take().ok_or("child stdin")?;
-        let child_pid = child.id().map(|p| p as i32);
-        children.push((child, child_pid, BufReader::new(stdout).lines(), stdin));
-        first += n;
-    }
-
-    let (mut joined, mut failed) = (0u64, 0u64);
-    for (_, _, lines, _) in &mut children {
-        let line = lines.next_line().await.map_err(|e| e.to_string())?;
-        let words: Vec<&str> = line.as_deref().unwrap_or("").split_whitespace().collect();
-        match words.as_slice() {
-            ["joined", ok, bad, _] => {
-                joined += ok.parse::<u64>().unwrap_or(0);
-                failed += bad.parse::<u64>().unwrap_or(0);
-            }
-            _ => return Err(format!("child said {line:?} instead of joined")),
-        }
-    }
+    let extra = [
+        "--members".to_string(),
+        members.to_string(),
+        "--topic".into(),
+        topic.clone(),
+        "--url".into(),
+        base.clone(),
+        "--timeout".into(),
+        timeout.to_string(),
+    ];
+    let mut children = common::spawn_children(
+        &common,
+        "presence-child",
+        token,
+        members,
+        per_proc,
+        threads,
+        &extra,
+    )?;
+    let (joined, failed) = common::read_joined(&mut children).await?;
     let join_secs = started.elapsed().as_secs_f64();
 
     // A room with a member missing can never converge: skip straight to the results.
@@ -105,15 +82,12 @@ pub async fn run(args: &Args) -> Result<Report, String> {
     } else {
         b"stop\n"
     };
-    let generator = |children: &[(_, Option<i32>, _, _)]| sum_samples(children.iter().map(|c| c.1));
+    let generator = |children: &[common::Child]| sum_samples(children.iter().map(|c| c.pid));
     let (worker0, gen0) = (pid.and_then(stats::sample), generator(&children));
-    for (_, _, _, stdin) in &mut children {
-        stdin.write_all(command).await.map_err(|e| e.to_string())?;
-        stdin.flush().await.map_err(|e| e.to_string())?;
-    }
+    common::tell_all(&mut children, command).await?;
     let mut converged = 0u64;
-    for (_, _, lines, _) in &mut children {
-        let line = lines.next_line().await.map_err(|e| e.to_string())?;
+    for child in &mut children {
+        let line = child.lines.next_line().await.map_err(|e| e.to_string())?;
         let words: Vec<&str> = line.as_deref().unwrap_or("").split_whitespace().collect();
         match words.as_slice() {
             ["converged", n] => converged += n.parse::<u64>().unwrap_or(0),
@@ -123,15 +97,9 @@ pub async fn run(args: &Args) -> Result<Report, String> {
     let (worker1, gen1) = (pid.and_then(stats::sample), generator(&children));
     // Every member notes whether its state is still complete before any socket closes: a
     // closing member's leave would otherwise reach the others.
-    for (_, _, _, stdin) in &mut children {
-        stdin
-            .write_all(b"check\n")
-            .await
-            .map_err(|e| e.to_string())?;
-        stdin.flush().await.map_err(|e| e.to_string())?;
-    }
-    for (_, _, lines, _) in &mut children {
-        let line = lines.next_line().await.map_err(|e| e.to_string())?;
+    common::tell_all(&mut children, b"check\n").await?;
+    for child in &mut children {
+        let line = child.lines.next_line().await.map_err(|e| e.to_string())?;
         if !line.as_deref().unwrap_or("").starts_with("checked ") {
             return Err(format!("child said {line:?} instead of checked"));
         }
@@ -142,7 +110,13 @@ pub async fn run(args: &Args) -> Result<Report, String> {
     let (mut tracks, mut complete_before_close, mut errors) = (0u64, 0u64, 0u64);
     let (mut frames, mut bytes, mut frames_min, mut frames_max) = (0u64, 0u64, u64::MAX, 0u64);
     let mut samples: Vec<Value> = Vec::new();
-    for (mut child, _, mut lines, mut stdin) in children {
+    for child in children {
+        let common::Child {
+            mut process,
+            mut lines,
+            mut stdin,
+            ..
+        } = child;
         stdin
             .write_all(b"stop\n")
             .await
@@ -176,7 +150,7 @@ pub async fn run(args: &Args) -> Result<Report, String> {
         if let Some(s) = result["error_samples"].as_array() {
             samples.extend(s.iter().cloned());
         }
-        let _ = child.wait().await;
+        let _ = process.wait().await;
     }
     samples.truncate(5);
 
