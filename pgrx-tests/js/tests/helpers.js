@@ -47,10 +47,13 @@ function subscribe(channel) {
   })
 }
 
-/** Resolves when predicate() holds; rejects after `ms`. Waits for events, never times them. */
+/**
+ * Resolves when predicate() holds (it may be async, e.g. a query); rejects after `ms`.
+ * Waits for events, never times them.
+ */
 async function waitFor(predicate, ms = 10000, what = 'condition') {
   const deadline = Date.now() + ms
-  while (!predicate()) {
+  while (!(await predicate())) {
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`)
     await new Promise((r) => setTimeout(r, 20))
   }

@@ -100,7 +100,7 @@ test('without a key, each join gets its own', async () => {
 
 // Presence shared with SQL: realtime.presence / track / untrack / occupancy.
 
-const { sql, pgClient, sleep } = require('./helpers')
+const { sql, pgClient } = require('./helpers')
 
 const sqlMembers = async (room) =>
   (await sql('SELECT key, payload, origin, connection_id, expires_at FROM realtime.presence($1) ORDER BY key', [room])).rows
@@ -111,12 +111,7 @@ test('a socket-tracked member appears in realtime.presence() and leaves with its
   await subscribe(a.channel)
   await a.channel.track({ status: 'online' })
   let rows = []
-  const deadline = Date.now() + 10000
-  while (Date.now() < deadline) {
-    rows = await sqlMembers(room)
-    if (rows.length === 1) break
-    await sleep(50)
-  }
+  await waitFor(async () => (rows = await sqlMembers(room)).length === 1, 10000, 'the member in SQL')
   assert.equal(rows.length, 1, 'the socket member is visible from SQL')
   assert.equal(rows[0].key, 'alice')
   assert.deepEqual(rows[0].payload, { status: 'online' })
@@ -127,8 +122,7 @@ test('a socket-tracked member appears in realtime.presence() and leaves with its
   assert.equal(Number(occ.connections), 1)
 
   a.channel.socket.disconnect()
-  const until = Date.now() + 10000
-  while (Date.now() < until && (await sqlMembers(room)).length > 0) await sleep(50)
+  await waitFor(async () => (await sqlMembers(room)).length === 0, 10000, 'the member to leave SQL')
   assert.deepEqual(await sqlMembers(room), [], 'gone once the socket closed')
 })
 
@@ -192,12 +186,8 @@ test('occupancy counts keys and connections across sockets and SQL', async () =>
   await b.channel.track({ d: 2 })
   await sql("SELECT realtime.track($1, 'sql-key', '{}')", [room])
   let occ
-  const deadline = Date.now() + 10000
-  while (Date.now() < deadline) {
-    occ = (await sql('SELECT keys, connections FROM realtime.occupancy($1)', [room])).rows[0]
-    if (Number(occ.connections) === 2) break
-    await sleep(50)
-  }
+  const occupancy = async () => (occ = (await sql('SELECT keys, connections FROM realtime.occupancy($1)', [room])).rows[0])
+  await waitFor(async () => Number((await occupancy()).connections) === 2, 10000, 'two connections')
   assert.deepEqual([Number(occ.keys), Number(occ.connections)], [2, 2])
   await sql("SELECT realtime.untrack($1, 'sql-key')", [room])
 })
