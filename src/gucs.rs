@@ -70,13 +70,6 @@ pub static JOIN_ERROR_DELAY: GucSetting<i32> = GucSetting::<i32>::new(5000);
 /// Refuse public channels.
 pub static PRIVATE_ONLY: GucSetting<bool> = GucSetting::<bool>::new(false);
 
-/// Serialize committing transactions that sent messages with a lock held until their commit is
-/// visible (as NOTIFY does), so delivery order is exactly commit order. Off: no lock; delivery
-/// follows the order in which transactions reached pre-commit, which differs from commit order
-/// only for transactions committing at the same moment, and which a transaction that saw
-/// another's data always follows.
-pub static STRICT_COMMIT_ORDER: GucSetting<bool> = GucSetting::<bool>::new(true);
-
 /// Threads of the network runtime.
 pub static WORKER_THREADS: GucSetting<i32> = GucSetting::<i32>::new(2);
 
@@ -281,16 +274,6 @@ pub fn init() {
         c"Refuse joins of public channels.",
         c"",
         &PRIVATE_ONLY,
-        GucContext::Sighup,
-        none,
-    );
-    GucRegistry::define_bool_guc(
-        c"realtime.strict_commit_order",
-        c"Deliver database messages in exact commit order by serializing commits that send.",
-        c"Off lets such commits share WAL flushes (group commit): much faster under concurrency; \
-          messages of transactions that commit at the same moment may then be delivered in \
-          pre-commit order instead of commit order.",
-        &STRICT_COMMIT_ORDER,
         GucContext::Sighup,
         none,
     );

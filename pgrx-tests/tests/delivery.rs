@@ -102,19 +102,19 @@ fn transactions_are_delivered_in_commit_order_not_send_order() {
     commit_order(Cluster::start("delivery_order", &[]));
 }
 
-/// Without the commit lock, sequential commits still arrive in commit order, aborted ones are
-/// still skipped, and many concurrent committers lose nothing and keep each one's order.
+/// Concurrent committers are not serialized, yet lose nothing, aborted transactions are
+/// skipped, and each writer's messages keep their order.
 #[test]
-fn relaxed_commit_order_keeps_order_and_loses_nothing() {
-    let cluster = Cluster::start("delivery_relaxed", &["realtime.strict_commit_order = off"]);
-    let mut s = subscriber(&cluster, "relaxed");
+fn concurrent_committers_lose_nothing_and_keep_their_order() {
+    let cluster = Cluster::start("delivery_concurrent", &[]);
+    let mut s = subscriber(&cluster, "concurrent");
     let writers: Vec<_> = (0..4)
         .map(|w| {
             let mut c = cluster.connect();
             std::thread::spawn(move || {
                 for i in 0..50 {
                     c.batch_execute("BEGIN").unwrap();
-                    send(&mut c, "relaxed", json!({"w": w, "i": i}));
+                    send(&mut c, "concurrent", json!({"w": w, "i": i}));
                     let end = if i % 5 == 4 { "ROLLBACK" } else { "COMMIT" };
                     c.batch_execute(end).unwrap();
                 }
@@ -137,8 +137,87 @@ fn relaxed_commit_order_keeps_order_and_loses_nothing() {
             "writer {w}: every committed message, in its order"
         );
     }
-    let mut ordered = subscriber(&cluster, "order");
-    commit_order_on(&cluster, &mut ordered);
+}
+
+/// A transaction that queued its messages first but commits last is delivered last, and
+/// does not hold up the other's commit. Transaction `a` is stopped between its pre-commit
+/// (where its messages enter the queue) and its commit record, behind NOTIFY's commit lock,
+/// which a third session holds while it waits for a synchronous standby that does not exist.
+#[test]
+fn a_transaction_that_queued_first_but_committed_last_is_delivered_last() {
+    let cluster = Cluster::start("delivery_overtake", &[]);
+    let mut s = subscriber(&cluster, "overtake");
+    cluster.execute("CREATE TABLE holder_writes (i int)");
+    cluster.execute("ALTER SYSTEM SET synchronous_standby_names = 'nobody'");
+    cluster.execute("SELECT pg_reload_conf()");
+    let mut holder = cluster.connect();
+    let holder_pid: i32 = holder
+        .query_one("SELECT pg_backend_pid()", &[])
+        .unwrap()
+        .get(0);
+    std::thread::sleep(Duration::from_millis(200)); // the reload reaches every backend
+    let holding = std::thread::spawn(move || {
+        // Takes NOTIFY's lock at pre-commit, then waits for the standby while holding it.
+        holder.batch_execute("BEGIN").unwrap();
+        // A write, so that its commit record waits for the standby.
+        holder
+            .batch_execute("INSERT INTO holder_writes VALUES (1); NOTIFY holder")
+            .unwrap();
+        holder
+            .batch_execute("COMMIT")
+            .expect("holder commits once its wait is cancelled");
+    });
+    let mut watcher = cluster.connect();
+    let waits_for = |watcher: &mut postgres::Client, pid: i32, event: &str| {
+        realtime_integration_tests::eventually(WAIT, || {
+            watcher
+                .query_one(
+                    "SELECT coalesce(wait_event, '') = $2 FROM pg_stat_activity WHERE pid = $1",
+                    &[&pid, &event],
+                )
+                .map(|row| row.get::<_, bool>(0))
+                .unwrap_or(false)
+        })
+    };
+    assert!(
+        waits_for(&mut watcher, holder_pid, "SyncRep"),
+        "holder waits for the standby"
+    );
+
+    let mut a = cluster.connect();
+    let a_pid: i32 = a.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+    let a_commits = std::thread::spawn(move || {
+        a.batch_execute("SET synchronous_commit = local").unwrap();
+        a.batch_execute("BEGIN").unwrap();
+        send(&mut a, "overtake", json!({"tx": "a"}));
+        a.batch_execute("NOTIFY a").unwrap();
+        a.batch_execute("COMMIT").expect("a commits");
+    });
+    assert!(
+        waits_for(&mut watcher, a_pid, "object"),
+        "a waits for NOTIFY's lock"
+    );
+
+    let mut b = cluster.connect();
+    b.batch_execute("SET synchronous_commit = local").unwrap();
+    b.batch_execute("BEGIN").unwrap();
+    send(&mut b, "overtake", json!({"tx": "b"}));
+    b.batch_execute("COMMIT")
+        .expect("b commits while a is stuck");
+
+    watcher
+        .execute("SELECT pg_cancel_backend($1)", &[&holder_pid])
+        .unwrap();
+    holding.join().expect("holder thread");
+    a_commits.join().expect("a thread");
+    cluster.execute("ALTER SYSTEM RESET synchronous_standby_names");
+    cluster.execute("SELECT pg_reload_conf()");
+
+    let got: Vec<Value> = next_payloads(&mut s, 2)
+        .iter()
+        .map(|p| p["tx"].clone())
+        .collect();
+    assert_eq!(got, vec![json!("b"), json!("a")]);
 }
 
 fn commit_order(cluster: Cluster) {

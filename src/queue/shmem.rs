@@ -5,7 +5,7 @@
 //! rather than pgrx's fixed-size `PgLwLock<T>`.
 
 use crate::gucs;
-use commit_ring::{Full, RingHeader};
+use commit_ring::{Full, Ready, RingHeader};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::ptr::null_mut;
@@ -113,18 +113,63 @@ fn with_ring<R>(f: impl FnOnce(&mut RingHeader, &mut [u8]) -> R) -> R {
     }
 }
 
-/// Appends one transaction's messages, all or none.
-pub fn push(xid: u32, database: u32, bodies: &[&[u8]]) -> Result<(), Full> {
-    with_ring(|ring, buf| ring.push_batch(buf, xid, database, bodies))?;
+/// A transaction's record in the ring, waiting for [`Reservation::finish`].
+#[derive(Debug, Clone, Copy)]
+pub struct Reservation {
+    position: usize,
+}
+
+impl Reservation {
+    /// Records how the transaction ended: `Some(commit LSN)` or `None` for an abort. Takes no
+    /// lock and cannot fail, so it is safe in commit and abort callbacks.
+    pub fn finish(self, commit_lsn: Option<u64>) {
+        let outcome =
+            commit_lsn.map_or(commit_ring::ring::ABORTED, commit_ring::ring::committed_at);
+        commit_ring::ring::finish(buffer(), self.position, outcome);
+    }
+}
+
+/// Settles a record whose backend ended without finishing it (see the worker's stall check);
+/// does nothing if the backend finished it meanwhile.
+pub fn settle(pending: &commit_ring::Pending, commit_lsn: Option<u64>) {
+    let outcome = commit_lsn.map_or(commit_ring::ring::ABORTED, commit_ring::ring::committed_at);
+    let _ = commit_ring::ring::state_cell(buffer(), pending.position).compare_exchange(
+        commit_ring::ring::PENDING,
+        outcome,
+        Ordering::AcqRel,
+        Ordering::Relaxed,
+    );
+}
+
+/// Appends one transaction's messages as one pending record, all or none. The floor is read
+/// under the ring's lock so that floors grow in ring order.
+pub fn reserve(xid: u32, database: u32, bodies: &[&[u8]]) -> Result<Reservation, Full> {
+    let position = with_ring(|ring, buf| {
+        let floor = unsafe { pg_sys::GetXLogInsertRecPtr() };
+        ring.reserve(buf, xid, database, floor, bodies)
+    })?;
     stats()
         .queued
         .fetch_add(bodies.len() as u64, Ordering::Relaxed);
-    Ok(())
+    Ok(Reservation { position })
 }
 
-/// Lets the worker read and free entries; `f` must peek and advance within this one call.
-pub fn consume<R>(f: impl FnOnce(&mut RingHeader, &[u8]) -> R) -> R {
-    with_ring(|ring, buf| f(ring, buf))
+/// Lets the worker take the records that are ready, in commit order; `f` must copy what it
+/// needs before returning, since the space is free for producers once the lock is released.
+pub fn take_ready<R>(max: usize, f: impl FnOnce(Ready<'_>, &[u8]) -> R) -> R {
+    with_ring(|ring, buf| {
+        let ready = ring.take_ready(buf, max);
+        f(ready, buf)
+    })
+}
+
+/// The ring's buffer, for the lock-free state words only.
+fn buffer() -> &'static [u8] {
+    unsafe {
+        let shared = SHARED;
+        let data = (shared as *const u8).add(data_offset());
+        std::slice::from_raw_parts(data, (*shared).capacity as usize)
+    }
 }
 
 /// Bytes in use and capacity of the ring.

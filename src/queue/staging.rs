@@ -2,9 +2,11 @@
 //!
 //! A row trigger on `realtime.messages` stages every broadcast row of the transaction here,
 //! tagged with the savepoint nesting level it was written at, so that rolling back to a
-//! savepoint drops exactly its part. At pre-commit the staged messages go into the shared ring
-//! under a transaction-scoped lock, which is what makes ring order equal commit order (the
-//! lock is released only after the commit is visible). Nothing that can fail runs after that.
+//! savepoint drops exactly its part. At pre-commit the staged messages are reserved as one
+//! record of the shared ring (the last moment they can still fail the transaction); the commit
+//! callback stamps the record with the commit LSN, the abort callback marks it aborted, and the
+//! worker delivers records in commit-LSN order (`commit_ring::ring` explains why that needs no
+//! lock between committers). Nothing that can fail runs after pre-commit.
 
 use super::shmem;
 use crate::error::{MAX_EVENT_BYTES, MAX_TOPIC_BYTES, RealtimeError};
@@ -14,9 +16,6 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::cell::RefCell;
 
-/// `objsubid` of the lock that serializes queue appends (NOTIFY uses 0 on the same tag).
-const QUEUE_LOCK_SUBID: u16 = 0x7274;
-
 struct Staged {
     nest_level: i32,
     body: Vec<u8>,
@@ -25,8 +24,8 @@ struct Staged {
 #[derive(Default)]
 struct Transaction {
     staged: Vec<Staged>,
-    /// Entries of this transaction are in the ring: wake the worker when it ends either way.
-    queued: bool,
+    /// This transaction's record in the ring, to finish (and wake the worker) when it ends.
+    reserved: Option<shmem::Reservation>,
 }
 
 thread_local! {
@@ -52,16 +51,11 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
         XACT_EVENT_PRE_PREPARE if CURRENT.with_borrow(|t| !t.staged.is_empty()) => {
             RealtimeError::PrepareAfterSend.raise();
         }
-        XACT_EVENT_COMMIT
-        | XACT_EVENT_PARALLEL_COMMIT
-        | XACT_EVENT_ABORT
-        | XACT_EVENT_PARALLEL_ABORT
-        | XACT_EVENT_PREPARE => {
-            let queued = CURRENT.with_borrow_mut(std::mem::take).queued;
-            if queued {
-                shmem::wake_worker();
-            }
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
+            // The end of this transaction's commit record, set by RecordTransactionCommit.
+            finish(Some(unsafe { pg_sys::XactLastCommitEnd }));
         }
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => finish(None),
         _ => {}
     }
 }
@@ -91,29 +85,27 @@ unsafe extern "C-unwind" fn on_subxact(
     }
 }
 
+/// Ends the transaction's part in the queue; cannot fail.
+fn finish(commit_lsn: Option<u64>) {
+    let reserved = CURRENT.with_borrow_mut(std::mem::take).reserved;
+    if let Some(reservation) = reserved {
+        reservation.finish(commit_lsn);
+        shmem::wake_worker();
+    }
+}
+
 fn pre_commit() {
     let bodies: Vec<Vec<u8>> =
         CURRENT.with_borrow_mut(|t| t.staged.drain(..).map(|s| s.body).collect());
     if bodies.is_empty() {
         return;
     }
-    if gucs::STRICT_COMMIT_ORDER.get() {
-        // Held until the commit is visible: the next sender queues behind it, so ring order is
-        // commit order (PreCommit_Notify does the same).
-        unsafe {
-            pg_sys::LockSharedObject(
-                pg_sys::DatabaseRelationId,
-                pg_sys::InvalidOid,
-                QUEUE_LOCK_SUBID,
-                pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE,
-            );
-        }
-    }
+    // Assigns the xid now if the transaction has none, so that it writes a commit record.
     let xid = unsafe { pg_sys::GetTopTransactionId() };
     let database = unsafe { pg_sys::MyDatabaseId };
     let slices: Vec<&[u8]> = bodies.iter().map(Vec::as_slice).collect();
-    match shmem::push(u32::from(xid), u32::from(database), &slices) {
-        Ok(()) => CURRENT.with_borrow_mut(|t| t.queued = true),
+    match shmem::reserve(u32::from(xid), u32::from(database), &slices) {
+        Ok(reservation) => CURRENT.with_borrow_mut(|t| t.reserved = Some(reservation)),
         Err(full) => RealtimeError::QueueFull {
             needed: full.needed,
             free: full.free,

@@ -1,11 +1,12 @@
-//! Reading the commit queue: entries are delivered in ring order (= commit order) once their
-//! transaction committed, skipped when it aborted, and waited for while it is in progress.
+//! Reading the commit queue: committed records are delivered in commit order once nothing can
+//! commit before them any more, aborted ones are skipped, and an unfinished one holds back
+//! whatever may still be overtaken by it.
 
 use super::{authorization, logging, presence};
 use crate::gucs;
 use crate::queue::shmem;
 use bytes::Bytes;
-use commit_ring::{Message, PayloadKind};
+use commit_ring::{Message, PayloadKind, Pending};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use realtime_server::{Config, DbBroadcast, Event, Payload, Server};
@@ -13,12 +14,16 @@ use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-/// Entries taken per lock hold, so committing backends never wait long for the ring.
-const BATCH: usize = 512;
-/// While an entry's transaction is still in progress, look again this often even without a
-/// wake-up (its backend wakes the worker at commit or abort; this only bounds a lost wake-up).
+/// Transactions taken per lock hold, so committing backends never wait long for the ring.
+const BATCH: usize = 256;
+/// While a transaction is unfinished, look again this often even without a wake-up (its
+/// backend wakes the worker at commit or abort; this only bounds a lost wake-up).
 const BLOCKED_POLL: Duration = Duration::from_millis(50);
 const IDLE_POLL: Duration = Duration::from_secs(1);
+/// A record whose transaction is over but was never marked by its backend (only possible if
+/// that backend died between its commit and its commit callback) is settled from the commit
+/// log after this long, so that it cannot hold back the queue forever.
+const ABANDONED_AFTER: Duration = Duration::from_secs(5);
 /// How often presence tracked from SQL with a ttl is checked for expiry.
 const PRESENCE_EXPIRY_INTERVAL: Duration = Duration::from_secs(1);
 /// How long clients get to see their close frames at shutdown.
@@ -35,40 +40,20 @@ pub struct Committed {
     pub payload: Vec<u8>,
 }
 
-enum Status {
-    InProgress,
-    Committed,
-    Aborted,
-}
-
-fn status(xid: u32) -> Status {
-    let xid = pg_sys::TransactionId::from(xid);
-    unsafe {
-        if pg_sys::TransactionIdIsInProgress(xid) {
-            Status::InProgress
-        } else if pg_sys::TransactionIdDidCommit(xid) {
-            Status::Committed
-        } else {
-            Status::Aborted
-        }
-    }
-}
-
-/// Takes up to [`BATCH`] finished entries off the ring. Returns the committed messages of
-/// `database` and whether an in-progress transaction blocks the rest.
-pub fn drain(database: u32) -> (Vec<Committed>, bool) {
+/// Takes up to [`BATCH`] ready transactions off the ring. Returns the committed messages of
+/// `database`, in commit order, and the unfinished transaction that holds back the rest.
+pub fn drain(database: u32) -> (Vec<Committed>, Option<Pending>) {
     let mut out = Vec::new();
     let mut discarded = 0u64;
-    let blocked = shmem::consume(|ring, buf| {
-        for _ in 0..BATCH {
-            let Some(entry) = ring.peek(buf) else {
-                return false;
-            };
-            match status(entry.xid) {
-                Status::InProgress => return true,
-                Status::Aborted => discarded += 1,
-                Status::Committed if entry.database != database => discarded += 1,
-                Status::Committed => match Message::decode(entry.body) {
+    let pending = shmem::take_ready(BATCH, |ready, _| {
+        discarded += ready.aborted_messages;
+        for record in &ready.records {
+            if record.database != database {
+                discarded += u64::from(record.message_count());
+                continue;
+            }
+            for body in record.messages() {
+                match Message::decode(body) {
                     Ok(m) => out.push(Committed {
                         topic: m.topic.to_owned(),
                         event: m.event.to_owned(),
@@ -78,26 +63,60 @@ pub fn drain(database: u32) -> (Vec<Committed>, bool) {
                         payload: m.payload.to_vec(),
                     }),
                     Err(_) => discarded += 1,
-                },
+                }
             }
-            let next = entry.next;
-            ring.advance(next);
         }
-        false
+        ready.pending
     });
     shmem::stats()
         .discarded
         .fetch_add(discarded, Ordering::Relaxed);
-    (out, blocked)
+    (out, pending)
 }
 
 /// Frees the ring while there is no server to deliver to (the extension does not exist in
 /// the worker's database yet, so nothing in the ring can be for it).
 pub fn discard_queue() {
     loop {
-        let (messages, blocked) = drain(0);
-        if messages.is_empty() && (blocked || shmem::usage().0 == 0) {
+        let (messages, pending) = drain(0);
+        if messages.is_empty() && (pending.is_some() || shmem::usage().0 == 0) {
             return;
+        }
+    }
+}
+
+/// Watches the record that holds back delivery, to settle it if its backend never does.
+#[derive(Default)]
+struct Stall {
+    since: Option<(Pending, Instant)>,
+}
+
+impl Stall {
+    fn observe(&mut self, pending: Option<Pending>) {
+        let Some(pending) = pending else {
+            self.since = None;
+            return;
+        };
+        let running =
+            unsafe { pg_sys::TransactionIdIsInProgress(pg_sys::TransactionId::from(pending.xid)) };
+        match self.since {
+            _ if running => self.since = None,
+            Some((p, since)) if p == pending => {
+                if since.elapsed() >= ABANDONED_AFTER {
+                    let committed = unsafe {
+                        pg_sys::TransactionIdDidCommit(pg_sys::TransactionId::from(pending.xid))
+                    };
+                    log!(
+                        "pg_realtime: transaction {} ended without marking its queued messages; {} them",
+                        pending.xid,
+                        if committed { "delivering" } else { "dropping" }
+                    );
+                    // Its commit record came after its floor: close enough for a lost stamp.
+                    shmem::settle(&pending, committed.then_some(pending.floor));
+                    self.since = None;
+                }
+            }
+            _ => self.since = Some((pending, Instant::now())),
         }
     }
 }
@@ -106,6 +125,7 @@ pub fn discard_queue() {
 pub struct Delivery {
     database: u32,
     blocked: bool,
+    stall: Stall,
     server: Server,
     last_expiry: Instant,
 }
@@ -160,6 +180,7 @@ impl Delivery {
         Delivery {
             database: u32::from(unsafe { pg_sys::MyDatabaseId }),
             blocked: false,
+            stall: Stall::default(),
             server,
             last_expiry: Instant::now(),
         }
@@ -222,8 +243,10 @@ impl Delivery {
 
     pub fn deliver(&mut self) {
         loop {
-            let (messages, blocked) = drain(self.database);
+            let (messages, pending) = drain(self.database);
+            let blocked = pending.is_some();
             self.blocked = blocked;
+            self.stall.observe(pending);
             let n = messages.len() as u64;
             let mut presence_topics = BTreeSet::new();
             for m in messages {
