@@ -9,7 +9,7 @@ use commit_ring::{Full, Ready, RingHeader};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::ptr::null_mut;
-use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering, fence};
 
 const TRANCHE: &std::ffi::CStr = c"pg_realtime";
 const SEGMENT: &std::ffi::CStr = c"pg_realtime commit queue";
@@ -34,6 +34,9 @@ struct Shared {
     ring: RingHeader,
     capacity: u64,
     worker_latch: AtomicPtr<pg_sys::Latch>,
+    /// The worker is looking at the ring on its own every millisecond or so: committing
+    /// backends need not wake it (a wake-up is a signal, costly at thousands of commits/s).
+    worker_polling: AtomicBool,
     stats: Stats,
 }
 
@@ -86,6 +89,7 @@ unsafe extern "C-unwind" fn startup_shmem() {
                 ring: RingHeader::default(),
                 capacity: capacity() as u64,
                 worker_latch: AtomicPtr::new(null_mut()),
+                worker_polling: AtomicBool::new(false),
                 stats: Stats::default(),
             });
         }
@@ -184,12 +188,28 @@ pub fn stats() -> &'static Stats {
 /// Called by the worker once it waits on its latch, so committing backends can wake it.
 pub fn register_worker_latch(latch: *mut pg_sys::Latch) {
     shared().worker_latch.store(latch, Ordering::Release);
+    // A worker that died while polling must not leave committers thinking nobody needs waking.
+    set_worker_polling(false);
 }
 
-/// Wakes the worker; cannot fail, so it is safe in commit and abort callbacks.
+/// Wakes the worker unless it is polling; cannot fail, so it is safe in commit and abort
+/// callbacks. Call it after finishing a record.
 pub fn wake_worker() {
+    // Pairs with the fence in `set_worker_polling`: either this backend sees that the worker
+    // stopped polling, or the worker's next look at the ring sees this backend's record.
+    fence(Ordering::SeqCst);
+    if shared().worker_polling.load(Ordering::Relaxed) {
+        return;
+    }
     let latch = shared().worker_latch.load(Ordering::Acquire);
     if !latch.is_null() {
         unsafe { pg_sys::SetLatch(latch) };
     }
+}
+
+/// The worker says whether it polls the ring. After turning polling off it must look at the
+/// ring once more before sleeping: a commit may have skipped the wake-up just before.
+pub fn set_worker_polling(on: bool) {
+    shared().worker_polling.store(on, Ordering::Relaxed);
+    fence(Ordering::SeqCst);
 }
