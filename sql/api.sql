@@ -159,16 +159,20 @@ AS $$
 -- Probe rows are inserted before the role switch, so no policy applies to them; then the
 -- user's SELECT policies decide what it may read and its INSERT policies (each in its own
 -- savepoint) what it may write. Everything arrives as parameters, never as SQL text.
+-- Kept to simple statements: each one's executor start-up is most of a join's cost.
 DECLARE
-    probes uuid[];
-    visible text[];
+    probes uuid[] := '{}';
+    probe uuid;
+    all_extensions text[] := read_extensions || write_extensions;
     e text;
+    at int;
 BEGIN
-    WITH probe AS (
+    FOREACH e IN ARRAY read_extensions LOOP
         INSERT INTO realtime.messages (topic, extension, inserted_at, updated_at)
-        SELECT _authorize.topic, x, now(), now() FROM unnest(read_extensions) AS x
-        RETURNING id)
-    SELECT coalesce(array_agg(id), '{}') INTO probes FROM probe;
+        VALUES (_authorize.topic, e, now(), now())
+        RETURNING id INTO probe;
+        probes := probes || probe;
+    END LOOP;
 
     PERFORM set_config('role', _authorize.role, true),
             set_config('realtime.topic', _authorize.topic, true),
@@ -177,14 +181,18 @@ BEGIN
             set_config('request.jwt.claim.role', _authorize.role, true),
             set_config('request.headers', headers, true);
 
-    -- inserted_at pins the probes' partition and, with id, its primary key: without it the
-    -- planner may scan the partition, which fills with the dead rows of earlier checks.
-    SELECT coalesce(array_agg(m.extension), '{}') INTO visible
-      FROM realtime.messages AS m WHERE m.id = ANY (probes) AND m.inserted_at = now();
-
-    FOREACH e IN ARRAY ARRAY(SELECT DISTINCT x FROM unnest(read_extensions || write_extensions) AS x) LOOP
+    FOR i IN 1 .. coalesce(array_length(all_extensions, 1), 0) LOOP
+        e := all_extensions[i];
+        CONTINUE WHEN e = ANY (all_extensions[1:i - 1]);
         extension := e;
-        can_read := CASE WHEN e = ANY (read_extensions) THEN e = ANY (visible) END;
+        can_read := NULL;
+        at := array_position(read_extensions, e);
+        IF at IS NOT NULL THEN
+            -- inserted_at pins the probe's partition and, with id, its primary key: without it
+            -- the planner may scan the partition, which fills with the dead rows of earlier checks.
+            PERFORM FROM realtime.messages AS m WHERE m.id = probes[at] AND m.inserted_at = now();
+            can_read := FOUND;
+        END IF;
         can_write := NULL;
         IF e = ANY (write_extensions) THEN
             BEGIN

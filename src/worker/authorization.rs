@@ -2,7 +2,8 @@
 //!
 //! As Supabase does, the user's own policies on `realtime.messages` decide: probe rows are
 //! read (SELECT policies) and inserted (INSERT policies) under the client's role and claims,
-//! in a transaction that is always rolled back, so nothing is stored. The SQL lives in
+//! in a transaction that is always rolled back, so nothing is stored. Requests that arrive
+//! together share one transaction, each in its own subtransaction. The SQL lives in
 //! `realtime._authorize` (sql/api.sql); topics and claims are parameters, never SQL text.
 
 use super::transaction;
@@ -28,13 +29,14 @@ thread_local! {
 /// One row of `realtime._authorize`: (extension, can_read, can_write).
 type Verdict = (Option<String>, Option<bool>, Option<bool>);
 
+/// Runs `realtime._authorize` for one request; inside a (sub)transaction that is rolled back.
 fn run_checks(
     request: &AuthorizationRequest,
     read: &[&str],
     write: &[&str],
 ) -> Result<Vec<Verdict>, String> {
     let error = |e: pgrx::spi::SpiError| e.to_string();
-    transaction::rolled_back(AUTHORIZATION_TIMEOUT, || {
+    {
         Spi::connect(|client| {
             AUTHORIZE_PLAN.with(|cell| {
                 let plan = match cell.get() {
@@ -79,14 +81,37 @@ fn run_checks(
                 Ok(out)
             })
         })
-    })
+    }
 }
 
-/// Answers one request of the socket server. A role that does not exist or a policy that
-/// raises becomes a complete `Unauthorized: ...` join reason.
-pub fn answer(request: &AuthorizationRequest) -> (Result<Authorization, String>, Vec<Replayed>) {
-    let rights = rights(request);
-    let replay = match (&rights, request.replay) {
+/// Answers requests of the socket server, in order. A role that does not exist or a policy
+/// that raises becomes a complete `Unauthorized: ...` join reason for that request alone.
+pub fn answer_all(
+    requests: &[AuthorizationRequest],
+) -> Vec<(Result<Authorization, String>, Vec<Replayed>)> {
+    let all_rights = transaction::rolled_back_each(AUTHORIZATION_TIMEOUT, requests, rights);
+    requests
+        .iter()
+        .zip(all_rights)
+        .map(|(request, rights)| {
+            let rights = rights.map_err(|e| {
+                if e.starts_with("Unauthorized: ") {
+                    e
+                } else {
+                    format!("Unauthorized: {e}")
+                }
+            });
+            let replay = replay_for(request, &rights);
+            (rights, replay)
+        })
+        .collect()
+}
+
+fn replay_for(
+    request: &AuthorizationRequest,
+    rights: &Result<Authorization, String>,
+) -> Vec<Replayed> {
+    match (rights, request.replay) {
         (Ok(r), Some(params)) if r.broadcast_read => match replay(&request.subtopic, params) {
             Ok(messages) => messages,
             Err(e) => {
@@ -96,8 +121,7 @@ pub fn answer(request: &AuthorizationRequest) -> (Result<Authorization, String>,
             }
         },
         _ => Vec::new(),
-    };
-    (rights, replay)
+    }
 }
 
 /// Broadcast Replay (as Supabase): the newest `limit` stored private broadcasts of the topic
@@ -141,12 +165,14 @@ fn replay(topic: &str, params: ReplayParams) -> Result<Vec<Replayed>, String> {
 
 fn rights(request: &AuthorizationRequest) -> Result<Authorization, String> {
     let (read, write): (Vec<&str>, Vec<&str>) = match request.purpose {
-        AuthorizationPurpose::Broadcast => (vec![], vec![BROADCAST]),
+        // Reads at join, writes at the first write (as Supabase): most subscribers never write.
+        AuthorizationPurpose::Write if request.presence => (vec![], vec![BROADCAST, PRESENCE]),
+        AuthorizationPurpose::Write => (vec![], vec![BROADCAST]),
         AuthorizationPurpose::Join | AuthorizationPurpose::TokenRefresh if request.presence => {
-            (vec![BROADCAST, PRESENCE], vec![BROADCAST, PRESENCE])
+            (vec![BROADCAST, PRESENCE], vec![])
         }
         AuthorizationPurpose::Join | AuthorizationPurpose::TokenRefresh => {
-            (vec![BROADCAST], vec![BROADCAST])
+            (vec![BROADCAST], vec![])
         }
     };
     let verdicts = run_checks(request, &read, &write).map_err(|e| format!("Unauthorized: {e}"))?;

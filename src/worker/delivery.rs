@@ -250,6 +250,7 @@ impl Delivery {
         pgrx::check_for_interrupts!();
         logging::flush();
         let mut presence_changes = Vec::new();
+        let mut authorizations = Vec::new();
         for event in self.server.poll_events() {
             match event {
                 Event::Presence(change) => presence_changes.push(change),
@@ -257,12 +258,13 @@ impl Delivery {
                     log!("pg_realtime: the socket server failed: {reason}");
                     unsafe { pg_sys::proc_exit(1) };
                 }
-                Event::Authorize(request) => {
-                    let (answer, replay) = authorization::answer(&request);
-                    self.server
-                        .complete_authorization(request.id, answer, replay);
-                }
+                Event::Authorize(request) => authorizations.push(request),
             }
+        }
+        let answers = authorization::answer_all(&authorizations);
+        for (request, (answer, replay)) in authorizations.iter().zip(answers) {
+            self.server
+                .complete_authorization(request.id, answer, replay);
         }
         presence::mirror(presence_changes);
         if self.last_expiry.elapsed() >= PRESENCE_EXPIRY_INTERVAL {

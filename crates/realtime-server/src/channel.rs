@@ -6,6 +6,7 @@ use tokio::time::Instant;
 
 use crate::events::{Authorization, ReplayParams};
 use crate::jwt::Claims;
+use crate::protocol::Inbound;
 use crate::registry::TopicKey;
 
 /// What a `phx_join` asked for (reference 2.1). Unknown keys are ignored.
@@ -93,8 +94,11 @@ pub(crate) struct Channel {
     pub broadcast_ack: bool,
     pub token: String,
     pub claims: Claims,
-    /// None for public channels.
+    /// Read rights; None for public channels.
     pub authorization: Option<Authorization>,
+    /// Write rights, checked at the first broadcast or presence message as Supabase does
+    /// (joins check reads only): most subscribers never write.
+    pub writes: WriteCheck,
     pub expires_at: Instant,
     pub presence_enabled: bool,
     pub presence_key: String,
@@ -103,13 +107,49 @@ pub(crate) struct Channel {
     pub presence_calls: (Instant, u32),
 }
 
+/// Messages held while a write check runs, per channel; beyond this they are dropped.
+pub(crate) const MAX_HELD_WRITES: usize = 256;
+
+/// Where a channel's write check stands.
+pub(crate) enum WriteCheck {
+    /// Private channel, nothing written yet.
+    Unchecked,
+    /// The worker is checking; the messages wait here, in order.
+    Running(Vec<Inbound>),
+    Known {
+        broadcast: bool,
+        presence: bool,
+    },
+}
+
+impl WriteCheck {
+    /// What a new channel starts with: public channels may write.
+    pub(crate) fn for_channel(private: bool) -> WriteCheck {
+        if private {
+            WriteCheck::Unchecked
+        } else {
+            WriteCheck::Known {
+                broadcast: true,
+                presence: true,
+            }
+        }
+    }
+}
+
 impl Channel {
-    pub(crate) fn may_broadcast(&self) -> bool {
-        self.authorization.is_none_or(|a| a.broadcast_write)
+    /// None: not known yet, the message must wait for a write check.
+    pub(crate) fn may_broadcast(&self) -> Option<bool> {
+        match self.writes {
+            WriteCheck::Known { broadcast, .. } => Some(broadcast),
+            _ => None,
+        }
     }
 
-    pub(crate) fn may_track(&self) -> bool {
-        self.authorization.is_none_or(|a| a.presence_write)
+    pub(crate) fn may_track(&self) -> Option<bool> {
+        match self.writes {
+            WriteCheck::Known { presence, .. } => Some(presence),
+            _ => None,
+        }
     }
 }
 

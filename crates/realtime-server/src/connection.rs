@@ -17,7 +17,9 @@ use tokio::time::Instant;
 use crate::Inner;
 use crate::authz::{Ask, unauthorized_reason};
 use crate::broadcast::{Body, Frame, Outgoing};
-use crate::channel::{Channel, JoinRequest, expiry_instant, parse_join};
+use crate::channel::{
+    Channel, JoinRequest, MAX_HELD_WRITES, WriteCheck, expiry_instant, parse_join,
+};
 use crate::events::{Authorization, AuthorizationPurpose, ReplayParams, Replayed};
 use crate::jwt::{Claims, unix_now};
 use crate::outbound::ConnHandle;
@@ -57,6 +59,11 @@ enum Internal {
         answer: crate::authz::Answer,
     },
     RefreshAuthorized {
+        topic: String,
+        generation: u64,
+        answer: Result<Authorization, String>,
+    },
+    WriteRights {
         topic: String,
         generation: u64,
         answer: Result<Authorization, String>,
@@ -590,6 +597,7 @@ impl Conn {
                 self.push(frame);
             }
         }
+        let private = key.private;
         self.channels.insert(
             j.topic,
             Channel {
@@ -606,6 +614,7 @@ impl Conn {
                 authorization,
                 presence_enabled: j.req.presence_enabled,
                 presence_calls: (tokio::time::Instant::now(), 0),
+                writes: WriteCheck::for_channel(private),
             },
         );
     }
@@ -645,6 +654,11 @@ impl Conn {
                     }
                 }
             }
+            Internal::WriteRights {
+                topic,
+                generation,
+                answer,
+            } => self.writes_authorized(topic, generation, answer),
             Internal::RefreshAuthorized {
                 topic,
                 generation,
@@ -656,6 +670,10 @@ impl Conn {
                 let Some(ch) = self.channels.get_mut(&topic) else {
                     return;
                 };
+                // The new token's write rights are checked again at the next write.
+                if matches!(ch.writes, WriteCheck::Known { .. }) && ch.key.private {
+                    ch.writes = WriteCheck::Unchecked;
+                }
                 let subtopic = ch.key.subtopic.clone();
                 let could_read = ch
                     .authorization
@@ -693,11 +711,99 @@ impl Conn {
         }
     }
 
+    /// Keeps a write on a private channel whose write rights are not known yet, and asks the
+    /// worker for them once; the messages go on, in order, when the answer comes.
+    fn hold_for_write_check(&mut self, m: Inbound) {
+        let generation = self.generation(&m.topic);
+        let Some(ch) = self.channels.get_mut(&m.topic) else {
+            return;
+        };
+        match &mut ch.writes {
+            WriteCheck::Running(held) if held.len() < MAX_HELD_WRITES => held.push(m),
+            WriteCheck::Running(_) => {
+                log::debug!("dropping a write: too many wait for the channel's write check");
+            }
+            WriteCheck::Unchecked => {
+                let topic = m.topic.clone();
+                ch.writes = WriteCheck::Running(vec![m]);
+                let (subtopic, claims) = (ch.key.subtopic.clone(), ch.claims.clone());
+                self.ask_writes(topic, subtopic, claims, generation);
+            }
+            // Not reached: callers hold only while the rights are unknown.
+            WriteCheck::Known { .. } => {}
+        }
+    }
+
+    fn ask_writes(&self, topic: String, subtopic: String, claims: Claims, generation: u64) {
+        let presence = self
+            .channels
+            .get(&topic)
+            .is_some_and(|ch| ch.presence_enabled);
+        let inner = self.inner.clone();
+        let tx = self.internal_tx.clone();
+        let headers = self.headers_json.clone();
+        tokio::spawn(async move {
+            let answer = ask(
+                &inner,
+                &subtopic,
+                &claims,
+                &headers,
+                presence,
+                AuthorizationPurpose::Write,
+                None,
+            )
+            .await
+            .map(|(a, _)| a);
+            let _ = tx.send(Internal::WriteRights {
+                topic,
+                generation,
+                answer,
+            });
+        });
+    }
+
+    fn writes_authorized(
+        &mut self,
+        topic: String,
+        generation: u64,
+        answer: Result<Authorization, String>,
+    ) {
+        let current = self.generation(&topic);
+        let Some(ch) = self.channels.get_mut(&topic) else {
+            return;
+        };
+        if !matches!(ch.writes, WriteCheck::Running(_)) {
+            return;
+        }
+        if current != generation {
+            // Checked with an older token (or for an earlier join): ask again with this one.
+            let (subtopic, claims) = (ch.key.subtopic.clone(), ch.claims.clone());
+            return self.ask_writes(topic, subtopic, claims, current);
+        }
+        let a = answer.unwrap_or_default();
+        let known = WriteCheck::Known {
+            broadcast: a.broadcast_write,
+            presence: a.presence_write,
+        };
+        let WriteCheck::Running(held) = std::mem::replace(&mut ch.writes, known) else {
+            return;
+        };
+        for m in held {
+            match m.event.as_str() {
+                "broadcast" => self.broadcast(m),
+                _ => self.presence(m),
+            }
+        }
+    }
+
     fn broadcast(&mut self, m: Inbound) {
         let Some(ch) = self.channels.get(&m.topic) else {
             return;
         };
-        if !ch.may_broadcast() {
+        let Some(allowed) = ch.may_broadcast() else {
+            return self.hold_for_write_check(m);
+        };
+        if !allowed {
             // Supabase drops these silently and leaves an acking sender to time out; an error
             // reply lets `send()` resolve 'error' at once. Nothing is delivered either way.
             if ch.broadcast_ack {
@@ -831,6 +937,9 @@ impl Conn {
         let Some(ch) = self.channels.get_mut(&m.topic) else {
             return;
         };
+        if ch.may_track().is_none() {
+            return self.hold_for_write_check(m);
+        }
         // Supabase's per-channel limit: a fixed window of presence calls.
         if cfg.presence_calls_limit > 0 {
             let (start, calls) = &mut ch.presence_calls;
@@ -854,7 +963,7 @@ impl Conn {
             .and_then(|p| p.get("event"))
             .and_then(Value::as_str)
             .map(str::to_ascii_lowercase);
-        if !ch.may_track() {
+        if ch.may_track() != Some(true) {
             self.reply(
                 m.join_ref.as_deref(),
                 m.msg_ref.as_deref(),

@@ -39,12 +39,13 @@ pub enum PresenceChange {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AuthorizationPurpose {
-    /// `phx_join` on a private channel: read check (reference 5.1).
+    /// `phx_join` on a private channel: read checks (reference 5.1).
     Join,
-    /// A new `access_token` on a joined private channel: read check again.
+    /// A new `access_token` on a joined private channel: read checks again.
     TokenRefresh,
-    /// A private broadcast (WebSocket or REST): write check (reference 5.2).
-    Broadcast,
+    /// The first broadcast or presence message on a private channel, or a private REST
+    /// broadcast: write checks (reference 5.2), of presence too when `presence` is set.
+    Write,
 }
 
 /// What the worker must check. `claims.json` goes to `request.jwt.claims`, `claims.role` to

@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{mpsc, watch};
 
@@ -238,6 +239,14 @@ impl Server {
             let inner = inner.clone();
             let mut stop = inner.shutdown.clone();
             runtime.spawn(async move {
+                // Frames are small and already batched per flush: Nagle's algorithm would only
+                // hold a reply back until the client's delayed ACK (~40 ms) whenever an earlier
+                // write is unacknowledged, e.g. a join reply right after a leave reply.
+                let listener = listener.tap_io(|stream| {
+                    if let Err(e) = stream.set_nodelay(true) {
+                        log::debug!("cannot set TCP_NODELAY: {e}");
+                    }
+                });
                 let served = axum::serve(listener, app)
                     .with_graceful_shutdown(async move {
                         let _ = stop.wait_for(|s| *s).await;

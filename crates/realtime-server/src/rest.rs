@@ -69,7 +69,7 @@ async fn may_write(inner: &Inner, subtopic: &str, claims: &Claims, headers_json:
             claims,
             headers_json,
             presence: false,
-            purpose: AuthorizationPurpose::Broadcast,
+            purpose: AuthorizationPurpose::Write,
             replay: None,
         })
         .await
