@@ -670,10 +670,6 @@ impl Conn {
                 let Some(ch) = self.channels.get_mut(&topic) else {
                     return;
                 };
-                // The new token's write rights are checked again at the next write.
-                if matches!(ch.writes, WriteCheck::Known { .. }) && ch.key.private {
-                    ch.writes = WriteCheck::Unchecked;
-                }
                 let subtopic = ch.key.subtopic.clone();
                 let could_read = ch
                     .authorization
@@ -898,6 +894,11 @@ impl Conn {
                 ch.expires_at = expiry_instant(claims.exp);
                 ch.token = token;
                 ch.claims = claims.clone();
+                // The new token's write rights are checked at the next write (a check still
+                // running for the old token is redone: its answer comes with an old generation).
+                if ch.key.private && matches!(ch.writes, WriteCheck::Known { .. }) {
+                    ch.writes = WriteCheck::Unchecked;
+                }
                 let private = ch.key.private;
                 let subtopic = ch.key.subtopic.clone();
                 let presence = ch.presence_enabled;

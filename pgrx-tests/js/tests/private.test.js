@@ -107,6 +107,45 @@ for (const [kind, cells] of Object.entries(expected)) {
   })
 }
 
+// Write rights are checked at the first write, as on Supabase; the writes sent meanwhile wait
+// for that answer and keep their order.
+test('writes sent right after joining wait for the write check and keep their order', async () => {
+  const room = topic('rw-')
+  const received = []
+  const reader = await join(roles.bob(), room, { received })
+  assert.equal(reader.error, null)
+  const writer = await join(roles.alice(), room)
+  assert.equal(writer.error, null)
+  const sends = []
+  for (let i = 0; i < 20; i++) sends.push(writer.channel.send({ type: 'broadcast', event: 'seq', payload: { i } }))
+  assert.deepEqual(await Promise.all(sends), Array(20).fill('ok'), 'every send acked')
+  await waitFor(() => received.length >= 20, 10000, 'all 20 delivered')
+  assert.deepEqual(received.map((m) => m.payload.i), [...Array(20).keys()], 'in the order sent')
+})
+
+test('a new token is checked for writes again at the next write', async () => {
+  const room = topic('rw-')
+  const received = []
+  const reader = await join(roles.bob(), room, { received })
+  assert.equal(reader.error, null)
+  const { channel } = await join(roles.alice(), room)
+  assert.equal(await channel.send({ type: 'broadcast', event: 'before', payload: {} }), 'ok')
+  // A role that may read everything (so the channel stays) and write nothing.
+  await sql(`DO $$ BEGIN
+      IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'test_reader_only') THEN
+        CREATE ROLE test_reader_only NOLOGIN NOINHERIT;
+        GRANT USAGE ON SCHEMA realtime TO test_reader_only;
+        GRANT SELECT, INSERT ON realtime.messages TO test_reader_only;
+        CREATE POLICY test_reader_only_read ON realtime.messages FOR SELECT TO test_reader_only USING (true);
+      END IF;
+    END $$`)
+  await channel.socket.setAuth(jwt({ role: 'test_reader_only', sub: 'alice' }))
+  assert.equal(await channel.send({ type: 'broadcast', event: 'after', payload: {} }), 'error',
+    'the refreshed token may not write')
+  await sleep(300)
+  assert.deepEqual(received.map((m) => m.event), ['before'], 'nothing sent after the refresh was delivered')
+})
+
 test('presence-only policy: presence works, broadcast does not', async () => {
   const room = topic('pres-')
   const received = []
