@@ -151,9 +151,8 @@ CREATE FUNCTION realtime._authorize(
     OUT extension text, OUT can_read boolean, OUT can_write boolean)
 RETURNS SETOF record
 LANGUAGE plpgsql
--- Its statements run for every private join: plan them once (partitions are pruned at run
--- time) instead of re-planning each call for its parameters.
-SET plan_cache_mode = force_generic_plan
+-- The worker runs it with plan_cache_mode = force_generic_plan (set once for its session, not
+-- here: a SET clause costs a GUC save and restore on every call).
 AS $$
 -- Called by the background worker (a superuser) inside a transaction it always rolls back.
 -- Probe rows are inserted before the role switch, so no policy applies to them; then the

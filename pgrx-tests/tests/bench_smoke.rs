@@ -74,6 +74,18 @@ fn every_scenario_delivers() {
         "{database}"
     );
 
+    let batched = run(
+        &cluster,
+        "database",
+        &[
+            "--conns", "1", "--topics", "1", "--subs", "2", "--rate", "100", "--per-tx", "5",
+        ],
+    );
+    assert!(
+        batched["received_deliveries"].as_u64() > Some(0),
+        "{batched}"
+    );
+
     // Two child processes, so the parent/child protocol is exercised too.
     let connections = run(
         &cluster,

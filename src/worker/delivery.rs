@@ -20,11 +20,15 @@ const BATCH: usize = 256;
 /// backend wakes the worker at commit or abort; this only bounds a lost wake-up).
 const BLOCKED_POLL: Duration = Duration::from_millis(50);
 const IDLE_POLL: Duration = Duration::from_secs(1);
-/// After delivering something the worker looks at the ring this often, without being woken,
-/// until nothing has come for [`BUSY_LINGER`]: under a stream of commits this spares every
-/// committer a wake-up signal and the worker a wake-up per commit, for at most 1 ms of delay.
+/// Under a heavy stream of commits the worker looks at the ring this often without being
+/// woken, until the rate has stayed below [`BUSY_RATE`] for [`BUSY_LINGER`]: that spares every committer a wake-up
+/// signal (a cross-CPU interrupt) and the worker a wake-up per commit. Below [`BUSY_RATE`] it
+/// is woken per commit instead, so a lone message never waits for the next poll.
 const BUSY_POLL: Duration = Duration::from_millis(1);
 const BUSY_LINGER: Duration = Duration::from_millis(50);
+/// Messages per [`RATE_WINDOW`] from which the worker polls (2,000 messages/s).
+const BUSY_RATE: u64 = 20;
+const RATE_WINDOW: Duration = Duration::from_millis(10);
 /// A record whose transaction is over but was never marked by its backend (only possible if
 /// that backend died between its commit and its commit callback) is settled from the commit
 /// log after this long, so that it cannot hold back the queue forever.
@@ -132,6 +136,8 @@ pub struct Delivery {
     blocked: bool,
     /// Polling the ring until then (see [`BUSY_POLL`]).
     busy_until: Option<Instant>,
+    /// Messages delivered since the start of the current rate window.
+    rate_window: (Instant, u64),
     /// Latch, server wake-up fd and postmaster death, created once: `WaitLatchOrSocket` would
     /// build and tear down an epoll set on every wait.
     waits: *mut pg_sys::WaitEventSet,
@@ -217,6 +223,7 @@ impl Delivery {
             database: u32::from(unsafe { pg_sys::MyDatabaseId }),
             blocked: false,
             busy_until: None,
+            rate_window: (Instant::now(), 0),
             waits,
             stall: Stall::default(),
             server,
@@ -280,22 +287,26 @@ impl Delivery {
         self.server.reload(server_config());
     }
 
-    /// Delivers whatever is ready, and decides whether to keep polling.
+    /// Delivers whatever is ready, and decides whether to poll.
     pub fn deliver(&mut self) {
         let now = Instant::now();
-        if self.deliver_ready() > 0 {
-            if self.busy_until.is_none() {
-                shmem::set_worker_polling(true);
+        let delivered = self.deliver_ready();
+        let (since, count) = &mut self.rate_window;
+        *count += delivered;
+        if now.duration_since(*since) >= RATE_WINDOW {
+            if *count >= BUSY_RATE {
+                if self.busy_until.is_none() {
+                    shmem::set_worker_polling(true);
+                }
+                self.busy_until = Some(now + BUSY_LINGER);
             }
-            self.busy_until = Some(now + BUSY_LINGER);
-        } else if self.busy_until.is_some_and(|until| now >= until) {
+            self.rate_window = (now, 0);
+        }
+        if self.busy_until.is_some_and(|until| now >= until) {
             self.busy_until = None;
             shmem::set_worker_polling(false);
             // A commit may have skipped the wake-up while we were still polling.
-            if self.deliver_ready() > 0 {
-                shmem::set_worker_polling(true);
-                self.busy_until = Some(now + BUSY_LINGER);
-            }
+            self.rate_window.1 += self.deliver_ready();
         }
     }
 

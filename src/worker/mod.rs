@@ -42,6 +42,10 @@ pub extern "C-unwind" fn pg_realtime_worker_main(_arg: pg_sys::Datum) {
     if !wait_for_extension(&database) {
         unsafe { pg_sys::proc_exit(1) };
     }
+    // The worker's statements (authorization, replay, presence) run thousands of times with
+    // new parameters: plan them once (partitions are pruned at run time) instead of each call.
+    transaction::run(|| Spi::run("SET plan_cache_mode = force_generic_plan"))
+        .unwrap_or_else(|e| log!("pg_realtime: cannot set plan_cache_mode: {e}"));
     maintenance::run();
     let mut next_maintenance = Instant::now() + maintenance::interval();
     let mut delivery = delivery::Delivery::start(&database);

@@ -4,6 +4,8 @@
 //! statement and its commit: what a user of `realtime.send` actually waits for.
 //!
 //! `--sql notify` runs the same load as INSERT + `pg_notify` for the LISTEN/NOTIFY bridge peer.
+//! `--per-tx N` sends N messages per transaction (one statement, as a bulk write whose rows a
+//! trigger broadcasts would); `--rate` still counts messages.
 
 use std::thread;
 use std::time::{Duration, Instant};
@@ -29,6 +31,17 @@ const NOTIFY_SQL: &str = "WITH row AS (\
        RETURNING payload) \
      SELECT pg_notify($3::text, (SELECT payload::text FROM row))";
 
+/// The same two statements with `$4` messages each, told apart by `n` (NOTIFY folds identical
+/// payloads of one transaction into one).
+const SEND_MANY_SQL: &str = "SELECT count(realtime.send(jsonb_build_object('t', $1::bigint, 'p', $2::text, 'n', g), 'e', $3::text, false)) \
+     FROM generate_series(1, $4::int) AS g";
+const NOTIFY_MANY_SQL: &str = "WITH rows AS (\
+       INSERT INTO bench.plain_messages (topic, extension, payload, event, private) \
+       SELECT $3::text, 'broadcast', jsonb_build_object('t', $1::bigint, 'p', $2::text, 'n', g), 'e', false \
+         FROM generate_series(1, $4::int) AS g \
+       RETURNING payload) \
+     SELECT count(pg_notify($3::text, payload::text)) FROM rows";
+
 struct Sent {
     in_window: u64,
     /// Client-side duration of each statement, commit included.
@@ -40,6 +53,7 @@ struct Sent {
 fn sender(
     conn_str: String,
     sql: &'static str,
+    per_tx: i32,
     index: usize,
     conns: usize,
     topics: usize,
@@ -71,7 +85,7 @@ fn sender(
     loop {
         // Open loop: message k is due at k/rate; if late, send at once (the achieved rate
         // then shows the shortfall).
-        let due = started + Duration::from_secs_f64(sent as f64 / rate);
+        let due = started + Duration::from_secs_f64(sent as f64 * f64::from(per_tx) / rate);
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
             thread::sleep(wait);
         }
@@ -81,12 +95,16 @@ fn sender(
         }
         // Spread each connection's messages over all topics.
         let topic = topic_name((index + sent as usize * conns) % topics);
-        let result = client.execute(&stmt, &[&(t as i64), &pad, &topic]);
+        let result = if per_tx == 1 {
+            client.execute(&stmt, &[&(t as i64), &pad, &topic])
+        } else {
+            client.execute(&stmt, &[&(t as i64), &pad, &topic, &per_tx])
+        };
         let took = now_us().saturating_sub(t).max(1);
         sent += 1;
         match result {
             Ok(_) if window.contains(t) => {
-                out.in_window += 1;
+                out.in_window += per_tx as u64;
                 out.statement.saturating_record(took);
             }
             Ok(_) => {}
@@ -103,10 +121,14 @@ pub async fn run(args: &Args) -> Result<Report, String> {
     let subs: usize = args.get("subs", 10)?;
     let rate: f64 = args.get("rate", 1_000.0)?;
     let size: usize = args.get("payload", 100)?;
-    let sql = match args.string("sql", "realtime").as_str() {
-        "realtime" => SEND_SQL,
-        "notify" => NOTIFY_SQL,
-        other => return Err(format!("--sql: realtime or notify, not {other:?}")),
+    let per_tx: i32 = args.get("per-tx", 1)?;
+    let sql = match (args.string("sql", "realtime").as_str(), per_tx) {
+        (_, n) if n < 1 => return Err("--per-tx must be at least 1".into()),
+        ("realtime", 1) => SEND_SQL,
+        ("realtime", _) => SEND_MANY_SQL,
+        ("notify", 1) => NOTIFY_SQL,
+        ("notify", _) => NOTIFY_MANY_SQL,
+        (other, _) => return Err(format!("--sql: realtime or notify, not {other:?}")),
     };
     args.finish()?;
     let conn_str = common
@@ -150,7 +172,11 @@ pub async fn run(args: &Args) -> Result<Report, String> {
         .map(|i| {
             let (conn_str, pad) = (conn_str.clone(), pad.clone());
             let per_conn = rate / conns as f64;
-            thread::spawn(move || sender(conn_str, sql, i, conns, topics, per_conn, window, pad))
+            thread::spawn(move || {
+                sender(
+                    conn_str, sql, per_tx, i, conns, topics, per_conn, window, pad,
+                )
+            })
         })
         .collect();
 
@@ -193,7 +219,8 @@ pub async fn run(args: &Args) -> Result<Report, String> {
     report.add(
         "params",
         json!({"conns": conns, "topics": topics, "subs_per_topic": subs, "rate": rate,
-               "payload_bytes": size, "sql": if sql == SEND_SQL { "realtime.send" } else { "insert + pg_notify" },
+               "payload_bytes": size, "messages_per_transaction": per_tx,
+               "sql": if sql == SEND_SQL || sql == SEND_MANY_SQL { "realtime.send" } else { "insert + pg_notify" },
                "duration_s": secs}),
     );
     report.add("sent_per_sec", round2(sent_in_window as f64 / secs));
