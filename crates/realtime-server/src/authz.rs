@@ -17,9 +17,18 @@ use crate::jwt::Claims;
 /// The rights, and the stored messages to replay (empty unless the join asked for replay).
 pub(crate) type Answer = Result<(Authorization, Vec<Replayed>), String>;
 
+/// Held by a join with replay until its channel has subscribed; the database dispatch waits
+/// for it to be dropped (see `Dispatch::AwaitSubscription`).
+pub(crate) type SubscribeBarrier = Option<oneshot::Sender<()>>;
+
+struct Waiting {
+    answer: oneshot::Sender<(Answer, SubscribeBarrier)>,
+    replay: bool,
+}
+
 #[derive(Default)]
 pub(crate) struct Authorizer {
-    pending: Mutex<HashMap<u64, oneshot::Sender<Answer>>>,
+    pending: Mutex<HashMap<u64, Waiting>>,
     next_id: AtomicU64,
 }
 
@@ -39,7 +48,7 @@ pub(crate) struct Ask<'a> {
 impl crate::Inner {
     /// Asks the worker under the current settings (whether private channels are authorized at
     /// all, and how long to wait).
-    pub(crate) async fn authorize(&self, ask: Ask<'_>) -> Answer {
+    pub(crate) async fn authorize(&self, ask: Ask<'_>) -> (Answer, SubscribeBarrier) {
         let cfg = self.config();
         self.authz
             .authorize(
@@ -60,17 +69,23 @@ impl Authorizer {
         timeout: std::time::Duration,
         events: &EventQueue,
         ask: Ask<'_>,
-    ) -> Answer {
+    ) -> (Answer, SubscribeBarrier) {
         if !enabled {
             // Until the worker answers authorization requests, nothing private is allowed.
-            return Err(unauthorized_reason(ask.subtopic));
+            return (Err(unauthorized_reason(ask.subtopic)), None);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id, tx);
+            .insert(
+                id,
+                Waiting {
+                    answer: tx,
+                    replay: ask.replay.is_some(),
+                },
+            );
         events.push(Event::Authorize(AuthorizationRequest {
             id,
             subtopic: ask.subtopic.to_string(),
@@ -86,24 +101,37 @@ impl Authorizer {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&id);
         match answer {
-            Ok(Ok(answer)) => answer,
-            Ok(Err(_)) => Err(unauthorized_reason(ask.subtopic)),
+            Ok(Ok(answered)) => answered,
+            Ok(Err(_)) => (Err(unauthorized_reason(ask.subtopic)), None),
             Err(_) => {
                 log::warn!("authorization request {id} for {} timed out", ask.subtopic);
-                Err("IncreaseConnectionPool: Please increase your connection pool size".into())
+                (
+                    Err("IncreaseConnectionPool: Please increase your connection pool size".into()),
+                    None,
+                )
             }
         }
     }
 
-    /// Returns false when nobody waits for `id` any more (timed out or connection gone).
-    pub(crate) fn complete(&self, id: u64, answer: Answer) -> bool {
-        let tx = self
+    /// Whether request `id` is a join that asked for replay.
+    pub(crate) fn wants_replay(&self, id: u64) -> bool {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .is_some_and(|w| w.replay)
+    }
+
+    /// Returns false when nobody waits for `id` any more (timed out or connection gone); the
+    /// barrier is then dropped, which releases it.
+    pub(crate) fn complete(&self, id: u64, answer: Answer, barrier: SubscribeBarrier) -> bool {
+        let waiting = self
             .pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&id);
-        match tx {
-            Some(tx) => tx.send(answer).is_ok(),
+        match waiting {
+            Some(w) => w.answer.send((answer, barrier)).is_ok(),
             None => false,
         }
     }

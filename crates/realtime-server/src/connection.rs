@@ -57,6 +57,8 @@ enum Internal {
         pending_id: u64,
         joining: Box<Joining>,
         answer: crate::authz::Answer,
+        /// Dropped once the channel has subscribed (or will not): see `Dispatch`.
+        barrier: crate::authz::SubscribeBarrier,
     },
     RefreshAuthorized {
         topic: String,
@@ -507,7 +509,7 @@ impl Conn {
         let tx = self.internal_tx.clone();
         let headers = self.headers_json.clone();
         tokio::spawn(async move {
-            let answer = ask(
+            let (answer, barrier) = ask(
                 &inner,
                 &joining.subtopic,
                 &joining.claims,
@@ -521,6 +523,7 @@ impl Conn {
                 pending_id,
                 joining: Box::new(joining),
                 answer,
+                barrier,
             });
         });
     }
@@ -635,7 +638,10 @@ impl Conn {
                 pending_id,
                 joining,
                 answer,
+                barrier,
             } => {
+                // Held until the end of this arm: by then the channel has subscribed.
+                let _barrier = barrier;
                 // A leave or a newer join may have superseded this one meanwhile.
                 if self.pending.get(&joining.topic).map(|p| p.id) != Some(pending_id) {
                     return;
@@ -749,6 +755,7 @@ impl Conn {
                 None,
             )
             .await
+            .0
             .map(|(a, _)| a);
             let _ = tx.send(Internal::WriteRights {
                 topic,
@@ -919,6 +926,7 @@ impl Conn {
                             None,
                         )
                         .await
+                        .0
                         .map(|(a, _)| a);
                         let _ = tx.send(Internal::RefreshAuthorized {
                             topic,
@@ -1048,7 +1056,7 @@ async fn ask(
     presence: bool,
     purpose: AuthorizationPurpose,
     replay: Option<ReplayParams>,
-) -> crate::authz::Answer {
+) -> (crate::authz::Answer, crate::authz::SubscribeBarrier) {
     inner
         .authorize(Ask {
             subtopic,

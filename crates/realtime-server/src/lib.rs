@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use axum::serve::ListenerExt;
 use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::oneshot;
 use tokio::sync::{mpsc, watch};
 
 pub use config::Config;
@@ -90,11 +91,23 @@ impl Inner {
     }
 }
 
+/// What the database dispatch task works through, in the order the worker issued it.
+enum Dispatch {
+    Message(DbBroadcast),
+    /// A join with Broadcast Replay was answered: later messages wait until that channel has
+    /// subscribed (or given up), so that none committed after the replay's snapshot is fanned
+    /// out in between and missed by both.
+    AwaitSubscription(oneshot::Receiver<()>),
+}
+
+/// How long the dispatch waits for a replaying channel to subscribe at most.
+const SUBSCRIBE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub struct Server {
     runtime: Option<tokio::runtime::Runtime>,
     inner: Arc<Inner>,
     shutdown_tx: watch::Sender<bool>,
-    publish_tx: mpsc::UnboundedSender<DbBroadcast>,
+    publish_tx: mpsc::UnboundedSender<Dispatch>,
     local_addrs: Vec<SocketAddr>,
 }
 
@@ -284,7 +297,7 @@ impl Server {
     /// Non-blocking: fans a committed database message out to the subscribers of
     /// (private, topic).
     pub fn publish(&self, msg: DbBroadcast) {
-        if self.publish_tx.send(msg).is_err() {
+        if self.publish_tx.send(Dispatch::Message(msg)).is_err() {
             log::warn!("realtime server is stopped; database message dropped");
         }
     }
@@ -302,13 +315,23 @@ impl Server {
     /// nobody waits any more (timed out, connection gone).
     /// `replay` holds the stored messages for a join that asked for Broadcast Replay, oldest
     /// first; they are sent after the join reply with `meta.replayed`.
+    ///
+    /// Call it on the thread that publishes, before publishing anything committed after the
+    /// replay's snapshot: a replaying join then receives those live.
     pub fn complete_authorization(
         &self,
         id: u64,
         result: Result<Authorization, String>,
         replay: Vec<Replayed>,
     ) -> bool {
-        self.inner.authz.complete(id, result.map(|a| (a, replay)))
+        let barrier = (result.is_ok() && self.inner.authz.wants_replay(id)).then(|| {
+            let (subscribed, wait) = oneshot::channel();
+            let _ = self.publish_tx.send(Dispatch::AwaitSubscription(wait));
+            subscribed
+        });
+        self.inner
+            .authz
+            .complete(id, result.map(|a| (a, replay)), barrier)
     }
 
     /// Sets the members tracked from SQL (`realtime.track`) on one topic to exactly `members`
@@ -377,8 +400,16 @@ impl Drop for Server {
     }
 }
 
-async fn dispatch_db_messages(mut rx: mpsc::UnboundedReceiver<DbBroadcast>, inner: Arc<Inner>) {
-    while let Some(msg) = rx.recv().await {
+async fn dispatch_db_messages(mut rx: mpsc::UnboundedReceiver<Dispatch>, inner: Arc<Inner>) {
+    while let Some(item) = rx.recv().await {
+        let msg = match item {
+            Dispatch::Message(msg) => msg,
+            Dispatch::AwaitSubscription(subscribed) => {
+                // Released when the channel subscribed, or dropped when it will not.
+                let _ = tokio::time::timeout(SUBSCRIBE_WAIT, subscribed).await;
+                continue;
+            }
+        };
         if msg.payload.len() > inner.config().max_payload_bytes {
             log::warn!(
                 "realtime: database message {} on {} exceeds the payload limit; not delivered",

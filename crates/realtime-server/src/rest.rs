@@ -73,6 +73,7 @@ async fn may_write(inner: &Inner, subtopic: &str, claims: &Claims, headers_json:
             replay: None,
         })
         .await
+        .0
         .is_ok_and(|(a, _)| a.broadcast_write)
 }
 
