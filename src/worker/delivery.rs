@@ -144,6 +144,8 @@ pub struct Delivery {
     stall: Stall,
     server: Server,
     last_expiry: Instant,
+    /// The last expiry failed (logged once until one succeeds).
+    expiry_failing: bool,
 }
 
 /// The settings the socket server reads, snapshotted on the main thread (the only thread that
@@ -228,6 +230,7 @@ impl Delivery {
             stall: Stall::default(),
             server,
             last_expiry: Instant::now(),
+            expiry_failing: false,
         }
     }
 
@@ -276,9 +279,15 @@ impl Delivery {
         presence::mirror(presence_changes);
         if self.last_expiry.elapsed() >= PRESENCE_EXPIRY_INTERVAL {
             self.last_expiry = Instant::now();
-            if let Err(e) = presence::expire() {
-                super::exit_if_extension_dropped();
-                log!("pg_realtime: cannot expire SQL presence: {e}");
+            match presence::expire() {
+                Ok(()) => self.expiry_failing = false,
+                Err(e) => {
+                    super::exit_if_extension_dropped();
+                    // Once per streak of failures: it is retried every second.
+                    if !std::mem::replace(&mut self.expiry_failing, true) {
+                        log!("pg_realtime: cannot expire SQL presence (retrying quietly): {e}");
+                    }
+                }
             }
         }
     }
