@@ -6,14 +6,29 @@ use pgrx::prelude::*;
 use std::ffi::c_int;
 use std::time::Duration;
 
-/// Runs `body` in its own transaction with a snapshot. An ERROR inside propagates (the worker
-/// then exits with code 1 and the postmaster restarts it).
-pub fn run<R>(body: impl FnOnce() -> R) -> R {
+/// Starts a transaction and pushes a snapshot for it.
+fn begin() {
     unsafe {
         pg_sys::SetCurrentStatementStartTimestamp();
         pg_sys::StartTransactionCommand();
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
     }
+}
+
+/// Arms the statement timeout (the worker runs no client loop that would).
+fn arm_timeout(timeout: Duration) {
+    unsafe {
+        enable_timeout_after(
+            STATEMENT_TIMEOUT,
+            timeout.as_millis().min(i32::MAX as u128) as c_int,
+        )
+    };
+}
+
+/// Runs `body` in its own transaction with a snapshot. An ERROR inside propagates (the worker
+/// then exits with code 1 and the postmaster restarts it).
+pub fn run<R>(body: impl FnOnce() -> R) -> R {
+    begin();
     let result = body();
     unsafe {
         pg_sys::PopActiveSnapshot();
@@ -27,11 +42,7 @@ pub fn run<R>(body: impl FnOnce() -> R) -> R {
 pub fn try_run<R>(
     body: impl FnOnce() -> R + std::panic::UnwindSafe + std::panic::RefUnwindSafe,
 ) -> Result<R, String> {
-    unsafe {
-        pg_sys::SetCurrentStatementStartTimestamp();
-        pg_sys::StartTransactionCommand();
-        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-    }
+    begin();
     PgTryBuilder::new(|| {
         let result = body();
         unsafe {
@@ -80,15 +91,8 @@ pub fn rolled_back<R>(
     timeout: Duration,
     body: impl FnOnce() -> Result<R, String>,
 ) -> Result<R, String> {
-    unsafe {
-        pg_sys::SetCurrentStatementStartTimestamp();
-        pg_sys::StartTransactionCommand();
-        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-        enable_timeout_after(
-            STATEMENT_TIMEOUT,
-            timeout.as_millis().min(i32::MAX as u128) as c_int,
-        );
-    }
+    begin();
+    arm_timeout(timeout);
     let body = std::panic::AssertUnwindSafe(body);
     let result = PgTryBuilder::new(move || {
         let body = body;
@@ -115,24 +119,15 @@ pub fn rolled_back_each<T, R>(
     if items.is_empty() {
         return Vec::new();
     }
-    unsafe {
-        pg_sys::SetCurrentStatementStartTimestamp();
-        pg_sys::StartTransactionCommand();
-        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-    }
+    begin();
     let mut results = Vec::with_capacity(items.len());
     for item in items {
         // What the subtransaction's start and rollback switch away from, as plpgsql restores
         // around each BEGIN ... EXCEPTION block.
         let (context, owner) =
             unsafe { (pg_sys::CurrentMemoryContext, pg_sys::CurrentResourceOwner) };
-        unsafe {
-            pg_sys::BeginInternalSubTransaction(std::ptr::null());
-            enable_timeout_after(
-                STATEMENT_TIMEOUT,
-                timeout.as_millis().min(i32::MAX as u128) as c_int,
-            );
-        }
+        unsafe { pg_sys::BeginInternalSubTransaction(std::ptr::null()) };
+        arm_timeout(timeout);
         let run = std::panic::AssertUnwindSafe(|| body(item));
         let result = PgTryBuilder::new(move || {
             let run = run;

@@ -741,27 +741,40 @@ impl Conn {
             .channels
             .get(&topic)
             .is_some_and(|ch| ch.presence_enabled);
+        self.ask_in_background(
+            subtopic,
+            claims,
+            presence,
+            AuthorizationPurpose::Write,
+            move |answer| Internal::WriteRights {
+                topic,
+                generation,
+                answer,
+            },
+        );
+    }
+
+    /// Asks the worker for a joined channel's rights without blocking this connection; the
+    /// answer comes back through `reply` to the connection's loop.
+    fn ask_in_background(
+        &self,
+        subtopic: String,
+        claims: Claims,
+        presence: bool,
+        purpose: AuthorizationPurpose,
+        reply: impl FnOnce(Result<Authorization, String>) -> Internal + Send + 'static,
+    ) {
         let inner = self.inner.clone();
         let tx = self.internal_tx.clone();
         let headers = self.headers_json.clone();
         tokio::spawn(async move {
             let answer = ask(
-                &inner,
-                &subtopic,
-                &claims,
-                &headers,
-                presence,
-                AuthorizationPurpose::Write,
-                None,
+                &inner, &subtopic, &claims, &headers, presence, purpose, None,
             )
             .await
             .0
             .map(|(a, _)| a);
-            let _ = tx.send(Internal::WriteRights {
-                topic,
-                generation,
-                answer,
-            });
+            let _ = tx.send(reply(answer));
         });
     }
 
@@ -911,29 +924,18 @@ impl Conn {
                 let presence = ch.presence_enabled;
                 if private {
                     let generation = self.bump_generation(&m.topic);
-                    let inner = self.inner.clone();
-                    let tx = self.internal_tx.clone();
-                    let headers = self.headers_json.clone();
                     let topic = m.topic.clone();
-                    tokio::spawn(async move {
-                        let answer = ask(
-                            &inner,
-                            &subtopic,
-                            &claims,
-                            &headers,
-                            presence,
-                            AuthorizationPurpose::TokenRefresh,
-                            None,
-                        )
-                        .await
-                        .0
-                        .map(|(a, _)| a);
-                        let _ = tx.send(Internal::RefreshAuthorized {
+                    self.ask_in_background(
+                        subtopic,
+                        claims,
+                        presence,
+                        AuthorizationPurpose::TokenRefresh,
+                        move |answer| Internal::RefreshAuthorized {
                             topic,
                             generation,
                             answer,
-                        });
-                    });
+                        },
+                    );
                 }
             }
         }
