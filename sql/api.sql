@@ -154,11 +154,12 @@ LANGUAGE plpgsql
 -- The worker runs it with plan_cache_mode = force_generic_plan (set once for its session, not
 -- here: a SET clause costs a GUC save and restore on every call).
 AS $$
--- Called by the background worker (a superuser) inside a transaction it always rolls back.
+-- Called by the background worker (a superuser) inside a transaction it always rolls back,
+-- for write checks; the read checks of joins run the same probes, settings and query from
+-- Rust (src/worker/authorization.rs), without this function's call overhead.
 -- Probe rows are inserted before the role switch, so no policy applies to them; then the
 -- user's SELECT policies decide what it may read and its INSERT policies (each in its own
 -- savepoint) what it may write. Everything arrives as parameters, never as SQL text.
--- Kept to simple statements: each one's executor start-up is most of a join's cost.
 DECLARE
     probes uuid[] := '{}';
     probe uuid;

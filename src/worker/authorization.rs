@@ -20,10 +20,119 @@ const PRESENCE: &str = "presence";
 /// A policy that runs longer than this fails the check instead of stalling the worker.
 const AUTHORIZATION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
+type KeptPlan = std::cell::OnceCell<OwnedPreparedStatement>;
+
 thread_local! {
     /// Parsed and planned once per worker: authorization is the hot path of private joins.
-    static AUTHORIZE_PLAN: std::cell::OnceCell<OwnedPreparedStatement> =
-        const { std::cell::OnceCell::new() };
+    static AUTHORIZE_PLAN: KeptPlan = const { KeptPlan::new() };
+    static PROBE_INSERT_PLAN: KeptPlan = const { KeptPlan::new() };
+    static PROBE_READ_PLAN: KeptPlan = const { KeptPlan::new() };
+}
+
+/// A probe row per extension, inserted as the owner (no policy applies to it).
+const PROBE_INSERT: &str = "INSERT INTO realtime.messages (topic, extension, inserted_at, updated_at) \
+     VALUES ($1, $2, now(), now()) RETURNING id";
+/// Whether the probe is visible through the SELECT policies. `inserted_at` pins the probe's
+/// partition and, with `id`, its primary key: without it the planner may scan the partition,
+/// which fills with the dead rows of earlier checks.
+const PROBE_READ: &str =
+    "SELECT 1 FROM realtime.messages AS m WHERE m.id = $1 AND m.inserted_at = now()";
+
+/// Runs `f` with the statement kept in `cell`, preparing it on first use.
+fn with_plan<R>(
+    cell: &'static std::thread::LocalKey<KeptPlan>,
+    client: &pgrx::spi::SpiClient<'_>,
+    sql: &str,
+    types: &[PgOid],
+    f: impl FnOnce(&OwnedPreparedStatement) -> Result<R, String>,
+) -> Result<R, String> {
+    cell.with(|cell| {
+        let plan = match cell.get() {
+            Some(plan) => plan,
+            None => {
+                let kept = client
+                    .prepare_mut(sql, types)
+                    .map_err(|e| e.to_string())?
+                    .keep();
+                cell.get_or_init(|| kept)
+            }
+        };
+        f(plan)
+    })
+}
+
+/// `SET LOCAL`, as `set_config(name, value, true)` does; a bad value (a role that does not
+/// exist) raises, which fails this check alone.
+fn set_local(name: &str, value: &str) -> Result<(), String> {
+    let name = std::ffi::CString::new(name).map_err(|e| e.to_string())?;
+    let value =
+        std::ffi::CString::new(value).map_err(|_| "a claim contains a NUL byte".to_string())?;
+    unsafe {
+        pg_sys::set_config_option(
+            name.as_ptr(),
+            value.as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_LOCAL,
+            true,
+            pgrx::PgLogLevel::ERROR as i32,
+            false,
+        );
+    }
+    Ok(())
+}
+
+/// The read checks of a join or token refresh, straight from Rust: the same probes, settings
+/// and query as `realtime._authorize`, without its function-call and PL/pgSQL layers (this is
+/// the hot path of private joins). Inside a (sub)transaction that is rolled back.
+fn read_checks(request: &AuthorizationRequest, read: &[&str]) -> Result<Vec<Verdict>, String> {
+    let error = |e: pgrx::spi::SpiError| e.to_string();
+    let text = PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTOID);
+    let uuid = PgOid::BuiltIn(pg_sys::BuiltinOid::UUIDOID);
+    Spi::connect(|client| {
+        let mut probes = Vec::with_capacity(read.len());
+        for extension in read {
+            let id = with_plan(
+                &PROBE_INSERT_PLAN,
+                client,
+                PROBE_INSERT,
+                &[text, text],
+                |plan| {
+                    let rows = client
+                        .select(
+                            plan,
+                            None,
+                            &[request.subtopic.as_str().into(), (*extension).into()],
+                        )
+                        .map_err(error)?;
+                    let row = rows.into_iter().next();
+                    row.and_then(|r| r.get::<pgrx::Uuid>(1).transpose())
+                        .transpose()
+                        .map_err(error)?
+                        .ok_or_else(|| "the probe row got no id".to_string())
+                },
+            )?;
+            probes.push(id);
+        }
+        set_local("role", &request.claims.role)?;
+        set_local("realtime.topic", &request.subtopic)?;
+        set_local("request.jwt.claims", &request.claims.json)?;
+        set_local(
+            "request.jwt.claim.sub",
+            request.claims.sub.as_deref().unwrap_or(""),
+        )?;
+        set_local("request.jwt.claim.role", &request.claims.role)?;
+        set_local("request.headers", &request.headers_json)?;
+        let mut verdicts = Vec::with_capacity(read.len());
+        for (extension, id) in read.iter().zip(probes) {
+            let visible = with_plan(&PROBE_READ_PLAN, client, PROBE_READ, &[uuid], |plan| {
+                let rows = client.select(plan, None, &[id.into()]).map_err(error)?;
+                Ok(!rows.is_empty())
+            })?;
+            verdicts.push((Some(extension.to_string()), Some(visible), None));
+        }
+        Ok(verdicts)
+    })
 }
 
 /// One row of `realtime._authorize`: (extension, can_read, can_write).
@@ -175,7 +284,12 @@ fn rights(request: &AuthorizationRequest) -> Result<Authorization, String> {
             (vec![BROADCAST], vec![])
         }
     };
-    let verdicts = run_checks(request, &read, &write).map_err(|e| format!("Unauthorized: {e}"))?;
+    let verdicts = if write.is_empty() {
+        read_checks(request, &read)
+    } else {
+        run_checks(request, &read, &write)
+    }
+    .map_err(|e| format!("Unauthorized: {e}"))?;
     let mut answer = Authorization::default();
     for (extension, can_read, can_write) in verdicts {
         let (can_read, can_write) = (can_read.unwrap_or(false), can_write.unwrap_or(false));
