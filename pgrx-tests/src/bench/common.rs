@@ -12,7 +12,7 @@ use tokio_tungstenite::tungstenite::Message;
 use super::args::Args;
 use super::client::{self, HEARTBEAT, HEARTBEAT_EVERY, Incoming, JoinOptions, Protocol, Role, Ws};
 use super::jwt;
-use super::stats::{Recorder, Window, latency_json, round2};
+use super::stats::{self, ProcSample, Recorder, Window, latency_json, proc_delta_json, round2};
 
 pub struct Common {
     pub protocol: Protocol,
@@ -252,6 +252,36 @@ impl Report {
         self.add("latency", latency_json(&received.latency));
     }
 
+    /// The errors of every stage: their count and the first five samples.
+    pub fn add_errors(&mut self, stages: &[&Recorder]) {
+        self.add("errors", stages.iter().map(|r| r.errors).sum::<u64>());
+        let samples: Vec<&String> = stages
+            .iter()
+            .flat_map(|r| &r.error_samples)
+            .take(5)
+            .collect();
+        self.add("error_samples", json!(samples));
+    }
+
+    /// The worker's and the generator's memory and CPU over the window (readings at its two
+    /// edges), and the worker's CPU per delivery.
+    pub fn add_processes(
+        &mut self,
+        worker: (Option<ProcSample>, Option<ProcSample>),
+        deliveries: u64,
+        generator: (Option<ProcSample>, Option<ProcSample>),
+    ) {
+        self.add("server_process", proc_delta_json(worker.0, worker.1));
+        self.add(
+            "server_cpu_us_per_delivery",
+            stats::cpu_us_per(worker.0, worker.1, deliveries),
+        );
+        self.add(
+            "generator_process",
+            proc_delta_json(generator.0, generator.1),
+        );
+    }
+
     pub fn to_json(&self) -> Value {
         let mut map = serde_json::Map::new();
         map.insert("scenario".into(), json!(self.scenario));
@@ -306,6 +336,20 @@ fn human(v: &Value) -> String {
 
 /// A child process of the generator holding a share of the sockets (one process may open at
 /// most 20,000 files). Parent and child talk over pipes: one line per command and per answer.
+/// Reads a child's closing `result <json>` line.
+pub async fn read_result(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+) -> Result<Value, String> {
+    let line = lines
+        .next_line()
+        .await
+        .map_err(|e| e.to_string())?
+        .unwrap_or_default();
+    line.strip_prefix("result ")
+        .and_then(|j| serde_json::from_str(j).ok())
+        .ok_or_else(|| format!("child said {line:?} instead of result"))
+}
+
 pub struct Child {
     pub process: tokio::process::Child,
     pub pid: Option<i32>,

@@ -18,9 +18,7 @@ use super::args::Args;
 use super::client::{self, Role};
 use super::common::{self, Common, Report};
 use super::fanout::{sleep_until_us, topic_name};
-use super::stats::{
-    self, Recorder, Window, histogram, latency_json, now_us, proc_delta_json, round2,
-};
+use super::stats::{self, Recorder, Window, histogram, latency_json, now_us, round2};
 
 const SEND_SQL: &str = "SELECT realtime.send(jsonb_build_object('t', $1::bigint, 'p', $2::text), 'e', $3::text, false)";
 /// The do-it-yourself equivalent: keep the row (as `realtime.send` does) and NOTIFY it, in one
@@ -226,20 +224,7 @@ pub async fn run(args: &Args) -> Result<Report, String> {
     report.add("sent_per_sec", round2(sent_in_window as f64 / secs));
     report.add_deliveries(&received, expected, secs);
     report.add("statement_latency", latency_json(&statement));
-    report.add(
-        "errors",
-        setup.errors + send_errors.errors + received.errors,
-    );
-    let mut samples = setup.error_samples;
-    samples.extend(send_errors.error_samples);
-    samples.extend(received.error_samples);
-    samples.truncate(5);
-    report.add("error_samples", json!(samples));
-    report.add("server_process", proc_delta_json(worker0, worker1));
-    report.add(
-        "server_cpu_us_per_delivery",
-        stats::cpu_us_per(worker0, worker1, received.in_window),
-    );
-    report.add("generator_process", proc_delta_json(me0, me1));
+    report.add_errors(&[&setup, &send_errors, &received]);
+    report.add_processes((worker0, worker1), received.in_window, (me0, me1));
     Ok(report)
 }

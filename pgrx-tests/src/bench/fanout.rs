@@ -12,7 +12,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use super::args::Args;
 use super::client::{self, Frames, HEARTBEAT, HEARTBEAT_EVERY, Incoming, Protocol, Role, Ws};
 use super::common::{self, Common, Report};
-use super::stats::{self, Recorder, Window, now_us, proc_delta_json, round2};
+use super::stats::{self, Recorder, Window, now_us, round2};
 
 /// Publishers send in bursts on this tick: fine enough for smooth load, coarse enough that
 /// the timer is not the work.
@@ -138,19 +138,8 @@ pub async fn run(args: &Args) -> Result<Report, String> {
         round2(published.in_window as f64 / secs),
     );
     report.add_deliveries(&received, expected, secs);
-    let errors = setup.errors + published.errors.errors + received.errors;
-    report.add("errors", errors);
-    let mut samples = setup.error_samples;
-    samples.extend(published.errors.error_samples);
-    samples.extend(received.error_samples);
-    samples.truncate(5);
-    report.add("error_samples", json!(samples));
-    report.add("server_process", proc_delta_json(worker0, worker1));
-    report.add(
-        "server_cpu_us_per_delivery",
-        stats::cpu_us_per(worker0, worker1, received.in_window),
-    );
-    report.add("generator_process", proc_delta_json(me0, me1));
+    report.add_errors(&[&setup, &published.errors, &received]);
+    report.add_processes((worker0, worker1), received.in_window, (me0, me1));
     Ok(report)
 }
 

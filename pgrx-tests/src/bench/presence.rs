@@ -122,15 +122,7 @@ pub async fn run(args: &Args) -> Result<Report, String> {
             .await
             .map_err(|e| e.to_string())?;
         drop(stdin);
-        let line = lines
-            .next_line()
-            .await
-            .map_err(|e| e.to_string())?
-            .unwrap_or_default();
-        let result: Value = line
-            .strip_prefix("result ")
-            .and_then(|j| serde_json::from_str(j).ok())
-            .ok_or_else(|| format!("child said {line:?} instead of result"))?;
+        let result = common::read_result(&mut lines).await?;
         let num = |k: &str| result[k].as_u64().unwrap_or(0);
         if let Some(t) = result["first_track_us"].as_u64() {
             first_track = first_track.min(t);
