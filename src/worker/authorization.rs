@@ -29,6 +29,8 @@ thread_local! {
     static PROBE_READ_PLAN: KeptPlan = const { KeptPlan::new() };
 }
 
+const AUTHORIZE: &str = "SELECT extension, can_read, can_write \
+     FROM realtime._authorize($1, $2, $3, $4, $5, $6, $7)";
 /// A probe row per extension, inserted as the owner (no policy applies to it).
 const PROBE_INSERT: &str = "INSERT INTO realtime.messages (topic, extension, inserted_at, updated_at) \
      VALUES ($1, $2, now(), now()) RETURNING id";
@@ -145,25 +147,15 @@ fn run_checks(
     write: &[&str],
 ) -> Result<Vec<Verdict>, String> {
     let error = |e: pgrx::spi::SpiError| e.to_string();
-    {
-        Spi::connect(|client| {
-            AUTHORIZE_PLAN.with(|cell| {
-                let plan = match cell.get() {
-                    Some(plan) => plan,
-                    None => {
-                        let text = PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTOID);
-                        let texts = PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTARRAYOID);
-                        let kept = client
-                            .prepare_mut(
-                                "SELECT extension, can_read, can_write
-                                   FROM realtime._authorize($1, $2, $3, $4, $5, $6, $7)",
-                                &[text, text, text, text, text, texts, texts],
-                            )
-                            .map_err(error)?
-                            .keep();
-                        cell.get_or_init(|| kept)
-                    }
-                };
+    let text = PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTOID);
+    let texts = PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTARRAYOID);
+    Spi::connect(|client| {
+        with_plan(
+            &AUTHORIZE_PLAN,
+            client,
+            AUTHORIZE,
+            &[text, text, text, text, text, texts, texts],
+            |plan| {
                 let rows = client
                     .select(
                         plan,
@@ -188,9 +180,9 @@ fn run_checks(
                     ));
                 }
                 Ok(out)
-            })
-        })
-    }
+            },
+        )
+    })
 }
 
 /// Answers requests of the socket server, in order. A role that does not exist or a policy

@@ -419,6 +419,11 @@ pub async fn tell_all(children: &mut [Child], command: &[u8]) -> Result<(), Stri
     Ok(())
 }
 
+/// A child's half of [`read_joined`]: prints `joined <ok> <failed> <seconds>`.
+pub fn say_joined(ok: usize, failed: u64, took: Duration) {
+    println!("joined {ok} {failed} {:.2}", took.as_secs_f64());
+}
+
 /// Reads every child's `joined <ok> <failed> <seconds>` line; returns the sums of ok and failed.
 pub async fn read_joined(children: &mut [Child]) -> Result<(u64, u64), String> {
     let (mut joined, mut failed) = (0u64, 0u64);

@@ -184,12 +184,7 @@ pub async fn child(args: &Args) -> Result<(), String> {
             Err(e) => setup.error(e),
         }
     }
-    println!(
-        "joined {} {} {:.2}",
-        tasks.len(),
-        setup.errors,
-        started.elapsed().as_secs_f64()
-    );
+    common::say_joined(tasks.len(), setup.errors, started.elapsed());
 
     let mut stdin = BufReader::new(tokio::io::stdin()).lines();
     let _ = stdin.next_line().await;

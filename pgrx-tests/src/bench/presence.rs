@@ -263,12 +263,7 @@ pub async fn child(args: &Args) -> Result<(), String> {
         }
     }
     drop((converged_tx, checked_tx));
-    println!(
-        "joined {} {} {:.2}",
-        tasks.len(),
-        setup.errors,
-        started.elapsed().as_secs_f64()
-    );
+    common::say_joined(tasks.len(), setup.errors, started.elapsed());
 
     let mut stdin = BufReader::new(tokio::io::stdin()).lines();
     let command = stdin.next_line().await.ok().flatten().unwrap_or_default();
