@@ -78,25 +78,12 @@ BEGIN
 END
 $$;
 
+-- The same checks and insert as realtime._store, in Rust with a kept plan (src/api/send.rs):
+-- every message sent from SQL goes through here.
 CREATE FUNCTION realtime.send(payload jsonb, event text, topic text, private boolean DEFAULT true)
 RETURNS void
-LANGUAGE plpgsql
-AS $$
-DECLARE
-    generated_id uuid := gen_random_uuid();
-BEGIN
-    IF payload IS NULL THEN
-        RAISE EXCEPTION 'realtime.send payload must not be NULL' USING ERRCODE = 'null_value_not_allowed';
-    ELSIF jsonb_typeof(payload) <> 'object' THEN
-        RAISE EXCEPTION 'realtime.send payload must be a JSON object, not %', jsonb_typeof(payload)
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    IF NOT payload ? 'id' THEN
-        payload := payload || jsonb_build_object('id', generated_id);
-    END IF;
-    PERFORM realtime._store(generated_id, payload, NULL, event, topic, private);
-END
-$$;
+LANGUAGE c VOLATILE
+AS 'MODULE_PATHNAME', 'realtime_send';
 
 CREATE FUNCTION realtime.send_binary(payload bytea, event text, topic text, private boolean DEFAULT true)
 RETURNS void
@@ -257,7 +244,7 @@ COMMENT ON FUNCTION realtime.setup_api_roles() IS
 COMMENT ON FUNCTION realtime.stats() IS
     'Counters since the cluster started (failed sends, queued, delivered, discarded) and the commit queue''s fill.';
 COMMENT ON FUNCTION realtime._store(uuid, jsonb, bytea, text, text, boolean) IS
-    'Internal: validates and inserts one broadcast row for realtime.send and realtime.send_binary.';
+    'Internal: validates and inserts one broadcast row for realtime.send_binary (realtime.send does the same in Rust).';
 COMMENT ON FUNCTION realtime._authorize(text, text, text, text, text, text[], text[]) IS
     'Internal: the RLS read and write checks of a private channel, run by the worker in a transaction it rolls back.';
 COMMENT ON FUNCTION realtime._count_failed_send() IS

@@ -15,6 +15,14 @@ pub enum RealtimeError {
     NotPreloaded,
     #[error("realtime message has no event")]
     MissingEvent,
+    #[error("realtime.send payload must not be NULL")]
+    SendNullPayload,
+    #[error("realtime.send payload must be a JSON object, not {0}")]
+    SendPayloadNotObject(String),
+    #[error("realtime message {0} must not be NULL")]
+    SendNullArgument(&'static str),
+    #[error("realtime message {0} must not be empty")]
+    SendEmptyArgument(&'static str),
     #[error("realtime message has an empty topic")]
     EmptyTopic,
     #[error("realtime topic is {0} bytes long; the limit is {MAX_TOPIC_BYTES}")]
@@ -40,11 +48,15 @@ impl RealtimeError {
         use PgSqlErrorCode::*;
         match self {
             RealtimeError::NotPreloaded => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            RealtimeError::MissingEvent => ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            RealtimeError::MissingEvent
+            | RealtimeError::SendNullPayload
+            | RealtimeError::SendNullArgument(_) => ERRCODE_NULL_VALUE_NOT_ALLOWED,
             RealtimeError::EmptyTopic
             | RealtimeError::TopicTooLong(_)
             | RealtimeError::EventTooLong(_)
-            | RealtimeError::TwoPayloads => ERRCODE_INVALID_PARAMETER_VALUE,
+            | RealtimeError::TwoPayloads
+            | RealtimeError::SendPayloadNotObject(_)
+            | RealtimeError::SendEmptyArgument(_) => ERRCODE_INVALID_PARAMETER_VALUE,
             RealtimeError::PayloadTooLarge { .. } => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             RealtimeError::QueueFull { .. } => ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
             RealtimeError::PrepareAfterSend => ERRCODE_FEATURE_NOT_SUPPORTED,

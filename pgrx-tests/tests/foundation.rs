@@ -260,6 +260,55 @@ fn rls_without_policy_denies_and_topic_policies_decide() {
 }
 
 #[test]
+fn send_turns_only_refusals_into_warnings() {
+    let cluster = Cluster::start("send_refusals", &[]);
+    let mut c = cluster.connect();
+    c.batch_execute(
+        "CREATE FUNCTION public.guard() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.topic = 'refused' THEN
+                 RAISE EXCEPTION 'not this topic' USING ERRCODE = 'check_violation';
+             ELSIF NEW.topic = 'slow' THEN
+                 PERFORM pg_sleep(5);
+             END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER guard BEFORE INSERT ON realtime.messages
+             FOR EACH ROW EXECUTE FUNCTION public.guard();",
+    )
+    .unwrap();
+    // A trigger of the user's refuses the row: a warning, counted, as Supabase does.
+    c.batch_execute("SELECT realtime.send('{}', 'e', 'refused', false)")
+        .unwrap();
+    // A cancel is not a refusal: it stops the caller, as PL/pgSQL's WHEN OTHERS lets it.
+    assert_eq!(
+        sqlstate(c.batch_execute(
+            "SET statement_timeout = '200ms'; SELECT realtime.send('{}', 'e', 'slow', false)"
+        )),
+        SqlState::QUERY_CANCELED
+    );
+    c.batch_execute("RESET statement_timeout").unwrap();
+    let failed: i64 = c
+        .query_one("SELECT failed_sends FROM realtime.stats()", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(failed, 1, "only the refusal is counted");
+
+    // The insert plan this session keeps follows a recreated extension's new table.
+    c.batch_execute(
+        r#"DROP EXTENSION pg_realtime CASCADE;
+           CREATE EXTENSION pg_realtime;
+           SELECT realtime.send('{"after":"recreate"}', 'e', 'room', false);"#,
+    )
+    .unwrap();
+    let payload: serde_json::Value = c
+        .query_one("SELECT payload FROM realtime.messages", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(payload["after"], "recreate");
+}
+
+#[test]
 fn partitions_cover_yesterday_to_today_plus_three_and_old_ones_are_dropped() {
     let cluster = Cluster::start("partitions", &["realtime.maintenance_interval = 1"]);
     let mut c = cluster.connect();

@@ -1,0 +1,242 @@
+//! `realtime.send(payload, event, topic, private)`: the hottest SQL function of the extension,
+//! so it runs its checks in Rust and stores the message with one INSERT plan kept per backend,
+//! instead of two layers of PL/pgSQL around the same INSERT. Behaviour and error texts are
+//! those of the PL/pgSQL `realtime._store` that `send_binary` still uses (sql/api.sql).
+
+use std::ffi::CStr;
+use std::ptr;
+use std::sync::atomic::{AtomicPtr, Ordering};
+
+use pgrx::fcinfo::{pg_getarg_datum, pg_return_void};
+use pgrx::pg_sys::panic::{CaughtError, ErrorReport};
+use pgrx::prelude::*;
+
+use crate::error::RealtimeError;
+use crate::gucs::{self, SendErrors};
+use crate::queue::shmem;
+
+/// The payload gets the row's id unless it brings its own, as Supabase's `send` does.
+/// Everything is schema-qualified: the plan is parsed under the first caller's search_path.
+const INSERT: &CStr =
+    c"INSERT INTO realtime.messages (id, payload, event, topic, private, extension) \
+    VALUES ($1, CASE WHEN $2 OPERATOR(pg_catalog.?) 'id' THEN $2 \
+                     ELSE $2 OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object('id', $1) END, \
+            $3, $4, COALESCE($5, true), 'broadcast')";
+
+/// The prepared INSERT, kept for the backend's life (the plan cache revalidates it).
+static PLAN: AtomicPtr<pg_sys::_SPI_plan> = AtomicPtr::new(ptr::null_mut());
+
+const WARNING_HINT: &str = "The message was not sent. SET realtime.send_errors = error to raise \
+                            instead; failures are counted in realtime.stats().";
+
+/// The C entry point of `realtime.send` (declared in sql/api.sql).
+///
+/// # Safety
+/// Called by the function manager with a valid `fcinfo` of four arguments.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn realtime_send(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    let arg = |n| unsafe { pg_getarg_datum(fcinfo, n) };
+    let Some(payload) = arg(0) else {
+        RealtimeError::SendNullPayload.raise()
+    };
+    if let Some(kind) = unsafe { non_object_kind(payload) } {
+        RealtimeError::SendPayloadNotObject(kind).raise()
+    }
+    let (topic, topic_text) = unsafe { required_text(arg(2), "topic") };
+    let (event, _) = unsafe { required_text(arg(1), "event") };
+    // Lets INSERT policies decide with realtime.topic(), as in Supabase; it stays set for the
+    // rest of the transaction, as set_config(..., true) does.
+    unsafe { set_topic(topic_text) };
+
+    let private = arg(3);
+    let mut values = [
+        random_uuid(),
+        payload,
+        event,
+        topic,
+        private.unwrap_or(pg_sys::Datum::null()),
+    ];
+    let nulls = [
+        b' ',
+        b' ',
+        b' ',
+        b' ',
+        if private.is_some() { b' ' } else { b'n' },
+    ];
+    match gucs::SEND_ERRORS.get() {
+        SendErrors::Error => unsafe { insert(&mut values, &nulls) },
+        SendErrors::Warning => unsafe { insert_or_warn(&mut values, &nulls) },
+    }
+    pg_return_void()
+}
+
+/// The function manager's "version 1" record for `realtime_send`.
+#[unsafe(no_mangle)]
+pub extern "C" fn pg_finfo_realtime_send() -> &'static pg_sys::Pg_finfo_record {
+    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+/// `None` for a JSON object, else what `jsonb_typeof` calls it.
+unsafe fn non_object_kind(payload: pg_sys::Datum) -> Option<String> {
+    // A Jsonb is a 4-byte varlena header followed by its root container's header word.
+    let jsonb = unsafe { pg_sys::pg_detoast_datum(payload.cast_mut_ptr()) };
+    let root = unsafe {
+        jsonb
+            .cast::<u8>()
+            .add(pg_sys::VARHDRSZ)
+            .cast::<u32>()
+            .read_unaligned()
+    };
+    if root & pg_sys::JB_FOBJECT != 0 {
+        return None;
+    }
+    let kind =
+        unsafe { pgrx::direct_function_call::<String>(pg_sys::jsonb_typeof, &[Some(payload)]) };
+    Some(kind.unwrap_or_else(|| "unknown".into()))
+}
+
+/// Raises unless `value` is a non-empty text; returns it and its C string.
+unsafe fn required_text(
+    value: Option<pg_sys::Datum>,
+    what: &'static str,
+) -> (pg_sys::Datum, *mut std::ffi::c_char) {
+    let Some(value) = value else {
+        RealtimeError::SendNullArgument(what).raise()
+    };
+    let text = unsafe { pg_sys::text_to_cstring(value.cast_mut_ptr()) };
+    if unsafe { *text } == 0 {
+        RealtimeError::SendEmptyArgument(what).raise()
+    }
+    (value, text)
+}
+
+unsafe fn set_topic(topic: *const std::ffi::c_char) {
+    let context = if unsafe { pg_sys::superuser() } {
+        pg_sys::GucContext::PGC_SUSET
+    } else {
+        pg_sys::GucContext::PGC_USERSET
+    };
+    unsafe {
+        pg_sys::set_config_option(
+            c"realtime.topic".as_ptr(),
+            topic,
+            context,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_LOCAL,
+            true,
+            PgLogLevel::ERROR as i32,
+            false,
+        );
+    }
+}
+
+/// A version 4 UUID from the same source as `gen_random_uuid()`.
+fn random_uuid() -> pg_sys::Datum {
+    let mut bytes = [0u8; 16];
+    if !unsafe { pg_sys::pg_strong_random(bytes.as_mut_ptr().cast(), bytes.len()) } {
+        RealtimeError::Internal("could not generate random values".into()).raise()
+    }
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    pgrx::Uuid::from_bytes(bytes)
+        .into_datum()
+        .unwrap_or_else(|| RealtimeError::Internal("uuid datum".into()).raise())
+}
+
+/// Runs the kept INSERT; any error propagates.
+unsafe fn insert(values: &mut [pg_sys::Datum; 5], nulls: &[u8; 5]) {
+    unsafe {
+        if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
+            RealtimeError::Internal("SPI_connect failed".into()).raise()
+        }
+        let plan = kept_plan();
+        let rc =
+            pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr().cast(), false, 0);
+        if rc != pg_sys::SPI_OK_INSERT as i32 {
+            RealtimeError::Internal(format!("storing the message returned SPI code {rc}")).raise()
+        }
+        pg_sys::SPI_finish();
+    }
+}
+
+/// Must be called while connected to SPI.
+unsafe fn kept_plan() -> pg_sys::SPIPlanPtr {
+    let plan = PLAN.load(Ordering::Relaxed);
+    if !plan.is_null() {
+        return plan;
+    }
+    let mut types = [
+        pg_sys::UUIDOID,
+        pg_sys::JSONBOID,
+        pg_sys::TEXTOID,
+        pg_sys::TEXTOID,
+        pg_sys::BOOLOID,
+    ];
+    unsafe {
+        let plan = pg_sys::SPI_prepare(INSERT.as_ptr(), types.len() as i32, types.as_mut_ptr());
+        if plan.is_null() || pg_sys::SPI_keepplan(plan) != 0 {
+            RealtimeError::Internal("could not prepare the message insert".into()).raise()
+        }
+        PLAN.store(plan, Ordering::Relaxed);
+        plan
+    }
+}
+
+/// Supabase's behaviour: a failed insert (permissions, policies, constraints) becomes a
+/// WARNING, is counted, and the caller's transaction goes on. The insert runs in a
+/// subtransaction, as a PL/pgSQL `BEGIN ... EXCEPTION` block would run it.
+unsafe fn insert_or_warn(values: &mut [pg_sys::Datum; 5], nulls: &[u8; 5]) {
+    let (context, owner) = unsafe { (pg_sys::CurrentMemoryContext, pg_sys::CurrentResourceOwner) };
+    unsafe {
+        pg_sys::BeginInternalSubTransaction(ptr::null());
+        pg_sys::MemoryContextSwitchTo(context);
+    }
+    let values = std::panic::AssertUnwindSafe(values);
+    let outcome = PgTryBuilder::new(move || {
+        let values = values;
+        unsafe { insert(values.0, nulls) };
+        Ok(())
+    })
+    .catch_others(|caught| Err(Box::new(caught)))
+    .execute();
+    unsafe {
+        match outcome {
+            Ok(()) => pg_sys::ReleaseCurrentSubTransaction(),
+            Err(_) => pg_sys::RollbackAndReleaseCurrentSubTransaction(),
+        }
+        pg_sys::MemoryContextSwitchTo(context);
+        pg_sys::CurrentResourceOwner = owner;
+    }
+    if let Err(caught) = outcome {
+        let report = match caught.as_ref() {
+            CaughtError::PostgresError(r) | CaughtError::ErrorReport(r)
+                if !must_propagate(r.sql_error_code()) =>
+            {
+                r
+            }
+            _ => caught.rethrow(),
+        };
+        shmem::stats().failed_sends.fetch_add(1, Ordering::Relaxed);
+        ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_WARNING,
+            format!("WarnSendingBroadcastMessage: {}", report.message()),
+            "pg_realtime",
+        )
+        .set_hint(WARNING_HINT)
+        .report(PgLogLevel::WARNING);
+    }
+}
+
+/// Errors that are not the insert being refused: bad input (too large, too long) is the
+/// caller's bug, and a cancel or an assertion must stop the caller, as PL/pgSQL's `WHEN OTHERS`
+/// would let them.
+fn must_propagate(code: PgSqlErrorCode) -> bool {
+    let category = |c: PgSqlErrorCode| (c as i32) & ((1 << 12) - 1);
+    let code_category = category(code);
+    code_category == category(PgSqlErrorCode::ERRCODE_DATA_EXCEPTION)
+        || code_category == category(PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED)
+        || code == PgSqlErrorCode::ERRCODE_QUERY_CANCELED
+        || code == PgSqlErrorCode::ERRCODE_ASSERT_FAILURE
+}
