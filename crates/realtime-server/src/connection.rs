@@ -138,16 +138,28 @@ pub(crate) async fn run(socket: WebSocket, info: ConnectInfo, inner: Arc<Inner>)
     };
     let (mut sink, mut stream) = socket.split();
     let mut shutdown = inner.shutdown.clone();
-    let mut shutdown_while_writing = inner.shutdown.clone();
     let mut last_inbound = Instant::now();
+    // The loop runs once per delivered frame, so it sets nothing up per turn: these futures
+    // live as long as the connection. One timer serves the idle timeout and the channels' token
+    // expiry; traffic only moves `last_inbound`, and the timer is re-armed when it fires or when
+    // a token expires sooner (a reloaded idle timeout applies from the next firing).
+    let timer = tokio::time::sleep_until(last_inbound + cfg.idle_timeout);
+    tokio::pin!(timer);
+    let overflowed = handle.overflowed();
+    tokio::pin!(overflowed);
+    let stop = stopped(&mut shutdown);
+    tokio::pin!(stop);
 
     let exit = loop {
-        let idle_deadline = last_inbound + inner.config().idle_timeout;
-        let next_expiry = conn.channels.values().map(|c| c.expires_at).min();
+        if let Some(expiry) = conn.next_expiry()
+            && expiry < timer.deadline()
+        {
+            timer.as_mut().reset(expiry);
+        }
         tokio::select! {
             biased;
-            _ = stopped(&mut shutdown) => break Exit::Shutdown,
-            _ = handle.overflowed() => break Exit::SlowConsumer,
+            _ = &mut stop => break Exit::Shutdown,
+            _ = &mut overflowed => break Exit::SlowConsumer,
             Some(frame) = rx.recv() => {
                 // Whatever else is already queued goes out with it in one write (one system
                 // call instead of one per frame).
@@ -165,8 +177,8 @@ pub(crate) async fn run(socket: WebSocket, info: ConnectInfo, inner: Arc<Inner>)
                 tokio::select! {
                     biased;
                     sent = write => if sent.is_err() { break Exit::Gone },
-                    _ = handle.overflowed() => break Exit::SlowConsumer,
-                    _ = stopped(&mut shutdown_while_writing) => break Exit::Shutdown,
+                    _ = &mut overflowed => break Exit::SlowConsumer,
+                    _ = &mut stop => break Exit::Shutdown,
                 }
             }
             Some(internal) = internal_rx.recv() => conn.on_internal(internal),
@@ -179,8 +191,15 @@ pub(crate) async fn run(socket: WebSocket, info: ConnectInfo, inner: Arc<Inner>)
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                 }
             }
-            _ = tokio::time::sleep_until(idle_deadline) => break Exit::Idle,
-            _ = sleep_until_opt(next_expiry) => conn.expire_tokens(),
+            _ = &mut timer => {
+                let idle_deadline = last_inbound + inner.config().idle_timeout;
+                if idle_deadline <= Instant::now() {
+                    break Exit::Idle;
+                }
+                conn.expire_tokens();
+                let next = conn.next_expiry().map_or(idle_deadline, |e| e.min(idle_deadline));
+                timer.as_mut().reset(next);
+            }
         }
     };
     let close = match exit {
@@ -238,13 +257,6 @@ async fn drain_until_closed(stream: &mut SplitStream<WebSocket>) {
         if matches!(m, Message::Close(_)) {
             break;
         }
-    }
-}
-
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 
@@ -1021,6 +1033,11 @@ impl Conn {
             }
             _ => self.reply_error(&m, "presence event must be \"track\" or \"untrack\""),
         }
+    }
+
+    /// When the first of the channels' tokens expires.
+    fn next_expiry(&self) -> Option<Instant> {
+        self.channels.values().map(|c| c.expires_at).min()
     }
 
     fn expire_tokens(&mut self) {
