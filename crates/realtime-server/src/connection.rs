@@ -30,6 +30,8 @@ pub(crate) const CLOSE_GOING_AWAY: u16 = 1001;
 pub(crate) const CLOSE_POLICY: u16 = 1008;
 const CLOSE_NORMAL: u16 = 1000;
 const SLOW_CONSUMER: &str = "slow consumer: outbound queue full";
+/// The reply to an acked broadcast that found the channel's write-check queue full.
+const TOO_MANY_HELD_WRITES: &str = "Too many messages per second";
 /// How long a closing handshake may take before the TCP connection is just dropped.
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 const SLOW_CLOSE_WRITE_TIMEOUT: Duration = Duration::from_millis(200);
@@ -735,7 +737,21 @@ impl Conn {
         match &mut ch.writes {
             WriteCheck::Running(held) if held.len() < MAX_HELD_WRITES => held.push(m),
             WriteCheck::Running(_) => {
-                log::debug!("dropping a write: too many wait for the channel's write check");
+                // Not kept, so not silently: an acking sender learns at once, and the log says
+                // which channel is writing faster than its database can authorize.
+                log::info!(
+                    "dropping a write on {}: {MAX_HELD_WRITES} already wait for the channel's write check",
+                    m.topic
+                );
+                if ch.broadcast_ack && m.event == "broadcast" {
+                    self.reply(
+                        m.join_ref.as_deref(),
+                        m.msg_ref.as_deref(),
+                        &m.topic,
+                        "error",
+                        json!({ "reason": TOO_MANY_HELD_WRITES }),
+                    );
+                }
             }
             WriteCheck::Unchecked => {
                 let topic = m.topic.clone();

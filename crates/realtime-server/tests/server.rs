@@ -796,18 +796,7 @@ async fn private_join_through_the_authorization_hook() {
     let mut ws = connect(addr, "2.0.0").await;
     send_text(&mut ws, json!(["1", "1", "realtime:vip", "phx_join", {"config": {"private": true}, "access_token": token()}])).await;
     let server = std::sync::Arc::new(server);
-    let s2 = server.clone();
-    let request = tokio::task::spawn_blocking(move || {
-        for _ in 0..1000 {
-            if let Some(Event::Authorize(r)) = s2.poll_events().into_iter().next() {
-                return r;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        panic!("no authorization request");
-    })
-    .await
-    .unwrap();
+    let request = next_authorization(&server).await;
     assert_eq!(request.subtopic, "vip");
     assert_eq!(request.purpose, AuthorizationPurpose::Join);
     assert_eq!(request.claims.role, "anon");
@@ -847,6 +836,85 @@ async fn private_join_through_the_authorization_hook() {
             .event,
         "priv"
     );
+    let server = std::sync::Arc::try_unwrap(server).ok().expect("sole owner");
+    stop(server).await;
+}
+
+/// The next authorization request the server asks the worker for (the test plays the worker).
+async fn next_authorization(
+    server: &std::sync::Arc<realtime_server::Server>,
+) -> realtime_server::AuthorizationRequest {
+    let server = server.clone();
+    tokio::task::spawn_blocking(move || {
+        for _ in 0..1000 {
+            if let Some(Event::Authorize(r)) = server.poll_events().into_iter().next() {
+                return r;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!("no authorization request");
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn writes_beyond_the_hold_of_a_running_write_check_are_refused_not_lost_silently() {
+    let (server, addr) = start(Config {
+        authorize_private: true,
+        ..test_config()
+    });
+    let server = std::sync::Arc::new(server);
+    let mut ws = connect(addr, "2.0.0").await;
+    send_text(
+        &mut ws,
+        json!(["1", "1", "realtime:vip", "phx_join",
+        {"config": {"private": true, "broadcast": {"ack": true}}, "access_token": token()}]),
+    )
+    .await;
+    let join = next_authorization(&server).await;
+    assert!(server.complete_authorization(
+        join.id,
+        Ok(Authorization {
+            broadcast_read: true,
+            ..Default::default()
+        }),
+        Vec::new()
+    ));
+    assert_eq!(next_json(&mut ws).await[4]["status"], "ok");
+
+    // The write check is not answered yet: 256 writes wait for it, the next one is refused.
+    for i in 0..=256 {
+        send_text(
+            &mut ws,
+            json!(["1", format!("m{i}"), "realtime:vip", "broadcast",
+            {"type": "broadcast", "event": "e", "payload": {"i": i}}]),
+        )
+        .await;
+    }
+    let refused = next_json(&mut ws).await;
+    assert_eq!(refused[1], "m256");
+    assert_eq!(
+        refused[4],
+        json!({"status": "error", "response": {"reason": "Too many messages per second"}})
+    );
+
+    let write = next_authorization(&server).await;
+    assert_eq!(write.purpose, AuthorizationPurpose::Write);
+    assert!(server.complete_authorization(
+        write.id,
+        Ok(Authorization {
+            broadcast_read: true,
+            broadcast_write: true,
+            ..Default::default()
+        }),
+        Vec::new()
+    ));
+    for i in 0..256 {
+        let reply = next_json(&mut ws).await;
+        assert_eq!(reply[1], format!("m{i}"), "held writes go on in order");
+        assert_eq!(reply[4]["status"], "ok");
+    }
     let server = std::sync::Arc::try_unwrap(server).ok().expect("sole owner");
     stop(server).await;
 }
