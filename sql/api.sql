@@ -131,70 +131,41 @@ CREATE TRIGGER queue_broadcast_row
     WHEN (NEW.extension = 'broadcast' AND NEW.event IS NOT NULL)
     EXECUTE FUNCTION realtime.queue_broadcast_row();
 
--- Creates Supabase's API roles where they are missing and grants them what Supabase grants.
-CREATE FUNCTION realtime._authorize(
-    topic text, role text, claims text, sub text, headers text,
-    read_extensions text[], write_extensions text[],
-    OUT extension text, OUT can_read boolean, OUT can_write boolean)
+CREATE FUNCTION realtime._authorize_writes(
+    topic text, role text, claims text, sub text, headers text, extensions text[],
+    OUT extension text, OUT can_write boolean)
 RETURNS SETOF record
 LANGUAGE plpgsql
 -- The worker runs it with plan_cache_mode = force_generic_plan (set once for its session, not
 -- here: a SET clause costs a GUC save and restore on every call).
 AS $$
--- Called by the background worker (a superuser) inside a transaction it always rolls back,
--- for write checks; the read checks of joins run the same probes, settings and query from
--- Rust (src/worker/authorization.rs), without this function's call overhead.
--- Probe rows are inserted before the role switch, so no policy applies to them; then the
--- user's SELECT policies decide what it may read and its INSERT policies (each in its own
--- savepoint) what it may write. Everything arrives as parameters, never as SQL text.
-DECLARE
-    probes uuid[] := '{}';
-    probe uuid;
-    all_extensions text[] := read_extensions || write_extensions;
-    e text;
-    at int;
+-- Called by the background worker (a superuser) inside a transaction it always rolls back, at
+-- a private channel's first write. With the token's role and claims set as Supabase sets them,
+-- each extension's probe row goes through the user's INSERT policies in its own savepoint.
+-- (The read checks of joins insert their probes as the owner and read them back through the
+-- SELECT policies, from Rust: src/worker/authorization.rs.) Everything arrives as parameters,
+-- never as SQL text.
 BEGIN
-    FOREACH e IN ARRAY read_extensions LOOP
-        INSERT INTO realtime.messages (topic, extension, inserted_at, updated_at)
-        VALUES (_authorize.topic, e, now(), now())
-        RETURNING id INTO probe;
-        probes := probes || probe;
-    END LOOP;
-
-    PERFORM set_config('role', _authorize.role, true),
-            set_config('realtime.topic', _authorize.topic, true),
+    PERFORM set_config('role', _authorize_writes.role, true),
+            set_config('realtime.topic', _authorize_writes.topic, true),
             set_config('request.jwt.claims', claims, true),
             set_config('request.jwt.claim.sub', coalesce(sub, ''), true),
-            set_config('request.jwt.claim.role', _authorize.role, true),
+            set_config('request.jwt.claim.role', _authorize_writes.role, true),
             set_config('request.headers', headers, true);
-
-    FOR i IN 1 .. coalesce(array_length(all_extensions, 1), 0) LOOP
-        e := all_extensions[i];
-        CONTINUE WHEN e = ANY (all_extensions[1:i - 1]);
-        extension := e;
-        can_read := NULL;
-        at := array_position(read_extensions, e);
-        IF at IS NOT NULL THEN
-            -- inserted_at pins the probe's partition and, with id, its primary key: without it
-            -- the planner may scan the partition, which fills with the dead rows of earlier checks.
-            PERFORM FROM realtime.messages AS m WHERE m.id = probes[at] AND m.inserted_at = now();
-            can_read := FOUND;
-        END IF;
-        can_write := NULL;
-        IF e = ANY (write_extensions) THEN
-            BEGIN
-                INSERT INTO realtime.messages (topic, extension, inserted_at, updated_at)
-                VALUES (_authorize.topic, e, now(), now());
-                can_write := true;
-            EXCEPTION WHEN insufficient_privilege THEN
-                can_write := false;
-            END;
-        END IF;
+    FOR extension IN SELECT DISTINCT e FROM unnest(extensions) AS e LOOP
+        BEGIN
+            INSERT INTO realtime.messages (topic, extension, inserted_at, updated_at)
+            VALUES (_authorize_writes.topic, _authorize_writes.extension, now(), now());
+            can_write := true;
+        EXCEPTION WHEN insufficient_privilege THEN
+            can_write := false;
+        END;
         RETURN NEXT;
     END LOOP;
 END
 $$;
 
+-- Creates Supabase's API roles where they are missing and grants them what Supabase grants.
 CREATE FUNCTION realtime.setup_api_roles() RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -221,7 +192,7 @@ $$;
 GRANT USAGE ON SCHEMA realtime TO PUBLIC;
 REVOKE ALL ON FUNCTION realtime.maintain_partitions(interval) FROM PUBLIC;
 REVOKE ALL ON FUNCTION realtime.setup_api_roles() FROM PUBLIC;
-REVOKE ALL ON FUNCTION realtime._authorize(text, text, text, text, text, text[], text[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION realtime._authorize_writes(text, text, text, text, text, text[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION realtime._create_partition(date) FROM PUBLIC;
 REVOKE ALL ON FUNCTION realtime._create_partitions() FROM PUBLIC;
 
@@ -245,8 +216,8 @@ COMMENT ON FUNCTION realtime.stats() IS
     'Counters since the cluster started (failed sends, queued, delivered, discarded) and the commit queue''s fill.';
 COMMENT ON FUNCTION realtime._store(uuid, jsonb, bytea, text, text, boolean) IS
     'Internal: validates and inserts one broadcast row for realtime.send_binary (realtime.send does the same in Rust).';
-COMMENT ON FUNCTION realtime._authorize(text, text, text, text, text, text[], text[]) IS
-    'Internal: the RLS read and write checks of a private channel, run by the worker in a transaction it rolls back.';
+COMMENT ON FUNCTION realtime._authorize_writes(text, text, text, text, text, text[]) IS
+    'Internal: the RLS write checks of a private channel, run by the worker at its first write in a transaction it rolls back.';
 COMMENT ON FUNCTION realtime._count_failed_send() IS
     'Internal: counts a message realtime.send could not store.';
 COMMENT ON FUNCTION realtime.queue_broadcast_row() IS

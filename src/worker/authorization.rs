@@ -3,8 +3,9 @@
 //! As Supabase does, the user's own policies on `realtime.messages` decide: probe rows are
 //! read (SELECT policies) and inserted (INSERT policies) under the client's role and claims,
 //! in a transaction that is always rolled back, so nothing is stored. Requests that arrive
-//! together share one transaction, each in its own subtransaction. The SQL lives in
-//! `realtime._authorize` (sql/api.sql); topics and claims are parameters, never SQL text.
+//! together share one transaction, each in its own subtransaction. The read checks' statements
+//! are below; the write checks are `realtime._authorize_writes` (sql/api.sql). Topics and
+//! claims are parameters, never SQL text.
 
 use super::transaction;
 use pgrx::PgOid;
@@ -24,13 +25,13 @@ type KeptPlan = std::cell::OnceCell<OwnedPreparedStatement>;
 
 thread_local! {
     /// Parsed and planned once per worker: authorization is the hot path of private joins.
-    static AUTHORIZE_PLAN: KeptPlan = const { KeptPlan::new() };
+    static WRITE_CHECK_PLAN: KeptPlan = const { KeptPlan::new() };
     static PROBE_INSERT_PLAN: KeptPlan = const { KeptPlan::new() };
     static PROBE_READ_PLAN: KeptPlan = const { KeptPlan::new() };
 }
 
-const AUTHORIZE: &str = "SELECT extension, can_read, can_write \
-     FROM realtime._authorize($1, $2, $3, $4, $5, $6, $7)";
+const WRITE_CHECK: &str = "SELECT extension, can_write \
+     FROM realtime._authorize_writes($1, $2, $3, $4, $5, $6)";
 /// A probe row per extension, inserted as the owner (no policy applies to it).
 const PROBE_INSERT: &str = "INSERT INTO realtime.messages (topic, extension, inserted_at, updated_at) \
      VALUES ($1, $2, now(), now()) RETURNING id";
@@ -84,9 +85,10 @@ fn set_local(name: &str, value: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The read checks of a join or token refresh, straight from Rust: the same probes, settings
-/// and query as `realtime._authorize`, without its function-call and PL/pgSQL layers (this is
-/// the hot path of private joins). Inside a (sub)transaction that is rolled back.
+/// The read checks of a join or token refresh, straight from Rust (this is the hot path of
+/// private joins): a probe row per extension inserted as the owner, the settings Supabase sets
+/// for the token, and the probe read back through the SELECT policies. Inside a
+/// (sub)transaction that is rolled back.
 fn read_checks(request: &AuthorizationRequest, read: &[&str]) -> Result<Vec<Verdict>, String> {
     let error = |e: pgrx::spi::SpiError| e.to_string();
     let text = PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTOID);
@@ -131,30 +133,27 @@ fn read_checks(request: &AuthorizationRequest, read: &[&str]) -> Result<Vec<Verd
                 let rows = client.select(plan, None, &[id.into()]).map_err(error)?;
                 Ok(!rows.is_empty())
             })?;
-            verdicts.push((Some(extension.to_string()), Some(visible), None));
+            verdicts.push((Some(extension.to_string()), visible));
         }
         Ok(verdicts)
     })
 }
 
-/// One row of `realtime._authorize`: (extension, can_read, can_write).
-type Verdict = (Option<String>, Option<bool>, Option<bool>);
+/// One extension's verdict: (extension, allowed).
+type Verdict = (Option<String>, bool);
 
-/// Runs `realtime._authorize` for one request; inside a (sub)transaction that is rolled back.
-fn run_checks(
-    request: &AuthorizationRequest,
-    read: &[&str],
-    write: &[&str],
-) -> Result<Vec<Verdict>, String> {
+/// Runs `realtime._authorize_writes` for one request; inside a (sub)transaction that is rolled
+/// back.
+fn write_checks(request: &AuthorizationRequest, write: &[&str]) -> Result<Vec<Verdict>, String> {
     let error = |e: pgrx::spi::SpiError| e.to_string();
     let text = PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTOID);
     let texts = PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTARRAYOID);
     Spi::connect(|client| {
         with_plan(
-            &AUTHORIZE_PLAN,
+            &WRITE_CHECK_PLAN,
             client,
-            AUTHORIZE,
-            &[text, text, text, text, text, texts, texts],
+            WRITE_CHECK,
+            &[text, text, text, text, text, texts],
             |plan| {
                 let rows = client
                     .select(
@@ -166,7 +165,6 @@ fn run_checks(
                             (&*request.claims.json).into(),
                             request.claims.sub.as_deref().into(),
                             request.headers_json.as_str().into(),
-                            read.to_vec().into(),
                             write.to_vec().into(),
                         ],
                     )
@@ -175,8 +173,7 @@ fn run_checks(
                 for row in rows {
                     out.push((
                         row.get::<String>(1).map_err(error)?,
-                        row.get::<bool>(2).map_err(error)?,
-                        row.get::<bool>(3).map_err(error)?,
+                        row.get::<bool>(2).map_err(error)?.unwrap_or(false),
                     ));
                 }
                 Ok(out)
@@ -265,37 +262,27 @@ fn replay(topic: &str, params: ReplayParams) -> Result<Vec<Replayed>, String> {
 }
 
 fn rights(request: &AuthorizationRequest) -> Result<Authorization, String> {
-    let (read, write): (Vec<&str>, Vec<&str>) = match request.purpose {
-        // Reads at join, writes at the first write (as Supabase): most subscribers never write.
-        AuthorizationPurpose::Write if request.presence => (vec![], vec![BROADCAST, PRESENCE]),
-        AuthorizationPurpose::Write => (vec![], vec![BROADCAST]),
-        AuthorizationPurpose::Join | AuthorizationPurpose::TokenRefresh if request.presence => {
-            (vec![BROADCAST, PRESENCE], vec![])
-        }
-        AuthorizationPurpose::Join | AuthorizationPurpose::TokenRefresh => {
-            (vec![BROADCAST], vec![])
-        }
-    };
-    let verdicts = if write.is_empty() {
-        read_checks(request, &read)
+    // Reads at join, writes at the first write (as Supabase): most subscribers never write.
+    let extensions = if request.presence {
+        vec![BROADCAST, PRESENCE]
     } else {
-        run_checks(request, &read, &write)
+        vec![BROADCAST]
+    };
+    let writes = request.purpose == AuthorizationPurpose::Write;
+    let verdicts = if writes {
+        write_checks(request, &extensions)
+    } else {
+        read_checks(request, &extensions)
     }
     .map_err(|e| format!("Unauthorized: {e}"))?;
     let mut answer = Authorization::default();
-    for (extension, can_read, can_write) in verdicts {
-        let (can_read, can_write) = (can_read.unwrap_or(false), can_write.unwrap_or(false));
-        match extension.as_deref() {
-            Some(BROADCAST) => {
-                answer.broadcast_read = can_read;
-                answer.broadcast_write = can_write;
-            }
-            Some(PRESENCE) => {
-                answer.presence_read = can_read;
-                answer.presence_write = can_write;
-            }
-            _ => {}
-        }
+    for (extension, allowed) in verdicts {
+        let (read, write) = match extension.as_deref() {
+            Some(BROADCAST) => (&mut answer.broadcast_read, &mut answer.broadcast_write),
+            Some(PRESENCE) => (&mut answer.presence_read, &mut answer.presence_write),
+            _ => continue,
+        };
+        *(if writes { write } else { read }) = allowed;
     }
     Ok(answer)
 }
