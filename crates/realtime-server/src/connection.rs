@@ -744,13 +744,7 @@ impl Conn {
                     m.topic
                 );
                 if ch.broadcast_ack && m.event == "broadcast" {
-                    self.reply(
-                        m.join_ref.as_deref(),
-                        m.msg_ref.as_deref(),
-                        &m.topic,
-                        "error",
-                        json!({ "reason": TOO_MANY_HELD_WRITES }),
-                    );
+                    self.reply_error(&m, TOO_MANY_HELD_WRITES);
                 }
             }
             WriteCheck::Unchecked => {
@@ -855,13 +849,7 @@ impl Conn {
                     "Unauthorized: You do not have permissions to write to this Channel topic: {}",
                     ch.key.subtopic
                 );
-                self.reply(
-                    m.join_ref.as_deref(),
-                    m.msg_ref.as_deref(),
-                    &m.topic,
-                    "error",
-                    json!({ "reason": reason }),
-                );
+                self.reply_error(&m, &reason);
             }
             return;
         }
