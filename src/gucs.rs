@@ -4,7 +4,7 @@
 //! main thread (the only thread allowed to read GUCs) at start and after each SIGHUP.
 
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 
 /// Addresses the WebSocket/HTTP server listens on: a comma-separated list of host names or IP
 /// addresses, `*` for all interfaces. Restart to change.
@@ -308,4 +308,26 @@ pub fn text(setting: &GucSetting<Option<CString>>) -> Option<String> {
 /// The largest payload in bytes.
 pub fn max_payload_bytes() -> usize {
     MAX_PAYLOAD_SIZE.get().max(1) as usize * 1024
+}
+
+/// `SET LOCAL name = value`, as `set_config(name, value, true)` does it: with the caller's
+/// privileges (superuser settings only for a superuser). A bad value raises.
+pub fn set_local(name: &CStr, value: &CStr) {
+    let context = if unsafe { pgrx::pg_sys::superuser() } {
+        pgrx::pg_sys::GucContext::PGC_SUSET
+    } else {
+        pgrx::pg_sys::GucContext::PGC_USERSET
+    };
+    unsafe {
+        pgrx::pg_sys::set_config_option(
+            name.as_ptr(),
+            value.as_ptr(),
+            context,
+            pgrx::pg_sys::GucSource::PGC_S_SESSION,
+            pgrx::pg_sys::GucAction::GUC_ACTION_LOCAL,
+            true,
+            pgrx::PgLogLevel::ERROR as i32,
+            false,
+        );
+    }
 }

@@ -13,7 +13,6 @@ use pgrx::prelude::*;
 
 use crate::error::RealtimeError;
 use crate::gucs::{self, SendErrors};
-use crate::queue::shmem;
 
 /// The payload gets the row's id unless it brings its own, as Supabase's `send` does.
 /// Everything is schema-qualified: the plan is parsed under the first caller's search_path.
@@ -47,7 +46,7 @@ pub unsafe extern "C-unwind" fn realtime_send(fcinfo: pg_sys::FunctionCallInfo) 
     let (event, _) = unsafe { required_text(arg(1), "event") };
     // Lets INSERT policies decide with realtime.topic(), as in Supabase; it stays set for the
     // rest of the transaction, as set_config(..., true) does.
-    unsafe { set_topic(topic_text) };
+    gucs::set_local(c"realtime.topic", unsafe { CStr::from_ptr(topic_text) });
 
     let private = arg(3);
     let mut values = [
@@ -110,26 +109,6 @@ unsafe fn required_text(
         RealtimeError::SendEmptyArgument(what).raise()
     }
     (value, text)
-}
-
-unsafe fn set_topic(topic: *const std::ffi::c_char) {
-    let context = if unsafe { pg_sys::superuser() } {
-        pg_sys::GucContext::PGC_SUSET
-    } else {
-        pg_sys::GucContext::PGC_USERSET
-    };
-    unsafe {
-        pg_sys::set_config_option(
-            c"realtime.topic".as_ptr(),
-            topic,
-            context,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_LOCAL,
-            true,
-            PgLogLevel::ERROR as i32,
-            false,
-        );
-    }
 }
 
 /// A version 4 UUID from the same source as `gen_random_uuid()`.
@@ -218,7 +197,7 @@ unsafe fn insert_or_warn(values: &mut [pg_sys::Datum; 5], nulls: &[u8; 5]) {
             }
             _ => caught.rethrow(),
         };
-        shmem::stats().failed_sends.fetch_add(1, Ordering::Relaxed);
+        super::stats::count_failed_send();
         ErrorReport::new(
             PgSqlErrorCode::ERRCODE_WARNING,
             format!("WarnSendingBroadcastMessage: {}", report.message()),

@@ -64,24 +64,12 @@ fn with_plan<R>(
     })
 }
 
-/// `SET LOCAL`, as `set_config(name, value, true)` does; a bad value (a role that does not
-/// exist) raises, which fails this check alone.
-fn set_local(name: &str, value: &str) -> Result<(), String> {
-    let name = std::ffi::CString::new(name).map_err(|e| e.to_string())?;
+/// `SET LOCAL` of one of the token's settings; a bad value (a role that does not exist)
+/// raises, which fails this check alone.
+fn set_local(name: &std::ffi::CStr, value: &str) -> Result<(), String> {
     let value =
         std::ffi::CString::new(value).map_err(|_| "a claim contains a NUL byte".to_string())?;
-    unsafe {
-        pg_sys::set_config_option(
-            name.as_ptr(),
-            value.as_ptr(),
-            pg_sys::GucContext::PGC_SUSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_LOCAL,
-            true,
-            pgrx::PgLogLevel::ERROR as i32,
-            false,
-        );
-    }
+    crate::gucs::set_local(name, &value);
     Ok(())
 }
 
@@ -118,15 +106,17 @@ fn read_checks(request: &AuthorizationRequest, read: &[&str]) -> Result<Vec<Verd
             )?;
             probes.push(id);
         }
-        set_local("role", &request.claims.role)?;
-        set_local("realtime.topic", &request.subtopic)?;
-        set_local("request.jwt.claims", &request.claims.json)?;
+        set_local(c"realtime.topic", &request.subtopic)?;
+        set_local(c"request.jwt.claims", &request.claims.json)?;
         set_local(
-            "request.jwt.claim.sub",
+            c"request.jwt.claim.sub",
             request.claims.sub.as_deref().unwrap_or(""),
         )?;
-        set_local("request.jwt.claim.role", &request.claims.role)?;
-        set_local("request.headers", &request.headers_json)?;
+        set_local(c"request.jwt.claim.role", &request.claims.role)?;
+        set_local(c"request.headers", &request.headers_json)?;
+        // The role last: until then the worker is the superuser it connected as, so the
+        // settings above are made with superuser rights.
+        set_local(c"role", &request.claims.role)?;
         let mut verdicts = Vec::with_capacity(read.len());
         for (extension, id) in read.iter().zip(probes) {
             let visible = with_plan(&PROBE_READ_PLAN, client, PROBE_READ, &[uuid], |plan| {
