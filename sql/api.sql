@@ -2,7 +2,7 @@
 
 CREATE FUNCTION realtime.topic() RETURNS text
 LANGUAGE sql STABLE
-AS $$ SELECT nullif(current_setting('realtime.topic', true), '')::text $$;
+AS $$ SELECT nullif(pg_catalog.current_setting('realtime.topic', true), '')::text $$;
 
 CREATE FUNCTION realtime.maintain_partitions(retention interval DEFAULT NULL) RETURNS void
 LANGUAGE plpgsql
@@ -39,47 +39,10 @@ BEGIN
 END
 $$;
 
--- Stores one broadcast message. Bad arguments always raise; a failed insert (permissions,
--- policies, constraints) follows realtime.send_errors.
-CREATE FUNCTION realtime._store(id uuid, payload jsonb, binary_payload bytea, event text, topic text, private boolean)
-RETURNS void
-LANGUAGE plpgsql
-AS $$
-BEGIN
-    IF topic IS NULL THEN
-        RAISE EXCEPTION 'realtime message topic must not be NULL' USING ERRCODE = 'null_value_not_allowed';
-    ELSIF topic = '' THEN
-        RAISE EXCEPTION 'realtime message topic must not be empty' USING ERRCODE = 'invalid_parameter_value';
-    ELSIF event IS NULL THEN
-        RAISE EXCEPTION 'realtime message event must not be NULL' USING ERRCODE = 'null_value_not_allowed';
-    ELSIF event = '' THEN
-        RAISE EXCEPTION 'realtime message event must not be empty' USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    -- Lets INSERT policies decide with realtime.topic(), as in Supabase.
-    PERFORM set_config('realtime.topic', topic, true);
-    IF current_setting('realtime.send_errors') = 'error' THEN
-        INSERT INTO realtime.messages (id, payload, binary_payload, event, topic, private, extension)
-        VALUES (id, payload, binary_payload, event, topic, coalesce(private, true), 'broadcast');
-        RETURN;
-    END IF;
-    BEGIN
-        INSERT INTO realtime.messages (id, payload, binary_payload, event, topic, private, extension)
-        VALUES (id, payload, binary_payload, event, topic, coalesce(private, true), 'broadcast');
-    EXCEPTION
-        -- Bad input (too large, too long) is the caller's bug: never swallow it.
-        WHEN data_exception OR program_limit_exceeded THEN
-            RAISE;
-        WHEN OTHERS THEN
-            PERFORM realtime._count_failed_send();
-            RAISE WARNING 'WarnSendingBroadcastMessage: %', SQLERRM
-                USING HINT = 'The message was not sent. SET realtime.send_errors = error to raise instead; '
-                             'failures are counted in realtime.stats().';
-    END;
-END
-$$;
-
--- The same checks and insert as realtime._store, in Rust with a kept plan (src/api/send.rs):
--- every message sent from SQL goes through here.
+-- Both check their arguments, set realtime.topic for INSERT policies and insert with one kept
+-- plan, in Rust (src/api/send.rs): every message sent from SQL goes through here. Bad arguments
+-- always raise; a failed insert (permissions, policies, constraints) follows
+-- realtime.send_errors.
 CREATE FUNCTION realtime.send(payload jsonb, event text, topic text, private boolean DEFAULT true)
 RETURNS void
 LANGUAGE c VOLATILE
@@ -87,21 +50,17 @@ AS 'MODULE_PATHNAME', 'realtime_send';
 
 CREATE FUNCTION realtime.send_binary(payload bytea, event text, topic text, private boolean DEFAULT true)
 RETURNS void
-LANGUAGE plpgsql
-AS $$
-BEGIN
-    IF payload IS NULL THEN
-        RAISE EXCEPTION 'realtime.send_binary payload must not be NULL' USING ERRCODE = 'null_value_not_allowed';
-    END IF;
-    PERFORM realtime._store(gen_random_uuid(), NULL, payload, event, topic, private);
-END
-$$;
+LANGUAGE c VOLATILE
+AS 'MODULE_PATHNAME', 'realtime_send_binary';
 
 CREATE FUNCTION realtime.broadcast_changes(
     topic_name text, event_name text, operation text, table_name text, table_schema text,
     new record, old record, level text DEFAULT 'ROW')
 RETURNS void
 LANGUAGE plpgsql
+-- Pinned: it is called from triggers, often SECURITY DEFINER ones, where a caller's schema
+-- must not shadow an operator or function of its body.
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     row_data jsonb;
@@ -136,8 +95,10 @@ CREATE FUNCTION realtime._authorize_writes(
     OUT extension text, OUT can_write boolean)
 RETURNS SETOF record
 LANGUAGE plpgsql
--- The worker runs it with plan_cache_mode = force_generic_plan (set once for its session, not
--- here: a SET clause costs a GUC save and restore on every call).
+-- The worker runs it with plan_cache_mode = force_generic_plan, and with the search_path its
+-- session had before it pinned its own (the policies' functions may rely on it), both set by
+-- the worker rather than here: a SET clause costs a GUC save and restore on every call. So
+-- everything below is schema-qualified.
 AS $$
 -- Called by the background worker (a superuser) inside a transaction it always rolls back, at
 -- a private channel's first write. With the token's role and claims set as Supabase sets them,
@@ -146,16 +107,16 @@ AS $$
 -- SELECT policies, from Rust: src/worker/authorization.rs.) Everything arrives as parameters,
 -- never as SQL text.
 BEGIN
-    PERFORM set_config('role', _authorize_writes.role, true),
-            set_config('realtime.topic', _authorize_writes.topic, true),
-            set_config('request.jwt.claims', claims, true),
-            set_config('request.jwt.claim.sub', coalesce(sub, ''), true),
-            set_config('request.jwt.claim.role', _authorize_writes.role, true),
-            set_config('request.headers', headers, true);
-    FOR extension IN SELECT DISTINCT e FROM unnest(extensions) AS e LOOP
+    PERFORM pg_catalog.set_config('role', _authorize_writes.role, true),
+            pg_catalog.set_config('realtime.topic', _authorize_writes.topic, true),
+            pg_catalog.set_config('request.jwt.claims', claims, true),
+            pg_catalog.set_config('request.jwt.claim.sub', coalesce(sub, ''), true),
+            pg_catalog.set_config('request.jwt.claim.role', _authorize_writes.role, true),
+            pg_catalog.set_config('request.headers', headers, true);
+    FOR extension IN SELECT DISTINCT e FROM pg_catalog.unnest(extensions) AS e LOOP
         BEGIN
             INSERT INTO realtime.messages (topic, extension, inserted_at, updated_at)
-            VALUES (_authorize_writes.topic, _authorize_writes.extension, now(), now());
+            VALUES (_authorize_writes.topic, _authorize_writes.extension, pg_catalog.now(), pg_catalog.now());
             can_write := true;
         EXCEPTION WHEN insufficient_privilege THEN
             can_write := false;
@@ -189,7 +150,15 @@ BEGIN
 END
 $$;
 
+-- Who may call what: send, send_binary, broadcast_changes and topic are for everyone (they
+-- insert with the caller's rights, so grants and policies on realtime.messages decide); the
+-- trigger functions, maintenance, setup and the worker's helpers are for the owner alone
+-- (PostgreSQL checks EXECUTE on a trigger function only when a trigger is created); stats are
+-- for monitoring roles.
 GRANT USAGE ON SCHEMA realtime TO PUBLIC;
+REVOKE ALL ON FUNCTION realtime.queue_broadcast_row() FROM PUBLIC;
+REVOKE ALL ON FUNCTION realtime.stats() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION realtime.stats() TO pg_monitor;
 REVOKE ALL ON FUNCTION realtime.maintain_partitions(interval) FROM PUBLIC;
 REVOKE ALL ON FUNCTION realtime.setup_api_roles() FROM PUBLIC;
 REVOKE ALL ON FUNCTION realtime._authorize_writes(text, text, text, text, text, text[]) FROM PUBLIC;
@@ -214,12 +183,8 @@ COMMENT ON FUNCTION realtime.setup_api_roles() IS
     'schema realtime and SELECT, INSERT, UPDATE on realtime.messages, as Supabase does. RLS policies still decide.';
 COMMENT ON FUNCTION realtime.stats() IS
     'Counters since the cluster started (failed sends, queued, delivered, discarded) and the commit queue''s fill.';
-COMMENT ON FUNCTION realtime._store(uuid, jsonb, bytea, text, text, boolean) IS
-    'Internal: validates and inserts one broadcast row for realtime.send_binary (realtime.send does the same in Rust).';
 COMMENT ON FUNCTION realtime._authorize_writes(text, text, text, text, text, text[]) IS
     'Internal: the RLS write checks of a private channel, run by the worker at its first write in a transaction it rolls back.';
-COMMENT ON FUNCTION realtime._count_failed_send() IS
-    'Internal: counts a message realtime.send could not store.';
 COMMENT ON FUNCTION realtime.queue_broadcast_row() IS
     'Internal: trigger that queues committed broadcast rows for the socket server.';
 COMMENT ON FUNCTION realtime._create_partition(date) IS

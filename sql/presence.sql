@@ -129,6 +129,7 @@ REVOKE ALL ON FUNCTION realtime.untrack(text, text, boolean) FROM PUBLIC;
 REVOKE ALL ON FUNCTION realtime.presence(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION realtime.occupancy(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION realtime._expire_presence() FROM PUBLIC;
+REVOKE ALL ON FUNCTION realtime.queue_presence_sync() FROM PUBLIC;
 
 COMMENT ON TABLE realtime.presence_tracked IS
     'Presence tracked from SQL (realtime.track); changes reach sockets as presence_diff after commit.';

@@ -19,6 +19,8 @@ pub enum RealtimeError {
     SendNullPayload,
     #[error("realtime.send payload must be a JSON object, not {0}")]
     SendPayloadNotObject(String),
+    #[error("realtime.send_binary payload must not be NULL")]
+    SendBinaryNullPayload,
     #[error("realtime message {0} must not be NULL")]
     SendNullArgument(&'static str),
     #[error("realtime message {0} must not be empty")]
@@ -39,6 +41,16 @@ pub enum RealtimeError {
     QueueFull { needed: u64, free: u64 },
     #[error("cannot PREPARE a transaction that has sent realtime messages")]
     PrepareAfterSend,
+    #[error("trigger function {function} fires only on realtime.{table}, not on \"{relation}\"")]
+    WrongTriggerTable {
+        function: &'static str,
+        table: String,
+        relation: String,
+    },
+    #[error(
+        "realtime message topic \"{topic}\" is not the topic the row-level security policies checked (realtime.topic() = \"{checked}\")"
+    )]
+    TopicNotChecked { topic: String, checked: String },
     #[error("pg_realtime internal error: {0}")]
     Internal(String),
 }
@@ -50,6 +62,7 @@ impl RealtimeError {
             RealtimeError::NotPreloaded => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             RealtimeError::MissingEvent
             | RealtimeError::SendNullPayload
+            | RealtimeError::SendBinaryNullPayload
             | RealtimeError::SendNullArgument(_) => ERRCODE_NULL_VALUE_NOT_ALLOWED,
             RealtimeError::EmptyTopic
             | RealtimeError::TopicTooLong(_)
@@ -60,6 +73,8 @@ impl RealtimeError {
             RealtimeError::PayloadTooLarge { .. } => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             RealtimeError::QueueFull { .. } => ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
             RealtimeError::PrepareAfterSend => ERRCODE_FEATURE_NOT_SUPPORTED,
+            RealtimeError::WrongTriggerTable { .. } => ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
+            RealtimeError::TopicNotChecked { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
             RealtimeError::Internal(_) => ERRCODE_INTERNAL_ERROR,
         }
     }
@@ -75,6 +90,11 @@ impl RealtimeError {
                  or raise realtime.queue_size.",
             ),
             RealtimeError::PayloadTooLarge { .. } => Some("Raise realtime.max_payload_size."),
+            RealtimeError::TopicNotChecked { .. } => Some(
+                "Use realtime.send(), or SET LOCAL realtime.topic to the row's topic before the \
+                 INSERT, so that policies reading realtime.topic() check the topic the message \
+                 goes to.",
+            ),
             _ => None,
         }
     }

@@ -18,8 +18,17 @@ pub static PORT: GucSetting<i32> = GucSetting::<i32>::new(4000);
 pub static DATABASE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"postgres"));
 
-/// Shared secret for HS256/HS384/HS512 tokens.
+/// Shared secret for HS256/HS384/HS512 tokens. `SHOW` and `current_setting` print it masked:
+/// superuser-only settings are still readable by `pg_read_all_settings` (so by `pg_monitor`).
 pub static JWT_SECRET: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
+/// A file holding the HS* secret, read by the worker at start and at each reload. Preferred to
+/// `realtime.jwt_secret`, whose value PostgreSQL logs when a reload changes it.
+pub static JWT_SECRET_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
+/// When set, a token's `role` must be a role this one is a member of (PostgREST's
+/// authenticator rule); superusers are refused whatever it says.
+pub static AUTHENTICATOR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 /// A JWKS document (`{"keys": [...]}`) for RS*, ES* and EdDSA tokens, keys chosen by `kid`.
 pub static JWT_JWKS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
@@ -115,13 +124,35 @@ pub fn init() {
         GucContext::Postmaster,
         none,
     );
+    // SAFETY: the show hook cannot panic.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"realtime.jwt_secret",
+            c"Secret used to verify HS256/HS384/HS512 client tokens.",
+            c"Shown masked. Prefer realtime.jwt_secret_file: a reload that changes this setting logs its value.",
+            &JWT_SECRET,
+            GucContext::Sighup,
+            GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
+            None,
+            None,
+            Some(show_masked_secret),
+        );
+    }
     GucRegistry::define_string_guc(
-        c"realtime.jwt_secret",
-        c"Secret used to verify HS256/HS384/HS512 client tokens.",
-        c"",
-        &JWT_SECRET,
+        c"realtime.jwt_secret_file",
+        c"File holding the secret used to verify HS256/HS384/HS512 client tokens.",
+        c"Read by the worker at start and reload; it should be readable only by the server's OS user. Overrides realtime.jwt_secret.",
+        &JWT_SECRET_FILE,
         GucContext::Sighup,
-        GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_string_guc(
+        c"realtime.authenticator",
+        c"Role whose member roles client tokens may become.",
+        c"Empty: any role that is not a superuser. Set: also only roles granted to this role (GRANT anon TO it).",
+        &AUTHENTICATOR,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
     );
     GucRegistry::define_string_guc(
         c"realtime.jwt_jwks",
@@ -303,6 +334,39 @@ pub fn text(setting: &GucSetting<Option<CString>>) -> Option<String> {
         .get()
         .map(|s| s.to_string_lossy().into_owned())
         .filter(|s| !s.is_empty())
+}
+
+/// What `SHOW realtime.jwt_secret` prints: whether it is set, never the secret.
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn show_masked_secret() -> *const std::ffi::c_char {
+    let set = JWT_SECRET
+        .get()
+        .is_some_and(|secret| !secret.as_bytes().is_empty());
+    if set { c"********" } else { c"" }.as_ptr()
+}
+
+/// The HS* secret: the contents of `realtime.jwt_secret_file` (without a trailing newline) when
+/// that is set, else `realtime.jwt_secret`. A file that cannot be read leaves no secret, and
+/// the log names the file, never its contents.
+pub fn jwt_secret() -> Option<String> {
+    let Some(path) = text(&JWT_SECRET_FILE) else {
+        return text(&JWT_SECRET);
+    };
+    use std::os::unix::fs::PermissionsExt;
+    if std::fs::metadata(&path).is_ok_and(|meta| meta.permissions().mode() & 0o077 != 0) {
+        pgrx::warning!(
+            "pg_realtime: realtime.jwt_secret_file \"{path}\" is readable by other OS users; chmod 600 it"
+        );
+    }
+    match std::fs::read_to_string(&path) {
+        Ok(contents) => {
+            Some(contents.trim_end_matches(['\r', '\n']).to_string()).filter(|s| !s.is_empty())
+        }
+        Err(e) => {
+            pgrx::warning!("pg_realtime: cannot read realtime.jwt_secret_file \"{path}\": {e}");
+            None
+        }
+    }
 }
 
 /// The largest payload in bytes.

@@ -12,6 +12,13 @@ fn queue_presence_sync<'a>(
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, crate::error::RealtimeError> {
     let datum =
         |e: pgrx::datum::TryFromDatumError| crate::error::RealtimeError::Internal(e.to_string());
+    if let Err(e) = crate::queue::guard::require_table(
+        trigger,
+        "realtime.queue_presence_sync()",
+        c"presence_tracked",
+    ) {
+        e.raise();
+    }
     for row in [trigger.old(), trigger.new()].into_iter().flatten() {
         let topic: String = row.get_by_name("topic").map_err(datum)?.unwrap_or_default();
         let private: bool = row.get_by_name("private").map_err(datum)?.unwrap_or(false);

@@ -1,7 +1,6 @@
-//! `realtime.send(payload, event, topic, private)`: the hottest SQL function of the extension,
-//! so it runs its checks in Rust and stores the message with one INSERT plan kept per backend,
-//! instead of two layers of PL/pgSQL around the same INSERT. Behaviour and error texts are
-//! those of the PL/pgSQL `realtime._store` that `send_binary` still uses (sql/api.sql).
+//! `realtime.send(payload, event, topic, private)` and `realtime.send_binary(...)`: the hottest
+//! SQL functions of the extension, so they run their checks in Rust and store the message with
+//! one INSERT plan kept per backend.
 
 use std::ffi::CStr;
 use std::ptr;
@@ -22,8 +21,29 @@ const INSERT: &CStr =
                      ELSE $2 OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object('id', $1) END, \
             $3, $4, COALESCE($5, true), 'broadcast')";
 
-/// The prepared INSERT, kept for the backend's life (the plan cache revalidates it).
-static PLAN: AtomicPtr<pg_sys::_SPI_plan> = AtomicPtr::new(ptr::null_mut());
+/// The same for a binary payload, which is stored as it is.
+const INSERT_BINARY: &CStr =
+    c"INSERT INTO realtime.messages (id, binary_payload, event, topic, private, extension) \
+    VALUES ($1, $2, $3, $4, COALESCE($5, true), 'broadcast')";
+
+/// A prepared INSERT, kept for the backend's life (the plan cache revalidates it).
+struct KeptInsert {
+    sql: &'static CStr,
+    payload_type: pg_sys::Oid,
+    plan: AtomicPtr<pg_sys::_SPI_plan>,
+}
+
+static JSON: KeptInsert = KeptInsert {
+    sql: INSERT,
+    payload_type: pg_sys::JSONBOID,
+    plan: AtomicPtr::new(ptr::null_mut()),
+};
+
+static BINARY: KeptInsert = KeptInsert {
+    sql: INSERT_BINARY,
+    payload_type: pg_sys::BYTEAOID,
+    plan: AtomicPtr::new(ptr::null_mut()),
+};
 
 const WARNING_HINT: &str = "The message was not sent. SET realtime.send_errors = error to raise \
                             instead; failures are counted in realtime.stats().";
@@ -35,13 +55,37 @@ const WARNING_HINT: &str = "The message was not sent. SET realtime.send_errors =
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn realtime_send(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
-    let arg = |n| unsafe { pg_getarg_datum(fcinfo, n) };
-    let Some(payload) = arg(0) else {
+    let Some(payload) = (unsafe { pg_getarg_datum(fcinfo, 0) }) else {
         RealtimeError::SendNullPayload.raise()
     };
     if let Some(kind) = unsafe { non_object_kind(payload) } {
         RealtimeError::SendPayloadNotObject(kind).raise()
     }
+    unsafe { send(fcinfo, payload, &JSON) }
+}
+
+/// The C entry point of `realtime.send_binary` (declared in sql/api.sql).
+///
+/// # Safety
+/// Called by the function manager with a valid `fcinfo` of four arguments.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn realtime_send_binary(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    let Some(payload) = (unsafe { pg_getarg_datum(fcinfo, 0) }) else {
+        RealtimeError::SendBinaryNullPayload.raise()
+    };
+    unsafe { send(fcinfo, payload, &BINARY) }
+}
+
+/// The rest of both: the event, topic and private arguments, and the insert.
+unsafe fn send(
+    fcinfo: pg_sys::FunctionCallInfo,
+    payload: pg_sys::Datum,
+    insert_with: &KeptInsert,
+) -> pg_sys::Datum {
+    let arg = |n| unsafe { pg_getarg_datum(fcinfo, n) };
     let (topic, topic_text) = unsafe { required_text(arg(2), "topic") };
     let (event, _) = unsafe { required_text(arg(1), "event") };
     // Lets INSERT policies decide with realtime.topic(), as in Supabase; it stays set for the
@@ -64,16 +108,23 @@ pub unsafe extern "C-unwind" fn realtime_send(fcinfo: pg_sys::FunctionCallInfo) 
         if private.is_some() { b' ' } else { b'n' },
     ];
     match gucs::SEND_ERRORS.get() {
-        SendErrors::Error => unsafe { insert(&mut values, &nulls) },
-        SendErrors::Warning => unsafe { insert_or_warn(&mut values, &nulls) },
+        SendErrors::Error => unsafe { insert(insert_with, &mut values, &nulls) },
+        SendErrors::Warning => unsafe { insert_or_warn(insert_with, &mut values, &nulls) },
     }
     pg_return_void()
 }
 
+const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+
 /// The function manager's "version 1" record for `realtime_send`.
 #[unsafe(no_mangle)]
 pub extern "C" fn pg_finfo_realtime_send() -> &'static pg_sys::Pg_finfo_record {
-    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+/// The function manager's "version 1" record for `realtime_send_binary`.
+#[unsafe(no_mangle)]
+pub extern "C" fn pg_finfo_realtime_send_binary() -> &'static pg_sys::Pg_finfo_record {
     &V1
 }
 
@@ -125,12 +176,12 @@ fn random_uuid() -> pg_sys::Datum {
 }
 
 /// Runs the kept INSERT; any error propagates.
-unsafe fn insert(values: &mut [pg_sys::Datum; 5], nulls: &[u8; 5]) {
+unsafe fn insert(insert_with: &KeptInsert, values: &mut [pg_sys::Datum; 5], nulls: &[u8; 5]) {
     unsafe {
         if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
             RealtimeError::Internal("SPI_connect failed".into()).raise()
         }
-        let plan = kept_plan();
+        let plan = kept_plan(insert_with);
         let rc =
             pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr().cast(), false, 0);
         if rc != pg_sys::SPI_OK_INSERT as i32 {
@@ -141,24 +192,28 @@ unsafe fn insert(values: &mut [pg_sys::Datum; 5], nulls: &[u8; 5]) {
 }
 
 /// Must be called while connected to SPI.
-unsafe fn kept_plan() -> pg_sys::SPIPlanPtr {
-    let plan = PLAN.load(Ordering::Relaxed);
+unsafe fn kept_plan(insert_with: &KeptInsert) -> pg_sys::SPIPlanPtr {
+    let plan = insert_with.plan.load(Ordering::Relaxed);
     if !plan.is_null() {
         return plan;
     }
     let mut types = [
         pg_sys::UUIDOID,
-        pg_sys::JSONBOID,
+        insert_with.payload_type,
         pg_sys::TEXTOID,
         pg_sys::TEXTOID,
         pg_sys::BOOLOID,
     ];
     unsafe {
-        let plan = pg_sys::SPI_prepare(INSERT.as_ptr(), types.len() as i32, types.as_mut_ptr());
+        let plan = pg_sys::SPI_prepare(
+            insert_with.sql.as_ptr(),
+            types.len() as i32,
+            types.as_mut_ptr(),
+        );
         if plan.is_null() || pg_sys::SPI_keepplan(plan) != 0 {
             RealtimeError::Internal("could not prepare the message insert".into()).raise()
         }
-        PLAN.store(plan, Ordering::Relaxed);
+        insert_with.plan.store(plan, Ordering::Relaxed);
         plan
     }
 }
@@ -166,7 +221,11 @@ unsafe fn kept_plan() -> pg_sys::SPIPlanPtr {
 /// Supabase's behaviour: a failed insert (permissions, policies, constraints) becomes a
 /// WARNING, is counted, and the caller's transaction goes on. The insert runs in a
 /// subtransaction, as a PL/pgSQL `BEGIN ... EXCEPTION` block would run it.
-unsafe fn insert_or_warn(values: &mut [pg_sys::Datum; 5], nulls: &[u8; 5]) {
+unsafe fn insert_or_warn(
+    insert_with: &KeptInsert,
+    values: &mut [pg_sys::Datum; 5],
+    nulls: &[u8; 5],
+) {
     let (context, owner) = unsafe { (pg_sys::CurrentMemoryContext, pg_sys::CurrentResourceOwner) };
     unsafe {
         pg_sys::BeginInternalSubTransaction(ptr::null());
@@ -175,7 +234,7 @@ unsafe fn insert_or_warn(values: &mut [pg_sys::Datum; 5], nulls: &[u8; 5]) {
     let values = std::panic::AssertUnwindSafe(values);
     let outcome = PgTryBuilder::new(move || {
         let values = values;
-        unsafe { insert(values.0, nulls) };
+        unsafe { insert(insert_with, values.0, nulls) };
         Ok(())
     })
     .catch_others(|caught| Err(Box::new(caught)))

@@ -33,12 +33,6 @@ fn stats() -> TableIterator<
     ))
 }
 
-/// Called by `realtime._store` (for `send_binary`) when it turns a failure into a WARNING.
-#[pg_extern(volatile, parallel_safe)]
-fn _count_failed_send() {
-    count_failed_send();
-}
-
 /// One more message lost to a refused insert, counted in `realtime.stats()`.
 pub(crate) fn count_failed_send() {
     shmem::stats().failed_sends.fetch_add(1, Ordering::Relaxed);

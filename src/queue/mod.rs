@@ -3,6 +3,7 @@
 //! at pre-commit, stamped with the commit LSN by the commit callback, and read back by the
 //! background worker in commit-LSN order, only once committed.
 
+pub mod guard;
 pub mod shmem;
 pub mod staging;
 

@@ -48,7 +48,8 @@ fn data_offset() -> usize {
     size_of::<Shared>().next_multiple_of(64)
 }
 
-fn capacity() -> usize {
+/// The ring's size in bytes: more than this can never be reserved by one transaction.
+pub fn capacity() -> usize {
     gucs::QUEUE_SIZE.get() as usize * 1024
 }
 

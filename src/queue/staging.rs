@@ -8,7 +8,7 @@
 //! worker delivers records in commit-LSN order (`commit_ring::ring` explains why that needs no
 //! lock between committers). Nothing that can fail runs after pre-commit.
 
-use super::shmem;
+use super::{guard, shmem};
 use crate::error::{MAX_EVENT_BYTES, MAX_TOPIC_BYTES, RealtimeError};
 use crate::gucs;
 use commit_ring::{Message, PayloadKind};
@@ -24,6 +24,9 @@ struct Staged {
 #[derive(Default)]
 struct Transaction {
     staged: Vec<Staged>,
+    /// Bytes of `staged`: past the ring's capacity the commit would fail anyway, so staging
+    /// fails at once instead of growing the backend's heap without bound.
+    staged_bytes: usize,
     /// This transaction's record in the ring, to finish (and wake the worker) when it ends.
     reserved: Option<shmem::Reservation>,
 }
@@ -71,7 +74,10 @@ unsafe extern "C-unwind" fn on_subxact(
     match event {
         SUBXACT_EVENT_ABORT_SUB => {
             let level = nest_level();
-            CURRENT.with_borrow_mut(|t| t.staged.retain(|s| s.nest_level < level));
+            CURRENT.with_borrow_mut(|t| {
+                t.staged.retain(|s| s.nest_level < level);
+                t.staged_bytes = t.staged.iter().map(|s| s.body.len()).sum();
+            });
         }
         SUBXACT_EVENT_COMMIT_SUB => {
             let level = nest_level();
@@ -95,8 +101,10 @@ fn finish(commit_lsn: Option<u64>) {
 }
 
 fn pre_commit() {
-    let bodies: Vec<Vec<u8>> =
-        CURRENT.with_borrow_mut(|t| t.staged.drain(..).map(|s| s.body).collect());
+    let bodies: Vec<Vec<u8>> = CURRENT.with_borrow_mut(|t| {
+        t.staged_bytes = 0;
+        t.staged.drain(..).map(|s| s.body).collect()
+    });
     if bodies.is_empty() {
         return;
     }
@@ -132,12 +140,23 @@ fn stage(message: &Message<'_>) -> Result<(), RealtimeError> {
             limit,
         });
     }
-    let staged = Staged {
-        nest_level: nest_level(),
-        body: message.encode(),
-    };
-    CURRENT.with_borrow_mut(|t| t.staged.push(staged));
-    Ok(())
+    let body = message.encode();
+    let capacity = shmem::capacity();
+    CURRENT.with_borrow_mut(|t| {
+        let needed = t.staged_bytes.saturating_add(body.len());
+        if needed > capacity {
+            return Err(RealtimeError::QueueFull {
+                needed: needed as u64,
+                free: capacity as u64,
+            });
+        }
+        t.staged_bytes = needed;
+        t.staged.push(Staged {
+            nest_level: nest_level(),
+            body,
+        });
+        Ok(())
+    })
 }
 
 /// The `payload` column as JSON text, straight from `jsonb_out`: no detour through a Rust
@@ -156,6 +175,13 @@ fn payload_text(trigger: &PgTrigger<'_>) -> Result<Option<Vec<u8>>, RealtimeErro
                 "realtime.messages has no payload column".into(),
             ));
         };
+        // Never read a datum as jsonb that is not one: the tuple layout is only trusted once
+        // its type is checked.
+        if attrs[index].atttypid != pg_sys::JSONBOID {
+            return Err(RealtimeError::Internal(
+                "the payload column of realtime.messages is not jsonb".into(),
+            ));
+        }
         let attno = std::num::NonZeroUsize::new(index + 1).expect("index + 1 is not zero");
         let Some(datum) = pgrx::htup::heap_getattr_raw(data.tg_trigtuple, attno, tupdesc) else {
             return Ok(None);
@@ -181,6 +207,33 @@ pub fn stage_presence_sync(topic: &str, private: bool) -> Result<(), RealtimeErr
     })
 }
 
+/// The row's topic must be the one the inserting session's INSERT policies saw through
+/// `realtime.topic()`, or a policy written for one topic would pass rows bound for another.
+/// Roles that bypass row-level security on the table (superusers, BYPASSRLS, its owner) may
+/// insert any topic: no policy constrained them anyway.
+fn require_checked_topic(topic: &str, messages: pg_sys::Oid) -> Result<(), RealtimeError> {
+    let checked = gucs::TOPIC.get();
+    let checked = checked.as_ref().map(|c| c.to_bytes()).unwrap_or_default();
+    if checked == topic.as_bytes() {
+        return Ok(());
+    }
+    let rls = unsafe { pg_sys::check_enable_rls(messages, pg_sys::InvalidOid, true) };
+    if rls != pg_sys::CheckEnableRlsResult::RLS_ENABLED as i32 {
+        return Ok(());
+    }
+    if topic.is_empty() || topic.len() > MAX_TOPIC_BYTES {
+        // The usual checks give the clearer error.
+        return Ok(());
+    }
+    Err(RealtimeError::TopicNotChecked {
+        topic: topic.to_string(),
+        checked: String::from_utf8_lossy(checked)
+            .chars()
+            .take(MAX_TOPIC_BYTES)
+            .collect(),
+    })
+}
+
 /// `AFTER INSERT` row trigger on `realtime.messages` (attached with
 /// `WHEN (NEW.extension = 'broadcast' AND NEW.event IS NOT NULL)`, which leaves out the
 /// authorization probes that carry no event).
@@ -196,6 +249,7 @@ fn queue_broadcast_row<'a>(
 }
 
 fn stage_row(trigger: &PgTrigger<'_>) -> Result<(), RealtimeError> {
+    let messages = guard::require_table(trigger, "realtime.queue_broadcast_row()", c"messages")?;
     let Some(row) = trigger.new() else {
         return Ok(());
     };
@@ -208,6 +262,7 @@ fn stage_row(trigger: &PgTrigger<'_>) -> Result<(), RealtimeError> {
     let private: bool = row.get_by_name("private").map_err(datum)?.unwrap_or(false);
     let id: Option<pgrx::Uuid> = row.get_by_name("id").map_err(datum)?;
     let id = id.map(|u| u.to_string()).unwrap_or_default();
+    require_checked_topic(&topic, messages)?;
     let json = payload_text(trigger)?;
     let binary: Option<&[u8]> = row.get_by_name("binary_payload").map_err(datum)?;
     let (kind, payload) = match (json, binary) {

@@ -23,6 +23,58 @@ const AUTHORIZATION_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 
 type KeptPlan = std::cell::OnceCell<OwnedPreparedStatement>;
 
+/// The search_path the worker's session had before it pinned its own to `pg_catalog`: the
+/// users' policies run under it, as they did before, and only ever as the client's role.
+static POLICY_SEARCH_PATH: std::sync::OnceLock<std::ffi::CString> = std::sync::OnceLock::new();
+
+pub fn set_policy_search_path(path: String) {
+    let path = std::ffi::CString::new(path).unwrap_or_default();
+    let _ = POLICY_SEARCH_PATH.set(path);
+}
+
+fn set_policy_search_path_local() {
+    if let Some(path) = POLICY_SEARCH_PATH.get() {
+        crate::gucs::set_local(c"search_path", path);
+    }
+}
+
+/// PostgREST's rule for the roles a token may become: an existing role, never a superuser
+/// (`none` would even reset to the worker's own superuser session), and, when
+/// `realtime.authenticator` is set, only a role granted to it. Checked before any of the
+/// token's settings are made.
+fn require_allowed_role(role: &str) -> Result<(), String> {
+    let shown: String = role.chars().take(64).collect();
+    if role.is_empty() || role.eq_ignore_ascii_case("none") {
+        return Err(format!(
+            "a token's role must name a database role, not \"{shown}\""
+        ));
+    }
+    let name = std::ffi::CString::new(role)
+        .map_err(|_| "the token's role contains a NUL byte".to_string())?;
+    let oid = unsafe { pg_sys::get_role_oid(name.as_ptr(), true) };
+    if oid == pg_sys::InvalidOid {
+        return Err(format!("role \"{shown}\" does not exist"));
+    }
+    if unsafe { pg_sys::superuser_arg(oid) } {
+        return Err(format!(
+            "role \"{shown}\" is a superuser; a token may not become one"
+        ));
+    }
+    if let Some(authenticator) = crate::gucs::text(&crate::gucs::AUTHENTICATOR) {
+        let granted = std::ffi::CString::new(authenticator.as_str())
+            .map(|a| unsafe { pg_sys::get_role_oid(a.as_ptr(), true) })
+            .is_ok_and(|a| {
+                a != pg_sys::InvalidOid && unsafe { pg_sys::is_member_of_role_nosuper(a, oid) }
+            });
+        if !granted {
+            return Err(format!(
+                "role \"{shown}\" is not granted to \"{authenticator}\" (realtime.authenticator)"
+            ));
+        }
+    }
+    Ok(())
+}
+
 thread_local! {
     /// Parsed and planned once per worker: authorization is the hot path of private joins.
     static WRITE_CHECK_PLAN: KeptPlan = const { KeptPlan::new() };
@@ -38,8 +90,11 @@ const PROBE_INSERT: &str = "INSERT INTO realtime.messages (topic, extension, ins
 /// Whether the probe is visible through the SELECT policies. `inserted_at` pins the probe's
 /// partition and, with `id`, its primary key: without it the planner may scan the partition,
 /// which fills with the dead rows of earlier checks.
-const PROBE_READ: &str =
-    "SELECT 1 FROM realtime.messages AS m WHERE m.id = $1 AND m.inserted_at = now()";
+/// Its operators are qualified: it runs under the policies' search_path, which is not the
+/// worker's to trust.
+const PROBE_READ: &str = "SELECT 1 FROM realtime.messages AS m \
+     WHERE m.id OPERATOR(pg_catalog.=) $1 \
+       AND m.inserted_at OPERATOR(pg_catalog.=) pg_catalog.now()";
 
 /// Runs `f` with the statement kept in `cell`, preparing it on first use.
 fn with_plan<R>(
@@ -117,6 +172,7 @@ fn read_checks(request: &AuthorizationRequest, read: &[&str]) -> Result<Vec<Verd
         // The role last: until then the worker is the superuser it connected as, so the
         // settings above are made with superuser rights.
         set_local(c"role", &request.claims.role)?;
+        set_policy_search_path_local();
         let mut verdicts = Vec::with_capacity(read.len());
         for (extension, id) in read.iter().zip(probes) {
             let visible = with_plan(&PROBE_READ_PLAN, client, PROBE_READ, &[uuid], |plan| {
@@ -138,6 +194,8 @@ fn write_checks(request: &AuthorizationRequest, write: &[&str]) -> Result<Vec<Ve
     let error = |e: pgrx::spi::SpiError| e.to_string();
     let text = PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTOID);
     let texts = PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTARRAYOID);
+    // Set before the call: realtime._authorize_writes qualifies every name of its own.
+    set_policy_search_path_local();
     Spi::connect(|client| {
         with_plan(
             &WRITE_CHECK_PLAN,
@@ -224,7 +282,7 @@ fn replay(topic: &str, params: ReplayParams) -> Result<Vec<Replayed>, String> {
                            FROM realtime.messages
                           WHERE topic = $1 AND private AND extension = 'broadcast'
                             AND event IS NOT NULL
-                            AND inserted_at >= to_timestamp($2::float8 / 1000)
+                            AND inserted_at >= to_timestamp($2::float8 / 1000::float8)
                             AND inserted_at < now() + interval '1 minute'
                           ORDER BY inserted_at DESC LIMIT $3) AS newest
                       ORDER BY inserted_at",
@@ -259,6 +317,7 @@ fn rights(request: &AuthorizationRequest) -> Result<Authorization, String> {
         vec![BROADCAST]
     };
     let writes = request.purpose == AuthorizationPurpose::Write;
+    require_allowed_role(&request.claims.role).map_err(|e| format!("Unauthorized: {e}"))?;
     let verdicts = if writes {
         write_checks(request, &extensions)
     } else {

@@ -155,7 +155,7 @@ fn server_config() -> Config {
     Config {
         listen_addresses: listen,
         port: u16::try_from(gucs::PORT.get()).unwrap_or(4000),
-        jwt_secret: gucs::text(&gucs::JWT_SECRET),
+        jwt_secret: gucs::jwt_secret(),
         jwt_jwks: gucs::text(&gucs::JWT_JWKS),
         max_connections: gucs::MAX_CONNECTIONS.get().max(1) as usize,
         max_channels_per_connection: gucs::MAX_CHANNELS_PER_CONNECTION.get().max(1) as usize,

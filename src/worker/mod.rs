@@ -38,16 +38,16 @@ pub extern "C-unwind" fn pg_realtime_worker_main(_arg: pg_sys::Datum) {
     let database = gucs::text(&gucs::DATABASE).unwrap_or_else(|| "postgres".into());
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
     shmem::register_worker_latch(unsafe { pg_sys::MyLatch });
+    if let Err(e) = transaction::run(settle_session) {
+        // Never run as a superuser with a search_path someone else chose.
+        log!("pg_realtime: cannot set up the worker's session: {e}");
+        unsafe { pg_sys::proc_exit(1) };
+    }
 
     if !wait_for_extension(&database) {
         unsafe { pg_sys::proc_exit(1) };
     }
-    // The worker's statements (authorization, replay, presence) run thousands of times with
-    // new parameters: plan them once (partitions are pruned at run time) instead of each call.
-    transaction::run(|| Spi::run("SET plan_cache_mode = force_generic_plan"))
-        .unwrap_or_else(|e| log!("pg_realtime: cannot set plan_cache_mode: {e}"));
-    maintenance::run();
-    let mut next_maintenance = Instant::now() + maintenance::interval();
+    let mut next_maintenance = Instant::now() + maintenance::run();
     let mut delivery = delivery::Delivery::start(&database);
 
     while !BackgroundWorker::sigterm_received() {
@@ -61,11 +61,12 @@ pub extern "C-unwind" fn pg_realtime_worker_main(_arg: pg_sys::Datum) {
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
             delivery.reload();
+            // A shorter interval applies now, not after the old one runs out.
+            next_maintenance = next_maintenance.min(Instant::now() + maintenance::interval());
         }
         delivery.deliver();
         if Instant::now() >= next_maintenance {
-            maintenance::run();
-            next_maintenance = Instant::now() + maintenance::interval();
+            next_maintenance = Instant::now() + maintenance::run();
         }
     }
     delivery.shutdown();
@@ -75,9 +76,24 @@ pub extern "C-unwind" fn pg_realtime_worker_main(_arg: pg_sys::Datum) {
     unsafe { pg_sys::proc_exit(1) };
 }
 
-/// Waits, without flooding the log, until `CREATE EXTENSION pg_realtime` has run in the
-/// worker's database, draining the queue meanwhile so other databases' sends never block.
-/// Returns false when asked to stop.
+/// Session settings of the worker, which runs as a superuser:
+/// - its own statements resolve names in `pg_catalog` only, so that no schema owner's function
+///   or operator ever runs with its rights; the search_path it had before is kept for the
+///   users' policies, which run under the client's role (see `authorization`);
+/// - it never waits long for a lock: a long reader must not stall delivery for everyone;
+/// - its statements (authorization, replay, presence) run thousands of times with new
+///   parameters: they are planned once (partitions are pruned at run time).
+fn settle_session() -> Result<(), pgrx::spi::SpiError> {
+    let original = Spi::get_one::<String>("SELECT pg_catalog.current_setting('search_path')")?;
+    authorization::set_policy_search_path(original.unwrap_or_default());
+    Spi::run("SET search_path = pg_catalog, pg_temp")?;
+    Spi::run(&format!("SET lock_timeout = {}", LOCK_TIMEOUT.as_millis()))?;
+    Spi::run("SET plan_cache_mode = force_generic_plan")
+}
+
+/// How long any of the worker's statements waits for a lock before it gives up.
+const LOCK_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Whether `CREATE EXTENSION pg_realtime` has run in the worker's database.
 fn extension_exists() -> bool {
     transaction::run(|| {
@@ -99,6 +115,9 @@ fn exit_if_extension_dropped() {
     }
 }
 
+/// Waits, without flooding the log, until `CREATE EXTENSION pg_realtime` has run in the
+/// worker's database, draining the queue meanwhile so other databases' sends never block.
+/// Returns false when asked to stop.
 fn wait_for_extension(database: &str) -> bool {
     let mut logged = false;
     loop {

@@ -6,17 +6,24 @@ use super::transaction;
 use pgrx::prelude::*;
 use realtime_server::{PresenceChange, Server};
 use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+/// The mirror and expiry run on the worker's main thread between deliveries: a row lock held
+/// by someone's open transaction must not hold them (and delivery) for long.
+const PRESENCE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Sockets do not outlive the worker, so neither does their mirror.
 pub fn forget_sockets() {
-    if let Err(e) = transaction::try_spi(|| Spi::run("TRUNCATE realtime.presence_sockets")) {
+    if let Err(e) = transaction::try_spi(PRESENCE_TIMEOUT, || {
+        Spi::run("TRUNCATE realtime.presence_sockets")
+    }) {
         log!("pg_realtime: cannot empty realtime.presence_sockets: {e}");
     }
 }
 
 /// Hands every topic's SQL-tracked presence to a freshly started server.
 pub fn load_all(server: &Server) {
-    let topics = transaction::try_spi(|| {
+    let topics = transaction::try_spi(PRESENCE_TIMEOUT, || {
         Spi::connect(|client| {
             let mut topics = BTreeSet::new();
             let rows = client.select(
@@ -44,7 +51,7 @@ pub fn sync(server: &Server, topics: BTreeSet<(String, bool)>) {
     if topics.is_empty() {
         return;
     }
-    let members = transaction::try_spi(|| {
+    let members = transaction::try_spi(PRESENCE_TIMEOUT, || {
         Spi::connect(|client| {
             let mut out = Vec::new();
             for (topic, private) in &topics {
@@ -115,34 +122,37 @@ pub fn mirror(changes: Vec<PresenceChange>) {
             PresenceChange::Untracked { owner, .. } => gone.push(owner as i64),
         }
     }
-    let result = transaction::try_spi(move || -> Result<(), pgrx::spi::SpiError> {
-        if !gone.is_empty() {
-            Spi::run_with_args(
-                "DELETE FROM realtime.presence_sockets WHERE connection_id = ANY ($1)",
-                &[gone.into()],
-            )?;
-        }
-        if !ids.is_empty() {
-            Spi::run_with_args(
-                "INSERT INTO realtime.presence_sockets
+    let result = transaction::try_spi(
+        PRESENCE_TIMEOUT,
+        move || -> Result<(), pgrx::spi::SpiError> {
+            if !gone.is_empty() {
+                Spi::run_with_args(
+                    "DELETE FROM realtime.presence_sockets WHERE connection_id = ANY ($1)",
+                    &[gone.into()],
+                )?;
+            }
+            if !ids.is_empty() {
+                Spi::run_with_args(
+                    "INSERT INTO realtime.presence_sockets
                         (connection_id, topic, private, key, presence_ref, payload)
                  SELECT * FROM unnest($1::bigint[], $2::text[], $3::boolean[], $4::text[],
                                       $5::text[], $6::jsonb[])
                  ON CONFLICT (connection_id) DO UPDATE
                     SET key = excluded.key, presence_ref = excluded.presence_ref,
                         payload = excluded.payload, updated_at = now()",
-                &[
-                    ids.into(),
-                    topics.into(),
-                    privates.into(),
-                    keys.into(),
-                    refs.into(),
-                    metas.into(),
-                ],
-            )?;
-        }
-        Ok(())
-    });
+                    &[
+                        ids.into(),
+                        topics.into(),
+                        privates.into(),
+                        keys.into(),
+                        refs.into(),
+                        metas.into(),
+                    ],
+                )?;
+            }
+            Ok(())
+        },
+    );
     if let Err(e) = result {
         log!("pg_realtime: cannot mirror socket presence: {e}");
     }
@@ -151,5 +161,7 @@ pub fn mirror(changes: Vec<PresenceChange>) {
 /// Removes SQL presence whose ttl ran out; the trigger queues the resulting leaves. Returns
 /// the error, if any, for the caller to judge (the extension may have been dropped).
 pub fn expire() -> Result<(), String> {
-    transaction::try_spi(|| Spi::run("SELECT realtime._expire_presence()"))
+    transaction::try_spi(PRESENCE_TIMEOUT, || {
+        Spi::run("SELECT realtime._expire_presence()")
+    })
 }

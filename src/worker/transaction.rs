@@ -37,22 +37,29 @@ pub fn run<R>(body: impl FnOnce() -> R) -> R {
     result
 }
 
-/// Like [`run`], but an ERROR inside is caught, the transaction rolled back, and the error's
-/// message returned, so one failed maintenance round does not drop every client.
+/// Like [`run`], but bounded by a statement timeout, and an ERROR inside is caught, the
+/// transaction rolled back, and the error's message returned, so one failed maintenance round
+/// does not drop every client nor stall the worker behind someone else's lock.
 pub fn try_run<R>(
+    timeout: Duration,
     body: impl FnOnce() -> R + std::panic::UnwindSafe + std::panic::RefUnwindSafe,
 ) -> Result<R, String> {
     begin();
+    arm_timeout(timeout);
     PgTryBuilder::new(|| {
         let result = body();
         unsafe {
+            disable_timeout(STATEMENT_TIMEOUT, false);
             pg_sys::PopActiveSnapshot();
             pg_sys::CommitTransactionCommand();
         }
         Ok(result)
     })
     .catch_others(|caught| {
-        unsafe { pg_sys::AbortCurrentTransaction() };
+        unsafe {
+            disable_timeout(STATEMENT_TIMEOUT, false);
+            pg_sys::AbortCurrentTransaction();
+        }
         Err(caught_message(caught))
     })
     .execute()
@@ -71,11 +78,12 @@ unsafe extern "C" {
 
 /// [`try_run`] for a body that returns an SPI result: either kind of failure as one message.
 pub fn try_spi<R>(
+    timeout: Duration,
     body: impl FnOnce() -> Result<R, pgrx::spi::SpiError>
     + std::panic::UnwindSafe
     + std::panic::RefUnwindSafe,
 ) -> Result<R, String> {
-    try_run(body)?.map_err(|e| e.to_string())
+    try_run(timeout, body)?.map_err(|e| e.to_string())
 }
 
 fn caught_message(caught: CaughtError) -> String {

@@ -1,0 +1,83 @@
+//! The extension's trigger functions fire only on the tables they were written for.
+//!
+//! PostgreSQL checks EXECUTE on a trigger function when a trigger is created, not when it
+//! fires, and the functions trust the layout of the rows they read. So besides being revoked
+//! from PUBLIC, each one checks the relation it fired on: `realtime.<table>` itself or one of
+//! its partitions, never a look-alike table someone attached it to.
+
+use crate::error::RealtimeError;
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::ffi::CStr;
+
+// catalog/partition.h is not in pgrx's bindings. Raises only when a partition has no parent,
+// so it is called through pgrx's guard, which turns that ERROR into a Rust unwind.
+unsafe extern "C-unwind" {
+    fn get_partition_parent(relid: pg_sys::Oid, even_if_detached: bool) -> pg_sys::Oid;
+}
+
+thread_local! {
+    /// Relations already found to be partitions of an extension table: the partition check
+    /// reads pg_inherits, the namespace check below is a cheap syscache hit.
+    static PARTITIONS: RefCell<HashSet<pg_sys::Oid>> = RefCell::new(HashSet::new());
+}
+
+/// The OID of `realtime.<table>` (invalid if missing).
+fn realtime_table(table: &CStr) -> pg_sys::Oid {
+    unsafe {
+        let schema = pg_sys::get_namespace_oid(c"realtime".as_ptr(), true);
+        if schema == pg_sys::InvalidOid {
+            return pg_sys::InvalidOid;
+        }
+        pg_sys::get_relname_relid(table.as_ptr(), schema)
+    }
+}
+
+/// Whether `relid` is a partition (at any depth) of `root`.
+fn is_partition_of(relid: pg_sys::Oid, root: pg_sys::Oid) -> bool {
+    if PARTITIONS.with_borrow(|known| known.contains(&relid)) {
+        return true;
+    }
+    let mut current = relid;
+    // Partition trees of realtime.messages are one level deep; the bound only guards the loop.
+    for _ in 0..8 {
+        if !unsafe { pg_sys::get_rel_relispartition(current) } {
+            return false;
+        }
+        current =
+            unsafe { pg_sys::ffi::pg_guard_ffi_boundary(|| get_partition_parent(current, true)) };
+        if current == root {
+            PARTITIONS.with_borrow_mut(|known| known.insert(relid));
+            return true;
+        }
+    }
+    false
+}
+
+/// Returns the OID of `realtime.<table>` when `trigger` (running `function`) fired on it or on
+/// one of its partitions; otherwise the trigger-protocol error naming both relations.
+pub fn require_table(
+    trigger: &PgTrigger<'_>,
+    function: &'static str,
+    table: &'static CStr,
+) -> Result<pg_sys::Oid, RealtimeError> {
+    let relation = trigger
+        .relation()
+        .map_err(|e| RealtimeError::Internal(e.to_string()))?;
+    let relid = relation.oid();
+    let expected = realtime_table(table);
+    let schema = unsafe { pg_sys::get_namespace_oid(c"realtime".as_ptr(), true) };
+    let fits = expected != pg_sys::InvalidOid
+        && (relid == expected
+            || (relation.namespace_oid() == schema && is_partition_of(relid, expected)));
+    if fits {
+        return Ok(expected);
+    }
+    Err(RealtimeError::WrongTriggerTable {
+        function,
+        table: table.to_string_lossy().into_owned(),
+        relation: relation.name().to_string(),
+    })
+}
