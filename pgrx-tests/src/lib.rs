@@ -16,7 +16,13 @@ pub struct Cluster {
     pub data: PathBuf,
     pub pg_port: u16,
     pub ws_port: u16,
+    /// Set by a test that SIGKILLs a server process itself: that crash (and only a SIGKILL) is
+    /// not reported as one.
+    killed_on_purpose: std::cell::Cell<bool>,
 }
+
+/// Log lines that mean a server process died or the cluster reinitialized.
+const CRASH_MARKERS: [&str; 3] = ["terminated by signal", "PANIC", "reinitializing"];
 
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
@@ -86,6 +92,7 @@ impl Cluster {
             data,
             pg_port: free_port(),
             ws_port: free_port(),
+            killed_on_purpose: std::cell::Cell::new(false),
         };
         let mut conf = format!(
             "\nport = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nfsync = off\n\
@@ -173,10 +180,36 @@ impl Cluster {
     pub fn path(&self) -> &Path {
         &self.data
     }
+
+    /// Says that the test SIGKILLs a server process on purpose, so that the restart it causes
+    /// is not reported as a crash (any other signal or a PANIC still is).
+    pub fn expect_kill(&self) {
+        self.killed_on_purpose.set(true);
+    }
+
+    /// The log lines that show a crash (a process that died by a signal, a PANIC, a restart of
+    /// every backend).
+    pub fn crash_lines(&self) -> Vec<String> {
+        let expected = |l: &str| {
+            self.killed_on_purpose.get()
+                && (l.contains("terminated by signal 9") || l.contains("reinitializing"))
+        };
+        self.log()
+            .lines()
+            .filter(|l| CRASH_MARKERS.iter().any(|m| l.contains(m)) && !expected(l))
+            .map(str::to_owned)
+            .collect()
+    }
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        // Every test is also a crash test: whatever it did, no server process may have died.
+        let crashes = if std::thread::panicking() {
+            Vec::new()
+        } else {
+            self.crash_lines()
+        };
         let _ = as_postgres(
             &format!("{BIN}/pg_ctl"),
             &[
@@ -188,6 +221,11 @@ impl Drop for Cluster {
             ],
         );
         let _ = std::fs::remove_dir_all(&self.data);
+        assert!(
+            crashes.is_empty(),
+            "the server crashed during the test:\n{}",
+            crashes.join("\n")
+        );
     }
 }
 

@@ -517,6 +517,7 @@ fn the_worker_waits_for_the_extension_and_comes_back_after_being_stopped() {
 
     // SIGKILL is a crash for PostgreSQL (as for any backend): the postmaster reinitializes
     // and the worker comes back by itself.
+    cluster.expect_kill();
     let pid = cluster.worker_pid().expect("the worker runs");
     std::process::Command::new("kill")
         .args(["-9", &pid.to_string()])

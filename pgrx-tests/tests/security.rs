@@ -51,11 +51,8 @@ fn private_subscriber(cluster: &Cluster, topic: &str) -> Socket {
 }
 
 fn assert_no_crash(cluster: &Cluster) {
-    let log = cluster.log();
-    assert!(
-        !log.contains("terminated by signal") && !log.contains("PANIC"),
-        "the server log shows a crash:\n{log}"
-    );
+    let crashes = cluster.crash_lines();
+    assert!(crashes.is_empty(), "the server crashed:\n{crashes:?}");
 }
 
 /// Any login may create a temp table, but not attach the extension's trigger functions to it;
