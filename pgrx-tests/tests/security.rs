@@ -478,3 +478,32 @@ fn staging_stops_at_the_queue_capacity() {
     .unwrap();
     assert_no_crash(&cluster);
 }
+
+/// A presence meta that PostgreSQL cannot store (a NUL in a string) does not keep other
+/// members out of `realtime.presence()`: the worker mirrors socket presence in batches.
+#[test]
+fn a_nul_in_one_meta_does_not_poison_the_presence_mirror() {
+    let cluster = Cluster::start("sec_presence_nul", &[]);
+    let mut s = Socket::connect(&cluster, &jwt(json!({})), "2.0.0");
+    for (topic, key) in [("room-a", "poison"), ("room-b", "fine")] {
+        let config = json!({"presence": {"enabled": true, "key": key}});
+        assert_eq!(s.join(topic, config)["status"], "ok");
+    }
+    // Back to back, so that both changes land in the same mirror batch.
+    let poison = r#"[null,"90","realtime:room-a","presence",{"type":"presence","event":"track","payload":{"a":"\u0000"}}]"#;
+    let fine = r#"[null,"91","realtime:room-b","presence",{"type":"presence","event":"track","payload":{"b":1}}]"#;
+    s.send_text(poison);
+    s.send_text(fine);
+    let mut c = cluster.connect();
+    let listed = eventually(WAIT, || {
+        c.query("SELECT key FROM realtime.presence('room-b')", &[])
+            .map(|rows| rows.iter().any(|r| r.get::<_, String>(0) == "fine"))
+            .unwrap_or(false)
+    });
+    assert!(
+        listed,
+        "a member was lost with the poisoned batch:\n{}",
+        cluster.log()
+    );
+    assert!(!cluster.log().contains("cannot mirror socket presence"));
+}

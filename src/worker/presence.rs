@@ -112,6 +112,14 @@ pub fn mirror(changes: Vec<PresenceChange>) {
                 phx_ref,
                 meta_json,
             } => {
+                // PostgreSQL text and jsonb cannot hold NUL: one such member must not fail the
+                // whole batch (everyone else's changes), so it is left out of the mirror.
+                if [&topic, &key, &phx_ref].iter().any(|t| t.contains('\0'))
+                    || meta_json.contains("\\u0000")
+                {
+                    gone.push(owner as i64);
+                    continue;
+                }
                 ids.push(owner as i64);
                 topics.push(topic);
                 privates.push(private);
