@@ -54,7 +54,6 @@ fn fixture() -> &'static Fixture {
             &[
                 // The many-sockets cases open a few hundred connections at once.
                 "realtime.max_connections = 2000",
-                "log_min_messages = warning",
             ],
         );
         let sentinel = Mutex::new(cluster.connect());
@@ -1097,6 +1096,68 @@ fn join_storms() {
     health("200 sockets joining at once");
 }
 
+/// Private joins each cost the worker a read check; pairs sent at network speed must not stall
+/// delivery from SQL to everyone else.
+#[test]
+fn a_private_join_storm_does_not_stall_delivery() {
+    let mut s = Ws::open("2.0.0");
+    for i in 0..3000 {
+        let topic = format!("realtime:private-storm-{}", i % 50);
+        let r = format!("p{i}");
+        s.push(
+            Some(&r),
+            &r,
+            &topic,
+            "phx_join",
+            json!({"config": {"private": true, "presence": {"enabled": i % 2 == 0}}}),
+        );
+        s.push(Some(&r), &format!("l{i}"), &topic, "phx_leave", json!({}));
+        if i % 500 == 499 {
+            s.drain(Duration::from_millis(1));
+        }
+    }
+    let started = Instant::now();
+    health("right after 3000 private join/leave pairs");
+    eprintln!(
+        "health check after the private storm took {:?}",
+        started.elapsed()
+    );
+    // A private join of another client is answered while the storm's checks drain.
+    let mut other = Ws::open("2.0.0");
+    let reply = other.join("realtime:after-storm", json!({"private": true}));
+    assert_eq!(reply["status"], "error", "{reply}");
+    s.drain(Duration::from_millis(200));
+    assert!(s.alive());
+    health("after a private join storm");
+}
+
+/// A subscriber that stops reading is disconnected once `realtime.outbound_queue` frames wait
+/// for it; the publisher and everyone else carry on.
+#[test]
+fn a_client_that_never_reads_is_disconnected() {
+    let topic = "realtime:firehose";
+    let mut sleeper = Ws::open("2.0.0");
+    assert_eq!(sleeper.join(topic, json!({}))["status"], "ok");
+    let mut publisher = Ws::open("2.0.0");
+    assert_eq!(publisher.join(topic, json!({}))["status"], "ok");
+    let payload = format!("{{\"x\":\"{}\"}}", "f".repeat(10_000));
+    for i in 0..4000 {
+        publisher.binary(kind3(
+            "1",
+            &i.to_string(),
+            topic,
+            "flood",
+            payload.as_bytes(),
+        ));
+    }
+    assert!(publisher.alive(), "the publisher is not held back");
+    health("a subscriber that never reads");
+    // Reading now drains what the kernel held, then finds the connection closed.
+    let closed = sleeper.closes_within(Duration::from_secs(30));
+    assert!(closed.is_some(), "the slow subscriber was disconnected");
+    health("after the slow subscriber was dropped");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Odd topics
 // ---------------------------------------------------------------------------------------------
@@ -1870,6 +1931,17 @@ fn bad_rest_bodies() {
     ];
     let (status, _) = http("POST", single, &octet, &vec![0u8; MAX_PAYLOAD + 1]);
     assert_eq!(status, 422, "a single payload over max_payload_size");
+    // Bodies that are JSON but not objects, and an empty binary body: accepted or refused,
+    // both are answers.
+    for (ctype, body) in [
+        ("APPLICATION/JSON", &b"[1,2]"[..]),
+        ("application/json", b"5"),
+        ("application/octet-stream", b""),
+    ] {
+        let headers = [("Authorization", bearer.as_str()), ("Content-Type", ctype)];
+        let (status, _) = http("POST", single, &headers, body);
+        assert!(status == 202 || status == 422, "{ctype}: {status}");
+    }
     let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
     let (status, _) = http("POST", single, auth, deep.as_bytes());
     assert!(status == 202 || status == 422, "deep JSON: {status}");
