@@ -26,7 +26,10 @@ const MAX_PAYLOAD: usize = 3000 * 1024;
 // ---------------------------------------------------------------------------------------------
 
 struct Fixture {
-    cluster: Cluster,
+    /// Behind a lock because a cluster is not `Sync`.
+    cluster: Mutex<Cluster>,
+    data: String,
+    ws_port: u16,
     /// Opened before any abuse; if the postmaster restarts, this connection dies with it.
     sentinel: Mutex<postgres::Client>,
     worker: i32,
@@ -38,12 +41,11 @@ static FIXTURE: OnceLock<Fixture> = OnceLock::new();
 /// Statics are never dropped, so the shared cluster is stopped when the test process exits.
 extern "C" fn stop_shared_cluster() {
     if let Some(f) = FIXTURE.get() {
-        let data = f.cluster.path().to_string_lossy().into_owned();
         let _ = std::process::Command::new("runuser")
             .args(["-u", "postgres", "--", &format!("{BIN}/pg_ctl")])
-            .args(["-D", &data, "stop", "-m", "immediate"])
+            .args(["-D", &f.data, "stop", "-m", "immediate"])
             .output();
-        let _ = std::fs::remove_dir_all(&data);
+        let _ = std::fs::remove_dir_all(&f.data);
     }
 }
 
@@ -63,12 +65,24 @@ fn fixture() -> &'static Fixture {
             libc::atexit(stop_shared_cluster);
         }
         Fixture {
-            cluster,
+            data: cluster.path().to_string_lossy().into_owned(),
+            ws_port: cluster.ws_port,
+            cluster: Mutex::new(cluster),
             sentinel,
             worker,
             round: AtomicU64::new(0),
         }
     })
+}
+
+impl Fixture {
+    fn with_cluster<R>(&self, f: impl FnOnce(&Cluster) -> R) -> R {
+        f(&self.cluster.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn log(&self) -> String {
+        self.with_cluster(Cluster::log)
+    }
 }
 
 fn sentinel(f: &Fixture) -> MutexGuard<'_, postgres::Client> {
@@ -88,7 +102,7 @@ const CRASH_MARKERS: &[&str] = &[
 ];
 
 fn log_tail(f: &Fixture) -> String {
-    let log = f.cluster.log();
+    let log = f.log();
     let start = log.len().saturating_sub(4000);
     let start = (start..log.len())
         .find(|i| log.is_char_boundary(*i))
@@ -113,7 +127,7 @@ fn health(case: &str) {
             .get(0);
         assert_eq!(one, 1);
     }
-    let log = f.cluster.log();
+    let log = f.log();
     for marker in CRASH_MARKERS {
         assert!(
             !log.contains(marker),
@@ -122,12 +136,13 @@ fn health(case: &str) {
         );
     }
     assert_eq!(
-        f.cluster.worker_pid(),
+        f.with_cluster(Cluster::worker_pid),
         Some(f.worker),
         "{case}: the worker was restarted or is gone:\n{}",
         log_tail(f)
     );
-    let mut fresh = Socket::try_connect(&f.cluster, &jwt(json!({})), "2.0.0")
+    let mut fresh = f
+        .with_cluster(|c| Socket::try_connect(c, &jwt(json!({})), "2.0.0"))
         .unwrap_or_else(|e| panic!("{case}: a fresh client cannot connect: {e}"));
     let topic = format!("health-{n}");
     let reply = fresh.join(&topic, json!({}));
@@ -234,7 +249,7 @@ impl Ws {
         config.max_message_size = Some(64 << 20);
         config.max_frame_size = Some(64 << 20);
         let (ws, _) = tungstenite::client::connect_with_config(
-            ws_url(f.cluster.ws_port, token, vsn),
+            ws_url(f.ws_port, token, vsn),
             Some(config),
             3,
         )?;
@@ -425,7 +440,7 @@ fn kind3(join_ref: &str, reference: &str, topic: &str, event: &str, payload: &[u
 // ---------------------------------------------------------------------------------------------
 
 fn tcp() -> TcpStream {
-    let s = TcpStream::connect(("127.0.0.1", fixture().cluster.ws_port)).expect("tcp connect");
+    let s = TcpStream::connect(("127.0.0.1", fixture().ws_port)).expect("tcp connect");
     s.set_read_timeout(Some(Duration::from_secs(30))).ok();
     s.set_write_timeout(Some(Duration::from_secs(30))).ok();
     s
@@ -1400,7 +1415,7 @@ fn a_nul_meta_does_not_hide_other_clients_presence_from_sql() {
             .map(|r| r.get::<_, i64>(0) == 1)
             .unwrap_or(false)
     });
-    let log = fixture().cluster.log();
+    let log = fixture().log();
     let related: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("presence") || l.contains("\\u0000"))
