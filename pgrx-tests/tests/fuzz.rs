@@ -5,7 +5,10 @@
 //! opened before any abuse still answers and the log shows no crash), and the worker, with the
 //! same pid, still serves a fresh client a message sent from SQL.
 //!
-//! The cases are deterministic: random input comes from a seeded generator defined here.
+//! The cases are deterministic: random input comes from a seeded generator defined here. All
+//! tests share one cluster (started by the first, stopped when the process exits), so a crash
+//! in one case also fails the health check of the next. `#[ignore]`d tests are known failures
+//! of today's server; each says what it observes.
 
 use realtime_integration_tests::{BIN, Cluster, JWT_SECRET, Message, Socket, eventually, jwt};
 use serde_json::{Value, json};
@@ -1696,8 +1699,8 @@ fn bad_tokens_are_refused() {
 
 const ODD_ROLES: [&str; 4] = ["nosuchrole", "anon; DROP TABLE x", "\u{0000}", "ANON"];
 
-/// Any SQL error of the read check is the one Unauthorized reason (Supabase logs the error
-/// and answers with it), so clients do not learn which roles exist.
+/// Any SQL error of the read check gets the one Unauthorized reason (Supabase logs the error
+/// and answers with that reason), so clients do not learn which roles exist.
 #[test]
 #[ignore = "a private join with an unknown role in the token is refused with the SQL error text (Unauthorized: role \"nosuchrole\" does not exist) instead of the Unauthorized reason"]
 fn unknown_roles_get_the_unauthorized_reason() {
