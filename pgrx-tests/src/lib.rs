@@ -18,7 +18,7 @@ pub struct Cluster {
     pub ws_port: u16,
     /// Set by a test that SIGKILLs a server process itself: that crash (and only a SIGKILL) is
     /// not reported as one.
-    killed_on_purpose: std::cell::Cell<bool>,
+    killed_on_purpose: std::sync::atomic::AtomicBool,
 }
 
 /// Log lines that mean a server process died or the cluster reinitialized.
@@ -92,7 +92,7 @@ impl Cluster {
             data,
             pg_port: free_port(),
             ws_port: free_port(),
-            killed_on_purpose: std::cell::Cell::new(false),
+            killed_on_purpose: std::sync::atomic::AtomicBool::new(false),
         };
         let mut conf = format!(
             "\nport = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nfsync = off\n\
@@ -184,14 +184,16 @@ impl Cluster {
     /// Says that the test SIGKILLs a server process on purpose, so that the restart it causes
     /// is not reported as a crash (any other signal or a PANIC still is).
     pub fn expect_kill(&self) {
-        self.killed_on_purpose.set(true);
+        self.killed_on_purpose
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The log lines that show a crash (a process that died by a signal, a PANIC, a restart of
     /// every backend).
     pub fn crash_lines(&self) -> Vec<String> {
         let expected = |l: &str| {
-            self.killed_on_purpose.get()
+            self.killed_on_purpose
+                .load(std::sync::atomic::Ordering::Relaxed)
                 && (l.contains("terminated by signal 9") || l.contains("reinitializing"))
         };
         self.log()
