@@ -122,8 +122,12 @@ fn with_plan<R>(
 /// `SET LOCAL` of one of the token's settings; a bad value (a role that does not exist)
 /// raises, which fails this check alone.
 fn set_local(name: &std::ffi::CStr, value: &str) -> Result<(), String> {
-    let value =
-        std::ffi::CString::new(value).map_err(|_| "a claim contains a NUL byte".to_string())?;
+    let value = std::ffi::CString::new(value).map_err(|_| {
+        format!(
+            "{} contains a NUL byte",
+            if name == c"realtime.topic" { "the topic" } else { "a claim" }
+        )
+    })?;
     crate::gucs::set_local(name, &value);
     Ok(())
 }
