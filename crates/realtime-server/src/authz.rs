@@ -104,7 +104,10 @@ impl Authorizer {
             Ok(Ok(answered)) => answered,
             Ok(Err(_)) => (Err(unauthorized_reason(ask.subtopic)), None),
             Err(_) => {
-                log::warn!("authorization request {id} for {} timed out", ask.subtopic);
+                log::warn!(
+                    "authorization request {id} for {} timed out",
+                    crate::log_excerpt(ask.subtopic)
+                );
                 (
                     Err("IncreaseConnectionPool: Please increase your connection pool size".into()),
                     None,

@@ -29,6 +29,10 @@ use crate::registry::{Kind, Reads, TopicKey};
 pub(crate) const CLOSE_GOING_AWAY: u16 = 1001;
 pub(crate) const CLOSE_POLICY: u16 = 1008;
 const CLOSE_NORMAL: u16 = 1000;
+/// Longest topic (without `realtime:`) a join or REST send may name; longer ones are refused
+/// before anything copies them. The database keeps topics of up to 246 bytes, so no topic it
+/// can store is refused here.
+pub(crate) const MAX_SUBTOPIC_BYTES: usize = 255;
 const SLOW_CONSUMER: &str = "slow consumer: outbound queue full";
 /// The reply to an acked broadcast that found the channel's write-check queue full.
 const TOO_MANY_HELD_WRITES: &str = "Too many messages per second";
@@ -330,7 +334,10 @@ impl Conn {
             if m.event == "heartbeat" {
                 self.reply(None, m.msg_ref.as_deref(), "phoenix", "ok", json!({}));
             } else {
-                log::debug!("ignoring event {:?} on the phoenix topic", m.event);
+                log::debug!(
+                    "ignoring event {:?} on the phoenix topic",
+                    crate::log_excerpt(&m.event)
+                );
             }
             return;
         }
@@ -409,7 +416,11 @@ impl Conn {
         topic: &str,
         reason: String,
     ) {
-        log::debug!("refusing join of {topic}: {reason}");
+        log::debug!(
+            "refusing join of {}: {}",
+            crate::log_excerpt(topic),
+            crate::log_excerpt(&reason)
+        );
         let payload = json!({"status": "error", "response": {"reason": reason}}).to_string();
         let frame = self.text(
             join_ref.as_deref(),
@@ -432,10 +443,31 @@ impl Conn {
 
     fn join(&mut self, m: Inbound) {
         let join_ref = m.join_ref.clone().or_else(|| m.msg_ref.clone());
-        let Some(subtopic) = subtopic_of(&m.topic).map(str::to_string) else {
+        let Some(subtopic) = subtopic_of(&m.topic) else {
             self.reply_error(&m, "unmatched topic");
             return;
         };
+        // Checked before anything copies the topic: it becomes a map key, an authorization
+        // request and a SQL parameter, and PostgreSQL text cannot hold a NUL.
+        if subtopic.len() > MAX_SUBTOPIC_BYTES {
+            return self.join_error(
+                join_ref,
+                m.msg_ref.clone(),
+                &m.topic,
+                format!(
+                    "TopicNameTooLong: A topic name may have at most {MAX_SUBTOPIC_BYTES} bytes"
+                ),
+            );
+        }
+        if subtopic.contains('\0') {
+            return self.join_error(
+                join_ref,
+                m.msg_ref.clone(),
+                &m.topic,
+                "InvalidTopicName: A topic name must not contain the NUL character".into(),
+            );
+        }
+        let subtopic = subtopic.to_string();
         // A second join on the same topic replaces the first (Phoenix duplicate-join rule).
         if let Some(old) = self.channels.remove(&m.topic) {
             self.close_channel(&m.topic, old);
@@ -741,7 +773,7 @@ impl Conn {
                 // which channel is writing faster than its database can authorize.
                 log::info!(
                     "dropping a write on {}: {MAX_HELD_WRITES} already wait for the channel's write check",
-                    m.topic
+                    crate::log_excerpt(&m.topic)
                 );
                 if ch.broadcast_ack && m.event == "broadcast" {
                     self.reply_error(&m, TOO_MANY_HELD_WRITES);

@@ -47,7 +47,36 @@ use events::EventQueue;
 use jwt::JwtVerifier;
 use registry::{Kind, Registry, TopicKey};
 
+/// Client strings can be megabytes long; logs get at most this many bytes of one.
+const LOG_EXCERPT_BYTES: usize = 120;
+
+/// `s`, or its first [`LOG_EXCERPT_BYTES`] with a note of the full length, for log lines.
+pub(crate) fn log_excerpt(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.len() <= LOG_EXCERPT_BYTES {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut end = LOG_EXCERPT_BYTES;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!("{}... ({} bytes)", &s[..end], s.len()))
+}
+
 /// A committed database message (`realtime.send`, `realtime.broadcast_changes`, ...).
+#[cfg(test)]
+mod tests {
+    use super::log_excerpt;
+
+    #[test]
+    fn log_excerpts_are_short_and_cut_at_char_boundaries() {
+        assert_eq!(log_excerpt("short"), "short");
+        let long = "é".repeat(1_000_000);
+        let e = log_excerpt(&long);
+        assert!(e.len() < 200, "{}", e.len());
+        assert!(e.ends_with("... (2000000 bytes)"));
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct DbBroadcast {
     /// Sub-topic, without the `realtime:` prefix.

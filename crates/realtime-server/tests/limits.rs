@@ -1,0 +1,162 @@
+//! Bounds on what one client can make the server hold or do: each test drives a real server
+//! past a limit and checks the answer it gets.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+
+#[tokio::test]
+async fn token_role_none_or_blank_is_refused_everywhere() {
+    let (server, addr) = start(test_config());
+    let base = format!("ws://{addr}/realtime/v1/websocket?vsn=2.0.0");
+    for role in ["none", "NONE", "None"] {
+        let bad = token_with(json!({"role": role, "exp": now() + 100}));
+        let (s, body) = refused(format!("{base}&apikey={bad}")).await;
+        assert_eq!(
+            (s, body),
+            (
+                401,
+                json!({"error": "The `role` claim of the JWT is not allowed"})
+            )
+        );
+        let (s, _, body) = http(
+            addr,
+            "POST",
+            "/realtime/v1/api/broadcast/t/events/e",
+            &[
+                ("authorization", &format!("Bearer {bad}")),
+                ("content-type", "application/json"),
+            ],
+            b"{}",
+        )
+        .await;
+        assert_eq!(s, 401, "{}", String::from_utf8_lossy(&body));
+    }
+    let blank = token_with(json!({"role": "", "exp": now() + 100}));
+    let (s, body) = refused(format!("{base}&apikey={blank}")).await;
+    assert_eq!(
+        (s, body),
+        (
+            401,
+            json!({"error": "Fields `role` and `exp` are required in JWT"})
+        )
+    );
+
+    // A join with its own token, and a token refresh, get the same check.
+    let mut ws = connect(addr, "2.0.0").await;
+    let none = token_with(json!({"role": "none", "exp": now() + 100}));
+    send_text(
+        &mut ws,
+        json!(["1", "1", "realtime:r", "phx_join", {"config": {}, "access_token": none}]),
+    )
+    .await;
+    assert_eq!(
+        next_json(&mut ws).await[4],
+        json!({"status": "error", "response": {"reason": "InvalidJWTToken: The `role` claim of the JWT is not allowed"}})
+    );
+    join_v2(&mut ws, "r", "2", json!({})).await;
+    send_text(
+        &mut ws,
+        json!(["2", "3", "realtime:r", "access_token", {"access_token": none}]),
+    )
+    .await;
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!(["2", null, "realtime:r", "system", {"extension": "system", "status": "error", "message": "The `role` claim of the JWT is not allowed", "channel": "r"}])
+    );
+    stop(server).await;
+}
+
+#[tokio::test]
+async fn topics_longer_than_255_bytes_are_refused() {
+    let (server, addr) = start(test_config());
+    let mut ws = connect(addr, "2.0.0").await;
+    let longest = "t".repeat(255);
+    let r = join_v2(&mut ws, &longest, "1", json!({})).await;
+    assert_eq!(r["status"], "ok", "{r}");
+    let too_long = "t".repeat(256);
+    let r = join_v2(&mut ws, &too_long, "2", json!({})).await;
+    assert_eq!(
+        r,
+        json!({"status": "error", "response": {"reason": "TopicNameTooLong: A topic name may have at most 255 bytes"}})
+    );
+    let huge = "t".repeat(3_000_000);
+    let r = join_v2(&mut ws, &huge, "3", json!({})).await;
+    assert_eq!(r["status"], "error");
+    let r = join_v2(&mut ws, "a\u{0}b", "4", json!({})).await;
+    assert_eq!(
+        r["response"]["reason"],
+        "InvalidTopicName: A topic name must not contain the NUL character"
+    );
+
+    // REST sends name topics too.
+    let body = json!({"messages": [{"topic": too_long, "event": "e", "payload": {}}]});
+    let (s, _, body) = http(
+        addr,
+        "POST",
+        "/realtime/v1/api/broadcast",
+        &[
+            ("authorization", &format!("Bearer {}", token())),
+            ("content-type", "application/json"),
+        ],
+        body.to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!(s, 422);
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&body).unwrap(),
+        json!({"errors": {"messages": [{"topic": ["should be at most 255 byte(s)"]}]}})
+    );
+    let (s, _, _) = http(
+        addr,
+        "POST",
+        &format!("/realtime/v1/api/broadcast/{too_long}/events/e"),
+        &[
+            ("authorization", &format!("Bearer {}", token())),
+            ("content-type", "application/json"),
+        ],
+        b"{}",
+    )
+    .await;
+    assert_eq!(s, 422);
+    stop(server).await;
+}
+
+#[tokio::test]
+async fn rest_batches_are_bounded_and_answered_briefly() {
+    let (server, addr) = start(test_config());
+    let auth = format!("Bearer {}", token());
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+    ];
+    // Just under the 5 MB body limit: about 2.4 million array elements.
+    let mut body = String::from("{\"messages\":[1");
+    while body.len() < 4_900_000 {
+        body.push_str(",1");
+    }
+    body.push_str("]}");
+    let (s, _, answer) = http(addr, "POST", "/api/broadcast", &headers, body.as_bytes()).await;
+    assert_eq!(s, 422);
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&answer).unwrap(),
+        json!({"errors": {"messages": ["should have at most 1000 item(s)"]}})
+    );
+
+    // Within the count, invalid messages are reported up to the tenth.
+    let body = json!({"messages": vec![1; 1000]}).to_string();
+    let (s, _, answer) = http(addr, "POST", "/api/broadcast", &headers, body.as_bytes()).await;
+    assert_eq!(s, 422);
+    let answer: serde_json::Value = serde_json::from_slice(&answer).unwrap();
+    let reported = answer["errors"]["messages"].as_array().unwrap();
+    assert_eq!(reported.len(), 10);
+    assert_eq!(reported[9], json!({"message": ["is invalid"]}));
+
+    // A full batch of valid messages still goes through.
+    let one = json!({"topic": "t", "event": "e", "payload": {"n": 1}});
+    let body = json!({"messages": vec![one; 1000]}).to_string();
+    let (s, _, _) = http(addr, "POST", "/api/broadcast", &headers, body.as_bytes()).await;
+    assert_eq!(s, 202);
+    stop(server).await;
+}
