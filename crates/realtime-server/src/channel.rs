@@ -6,7 +6,7 @@ use tokio::time::Instant;
 
 use crate::events::{Authorization, ReplayParams};
 use crate::jwt::Claims;
-use crate::protocol::Inbound;
+use crate::protocol::{Inbound, InboundPayload};
 use crate::registry::TopicKey;
 
 /// What a `phx_join` asked for (reference 2.1). Unknown keys are ignored.
@@ -114,8 +114,8 @@ pub(crate) const MAX_HELD_WRITES: usize = 256;
 pub(crate) enum WriteCheck {
     /// Private channel, nothing written yet.
     Unchecked,
-    /// The worker is checking; the messages wait here, in order.
-    Running(Vec<Inbound>),
+    /// The worker is checking; the messages wait here, in order, with their total size.
+    Running(Vec<Inbound>, usize),
     Known {
         broadcast: bool,
         presence: bool,
@@ -151,6 +151,21 @@ impl Channel {
             _ => None,
         }
     }
+}
+
+/// What a held message costs: the bytes a client chose (payload, event, metadata, refs).
+pub(crate) fn held_size(m: &Inbound) -> usize {
+    let payload = match &m.payload {
+        InboundPayload::Json(raw) => raw.get().len(),
+        InboundPayload::User(u) => {
+            u.event.len() + u.payload.len() + u.metadata.as_ref().map_or(0, |b| b.len())
+        }
+    };
+    payload
+        + m.topic.len()
+        + m.event.len()
+        + m.join_ref.as_ref().map_or(0, String::len)
+        + m.msg_ref.as_ref().map_or(0, String::len)
 }
 
 /// When a token with `exp` (unix seconds) expires, as a tokio instant.

@@ -18,7 +18,7 @@ use crate::Inner;
 use crate::authz::{Ask, unauthorized_reason};
 use crate::broadcast::{Body, Frame, Outgoing};
 use crate::channel::{
-    Channel, JoinRequest, MAX_HELD_WRITES, WriteCheck, expiry_instant, parse_join,
+    Channel, JoinRequest, MAX_HELD_WRITES, WriteCheck, expiry_instant, held_size, parse_join,
 };
 use crate::events::{Authorization, AuthorizationPurpose, ReplayParams, Replayed};
 use crate::jwt::{Claims, unix_now};
@@ -127,7 +127,7 @@ enum Exit {
 
 pub(crate) async fn run(socket: WebSocket, info: ConnectInfo, inner: Arc<Inner>) {
     let cfg = inner.config();
-    let (handle, mut rx) = ConnHandle::new(cfg.outbound_queue);
+    let (handle, mut rx) = ConnHandle::new(cfg.outbound_queue, cfg.outbound_queue_bytes);
     let handle = Arc::new(handle);
     let (internal_tx, mut internal_rx) = mpsc::unbounded_channel();
     let mut conn = Conn {
@@ -173,8 +173,8 @@ pub(crate) async fn run(socket: WebSocket, info: ConnectInfo, inner: Arc<Inner>)
                     sink.feed(ws_message(frame)).await?;
                     for _ in 1..WRITE_BATCH {
                         match rx.try_recv() {
-                            Ok(frame) => sink.feed(ws_message(frame)).await?,
-                            Err(_) => break,
+                            Some(frame) => sink.feed(ws_message(frame)).await?,
+                            None => break,
                         }
                     }
                     sink.flush().await
@@ -763,16 +763,22 @@ impl Conn {
     /// worker for them once; the messages go on, in order, when the answer comes.
     fn hold_for_write_check(&mut self, m: Inbound) {
         let generation = self.generation(&m.topic);
+        let max_bytes = self.inner.config().max_held_write_bytes;
         let Some(ch) = self.channels.get_mut(&m.topic) else {
             return;
         };
         match &mut ch.writes {
-            WriteCheck::Running(held) if held.len() < MAX_HELD_WRITES => held.push(m),
-            WriteCheck::Running(_) => {
+            WriteCheck::Running(held, bytes)
+                if held.len() < MAX_HELD_WRITES && *bytes + held_size(&m) <= max_bytes =>
+            {
+                *bytes += held_size(&m);
+                held.push(m);
+            }
+            WriteCheck::Running(..) => {
                 // Not kept, so not silently: an acking sender learns at once, and the log says
                 // which channel is writing faster than its database can authorize.
                 log::info!(
-                    "dropping a write on {}: {MAX_HELD_WRITES} already wait for the channel's write check",
+                    "dropping a write on {}: {MAX_HELD_WRITES} messages or {max_bytes} bytes already wait for the channel's write check",
                     crate::log_excerpt(&m.topic)
                 );
                 if ch.broadcast_ack && m.event == "broadcast" {
@@ -781,7 +787,8 @@ impl Conn {
             }
             WriteCheck::Unchecked => {
                 let topic = m.topic.clone();
-                ch.writes = WriteCheck::Running(vec![m]);
+                let size = held_size(&m);
+                ch.writes = WriteCheck::Running(vec![m], size);
                 let (subtopic, claims) = (ch.key.subtopic.clone(), ch.claims.clone());
                 self.ask_writes(topic, subtopic, claims, generation);
             }
@@ -842,7 +849,7 @@ impl Conn {
         let Some(ch) = self.channels.get_mut(&topic) else {
             return;
         };
-        if !matches!(ch.writes, WriteCheck::Running(_)) {
+        if !matches!(ch.writes, WriteCheck::Running(..)) {
             return;
         }
         if current != generation {
@@ -855,7 +862,7 @@ impl Conn {
             broadcast: a.broadcast_write,
             presence: a.presence_write,
         };
-        let WriteCheck::Running(held) = std::mem::replace(&mut ch.writes, known) else {
+        let WriteCheck::Running(held, _) = std::mem::replace(&mut ch.writes, known) else {
             return;
         };
         for m in held {

@@ -3,8 +3,42 @@
 
 mod common;
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
 use common::*;
-use serde_json::json;
+use realtime_server::{Authorization, Config, DbBroadcast, Event, Payload, Server};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+fn read_only() -> Authorization {
+    Authorization {
+        broadcast_read: true,
+        presence_read: true,
+        ..Default::default()
+    }
+}
+
+fn unwrap_arc(server: Arc<Server>) -> Server {
+    Arc::try_unwrap(server).ok().expect("sole owner")
+}
+
+/// The next authorization request the server asks the worker for (the test plays the worker).
+async fn next_authorization(server: &Arc<Server>) -> realtime_server::AuthorizationRequest {
+    let server = server.clone();
+    tokio::task::spawn_blocking(move || {
+        for _ in 0..2000 {
+            if let Some(Event::Authorize(r)) = server.poll_events().into_iter().next() {
+                return r;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!("no authorization request");
+    })
+    .await
+    .unwrap()
+}
 
 #[tokio::test]
 async fn token_role_none_or_blank_is_refused_everywhere() {
@@ -159,4 +193,93 @@ async fn rest_batches_are_bounded_and_answered_briefly() {
     let (s, _, _) = http(addr, "POST", "/api/broadcast", &headers, body.as_bytes()).await;
     assert_eq!(s, 202);
     stop(server).await;
+}
+
+#[tokio::test]
+async fn outbound_queues_are_bounded_in_bytes() {
+    let (server, addr) = start(Config {
+        outbound_queue: 1024,
+        outbound_queue_bytes: 1024 * 1024,
+        ..test_config()
+    });
+    let mut slow = connect_small_rcvbuf(addr, "2.0.0").await;
+    let mut fast = connect(addr, "2.0.0").await;
+    join_v2(&mut slow, "firehose", "1", json!({})).await;
+    join_v2(&mut fast, "firehose", "1", json!({})).await;
+    let chunk = Bytes::from(vec![7u8; 64 * 1024]);
+    // 300 frames are far fewer than the 1024 the frame bound allows, and 19 MB are far more
+    // than the kernel's buffers plus 1 MiB.
+    for i in 0..300 {
+        server.publish(DbBroadcast {
+            topic: "firehose".into(),
+            event: "x".into(),
+            private: false,
+            id: i.to_string(),
+            payload: Payload::Binary(chunk.clone()),
+        });
+        next_binary(&mut fast).await;
+        if server.connection_count() == 1 {
+            break;
+        }
+    }
+    eventually(|| server.connection_count() == 1).await;
+    // The one left is the reader.
+    send_text(&mut fast, json!([null, "z", "phoenix", "heartbeat", {}])).await;
+    loop {
+        if let Message::Text(t) = next_frame(&mut fast).await {
+            assert_eq!(serde_json::from_str::<Value>(t.as_str()).unwrap()[1], "z");
+            break;
+        }
+    }
+    stop(server).await;
+}
+
+#[tokio::test]
+async fn writes_held_for_a_write_check_are_bounded_in_bytes() {
+    let (server, addr) = start(Config {
+        authorize_private: true,
+        max_held_write_bytes: 1_000_000,
+        ..test_config()
+    });
+    let server = Arc::new(server);
+    let mut ws = connect(addr, "2.0.0").await;
+    send_text(
+        &mut ws,
+        json!(["1", "1", "realtime:vip", "phx_join",
+        {"config": {"private": true, "broadcast": {"ack": true}}, "access_token": token()}]),
+    )
+    .await;
+    let join = next_authorization(&server).await;
+    assert!(server.complete_authorization(join.id, Ok(read_only()), Vec::new()));
+    assert_eq!(next_json(&mut ws).await[4]["status"], "ok");
+    let big = "x".repeat(300_000);
+    for i in 0..4 {
+        send_text(
+            &mut ws,
+            json!(["1", format!("m{i}"), "realtime:vip", "broadcast",
+            {"type": "broadcast", "event": "e", "payload": {"big": big}}]),
+        )
+        .await;
+    }
+    let refused = next_json(&mut ws).await;
+    assert_eq!(refused[1], "m3");
+    assert_eq!(
+        refused[4],
+        json!({"status": "error", "response": {"reason": "Too many messages per second"}})
+    );
+    let write = next_authorization(&server).await;
+    assert!(server.complete_authorization(
+        write.id,
+        Ok(Authorization {
+            broadcast_write: true,
+            ..read_only()
+        }),
+        Vec::new()
+    ));
+    for i in 0..3 {
+        let reply = next_json(&mut ws).await;
+        assert_eq!(reply[1], format!("m{i}"));
+        assert_eq!(reply[4]["status"], "ok");
+    }
+    stop(unwrap_arc(server)).await;
 }
