@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::Inner;
-use crate::authz::{Ask, unauthorized_reason};
+use crate::authz::{Ask, PreSubscribe, unauthorized_reason};
 use crate::broadcast::{Body, Frame, Outgoing};
 use crate::channel::{
     Channel, JoinRequest, MAX_HELD_WRITES, WriteCheck, expiry_instant, held_size, parse_join,
@@ -24,7 +24,7 @@ use crate::events::{Authorization, AuthorizationPurpose, ReplayParams, Replayed}
 use crate::jwt::{Claims, unix_now};
 use crate::outbound::ConnHandle;
 use crate::protocol::{self, Inbound, InboundPayload, Vsn};
-use crate::registry::{Kind, Reads, TopicKey};
+use crate::registry::{Kind, PendingSubscription, Reads, TopicKey};
 
 pub(crate) const CLOSE_GOING_AWAY: u16 = 1001;
 pub(crate) const CLOSE_POLICY: u16 = 1008;
@@ -36,6 +36,11 @@ pub(crate) const MAX_SUBTOPIC_BYTES: usize = 255;
 const SLOW_CONSUMER: &str = "slow consumer: outbound queue full";
 /// The reply to an acked broadcast that found the channel's write-check queue full.
 const TOO_MANY_HELD_WRITES: &str = "Too many messages per second";
+/// The reply to a private join while this many of the connection's joins already wait for
+/// their authorization (`max_pending_joins_per_connection`).
+const TOO_MANY_PENDING_JOINS: &str = "ClientJoinRateLimitReached: Too many pending joins";
+/// The reply to a join past the connection's join rate (`joins_per_second`, `join_burst`).
+const TOO_MANY_JOINS: &str = "ClientJoinRateLimitReached: Too many joins per second";
 /// How long a closing handshake may take before the TCP connection is just dropped.
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 const SLOW_CLOSE_WRITE_TIMEOUT: Duration = Duration::from_millis(200);
@@ -63,8 +68,8 @@ enum Internal {
         pending_id: u64,
         joining: Box<Joining>,
         answer: crate::authz::Answer,
-        /// Dropped once the channel has subscribed (or will not): see `Dispatch`.
-        barrier: crate::authz::SubscribeBarrier,
+        /// A replaying join that may read was subscribed when answered; dropping this undoes it.
+        subscription: Option<PendingSubscription>,
     },
     RefreshAuthorized {
         topic: String,
@@ -80,6 +85,14 @@ enum Internal {
 
 struct PendingJoin {
     id: u64,
+    /// The task waiting for the worker: aborting it forgets the request, so the worker skips it.
+    task: tokio::task::AbortHandle,
+}
+
+impl Drop for PendingJoin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 struct Conn {
@@ -94,6 +107,9 @@ struct Conn {
     pending: HashMap<String, PendingJoin>,
     next_id: u64,
     internal_tx: mpsc::UnboundedSender<Internal>,
+    /// Join rate limit (token bucket): joins left, and when it was last refilled.
+    join_tokens: f64,
+    join_refilled: Instant,
 }
 
 impl Drop for Conn {
@@ -141,6 +157,8 @@ pub(crate) async fn run(socket: WebSocket, info: ConnectInfo, inner: Arc<Inner>)
         pending: HashMap::new(),
         next_id: 0,
         internal_tx,
+        join_tokens: f64::from(cfg.join_burst.max(1)),
+        join_refilled: Instant::now(),
     };
     let (mut sink, mut stream) = socket.split();
     let mut shutdown = inner.shutdown.clone();
@@ -441,8 +459,30 @@ impl Conn {
         }
     }
 
+    /// Takes one join from the connection's token bucket; false when it is empty.
+    fn take_join_token(&mut self) -> bool {
+        let cfg = self.inner.config();
+        if cfg.joins_per_second <= 0.0 {
+            return true;
+        }
+        let now = Instant::now();
+        let refill = now.duration_since(self.join_refilled).as_secs_f64() * cfg.joins_per_second;
+        self.join_tokens = (self.join_tokens + refill).min(f64::from(cfg.join_burst.max(1)));
+        self.join_refilled = now;
+        if self.join_tokens < 1.0 {
+            return false;
+        }
+        self.join_tokens -= 1.0;
+        true
+    }
+
     fn join(&mut self, m: Inbound) {
         let join_ref = m.join_ref.clone().or_else(|| m.msg_ref.clone());
+        // Every join costs: a presence_state, an authorization on the worker's only Postgres
+        // thread, and for a duplicate the close of the one it replaces.
+        if !self.take_join_token() {
+            return self.join_error(join_ref, m.msg_ref.clone(), &m.topic, TOO_MANY_JOINS.into());
+        }
         let Some(subtopic) = subtopic_of(&m.topic) else {
             self.reply_error(&m, "unmatched topic");
             return;
@@ -545,33 +585,58 @@ impl Conn {
             claims,
         };
         if !joining.req.private {
-            return self.finish_join(joining, None, Vec::new());
+            return self.finish_join(joining, None, Vec::new(), None);
+        }
+        if self.pending.len() >= cfg.max_pending_joins_per_connection.max(1) {
+            return self.join_error(
+                joining.join_ref,
+                joining.msg_ref,
+                &joining.topic,
+                TOO_MANY_PENDING_JOINS.into(),
+            );
         }
         self.next_id += 1;
         let pending_id = self.next_id;
-        self.pending
-            .insert(m.topic.clone(), PendingJoin { id: pending_id });
+        // A replaying join is subscribed by the worker's answer itself (see
+        // `Server::complete_authorization`), so nothing committed after its snapshot is missed.
+        let subscribe = replay.map(|_| PreSubscribe {
+            key: TopicKey {
+                private: true,
+                subtopic: joining.subtopic.clone(),
+            },
+            vsn: self.vsn,
+            queue_frames: cfg.outbound_queue,
+            queue_bytes: cfg.outbound_queue_bytes,
+        });
         let inner = self.inner.clone();
         let tx = self.internal_tx.clone();
         let headers = self.headers_json.clone();
-        tokio::spawn(async move {
-            let (answer, barrier) = ask(
-                &inner,
-                &joining.subtopic,
-                &joining.claims,
-                &headers,
-                joining.req.presence_enabled,
-                AuthorizationPurpose::Join,
-                replay,
-            )
-            .await;
+        let task = tokio::spawn(async move {
+            let (answer, subscription) = inner
+                .authorize(Ask {
+                    subtopic: &joining.subtopic,
+                    claims: &joining.claims,
+                    headers_json: &headers,
+                    presence: joining.req.presence_enabled,
+                    purpose: AuthorizationPurpose::Join,
+                    replay,
+                    subscribe,
+                })
+                .await;
             let _ = tx.send(Internal::JoinAuthorized {
                 pending_id,
                 joining: Box::new(joining),
                 answer,
-                barrier,
+                subscription,
             });
         });
+        self.pending.insert(
+            m.topic,
+            PendingJoin {
+                id: pending_id,
+                task: task.abort_handle(),
+            },
+        );
     }
 
     fn finish_join(
@@ -579,6 +644,7 @@ impl Conn {
         j: Joining,
         authorization: Option<Authorization>,
         replay: Vec<Replayed>,
+        subscription: Option<PendingSubscription>,
     ) {
         let key = TopicKey {
             private: j.req.private,
@@ -588,7 +654,8 @@ impl Conn {
         // Live copies of replayed messages are skipped, so each arrives once.
         let replayed_ids: Option<Arc<HashSet<String>>> =
             (!replay.is_empty()).then(|| Arc::new(replay.iter().map(|r| r.id.clone()).collect()));
-        let sub_id = (reads.broadcast || reads.presence).then(|| {
+        let subscribe_now = subscription.is_none() && (reads.broadcast || reads.presence);
+        let mut sub_id = subscribe_now.then(|| {
             self.inner.registry.subscribe_skipping(
                 key.clone(),
                 self.vsn,
@@ -646,6 +713,10 @@ impl Conn {
                 self.push(frame);
             }
         }
+        // Live messages that waited for this channel go out after the replayed ones.
+        if let Some(subscription) = subscription {
+            sub_id = Some(subscription.activate(self.handle.clone()));
+        }
         let private = key.private;
         self.channels.insert(
             j.topic,
@@ -684,18 +755,17 @@ impl Conn {
                 pending_id,
                 joining,
                 answer,
-                barrier,
+                subscription,
             } => {
-                // Held until the end of this arm: by then the channel has subscribed.
-                let _barrier = barrier;
-                // A leave or a newer join may have superseded this one meanwhile.
+                // A leave or a newer join may have superseded this one meanwhile (then the
+                // subscription, if any, is dropped, which unsubscribes it).
                 if self.pending.get(&joining.topic).map(|p| p.id) != Some(pending_id) {
                     return;
                 }
                 self.pending.remove(&joining.topic);
                 match answer {
                     Ok((a, replay)) if a.broadcast_read || a.presence_read => {
-                        self.finish_join(*joining, Some(a), replay)
+                        self.finish_join(*joining, Some(a), replay, subscription)
                     }
                     Ok(_) => {
                         let reason = unauthorized_reason(&joining.subtopic);
@@ -829,12 +899,19 @@ impl Conn {
         let tx = self.internal_tx.clone();
         let headers = self.headers_json.clone();
         tokio::spawn(async move {
-            let answer = ask(
-                &inner, &subtopic, &claims, &headers, presence, purpose, None,
-            )
-            .await
-            .0
-            .map(|(a, _)| a);
+            let answer = inner
+                .authorize(Ask {
+                    subtopic: &subtopic,
+                    claims: &claims,
+                    headers_json: &headers,
+                    presence,
+                    purpose,
+                    replay: None,
+                    subscribe: None,
+                })
+                .await
+                .0
+                .map(|(a, _)| a);
             let _ = tx.send(reply(answer));
         });
     }
@@ -1108,27 +1185,6 @@ fn reads_of(authorization: Option<Authorization>) -> Reads {
         broadcast: a.broadcast_read,
         presence: a.presence_read,
     })
-}
-
-async fn ask(
-    inner: &Inner,
-    subtopic: &str,
-    claims: &Claims,
-    headers_json: &str,
-    presence: bool,
-    purpose: AuthorizationPurpose,
-    replay: Option<ReplayParams>,
-) -> (crate::authz::Answer, crate::authz::SubscribeBarrier) {
-    inner
-        .authorize(Ask {
-            subtopic,
-            claims,
-            headers_json,
-            presence,
-            purpose,
-            replay,
-        })
-        .await
 }
 
 struct Joining {

@@ -91,6 +91,10 @@ impl ConnHandle {
         }
     }
 
+    pub(crate) fn is_slow(&self) -> bool {
+        self.overflowed.load(Ordering::Acquire)
+    }
+
     pub(crate) async fn overflowed(&self) {
         self.overflow.notified().await
     }

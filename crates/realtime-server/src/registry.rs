@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::broadcast::Outgoing;
-use crate::outbound::ConnHandle;
+use crate::outbound::{ConnHandle, Outbound};
 use crate::protocol::Vsn;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -84,6 +84,45 @@ impl Registry {
         id
     }
 
+    /// Subscribes a channel whose connection has not taken it over yet: messages wait in a
+    /// queue of their own (bounded like the connection's) until [`Registry::activate`].
+    pub(crate) fn subscribe_buffered(
+        &self,
+        key: TopicKey,
+        vsn: Vsn,
+        reads: Reads,
+        replayed: Option<Arc<HashSet<String>>>,
+        queue_frames: usize,
+        queue_bytes: usize,
+    ) -> (u64, Outbound) {
+        let (staging, rx) = ConnHandle::new(queue_frames, queue_bytes);
+        let id = self.subscribe_skipping(key, vsn, Arc::new(staging), reads, replayed);
+        (id, rx)
+    }
+
+    /// Hands a buffered subscription over to its connection: what waited goes first, in order,
+    /// and nothing published meanwhile can overtake it (fan-out holds the read lock).
+    pub(crate) fn activate(
+        &self,
+        key: &TopicKey,
+        id: u64,
+        mut staged: Outbound,
+        conn: Arc<ConnHandle>,
+    ) {
+        let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
+        let Some(sub) = topics.get_mut(key).and_then(|subs| subs.get_mut(&id)) else {
+            return;
+        };
+        while let Some(frame) = staged.try_recv() {
+            conn.push(frame);
+        }
+        if sub.conn.is_slow() {
+            // Messages were lost while waiting: the client cannot see a complete stream.
+            conn.mark_slow();
+        }
+        sub.conn = conn;
+    }
+
     /// New read rights after a token refresh.
     pub(crate) fn set_reads(&self, key: &TopicKey, id: u64, reads: Reads) {
         let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
@@ -142,6 +181,44 @@ impl Registry {
     pub(crate) fn subscriber_count(&self, key: &TopicKey) -> usize {
         let topics = self.topics.read().unwrap_or_else(|p| p.into_inner());
         topics.get(key).map_or(0, HashMap::len)
+    }
+}
+
+/// A buffered subscription made for a join before its connection has seen the answer;
+/// unsubscribed when dropped unless [`PendingSubscription::activate`]d.
+pub(crate) struct PendingSubscription {
+    inner: Arc<crate::Inner>,
+    key: TopicKey,
+    id: u64,
+    staged: Option<Outbound>,
+}
+
+impl PendingSubscription {
+    pub(crate) fn new(inner: Arc<crate::Inner>, key: TopicKey, id: u64, staged: Outbound) -> Self {
+        PendingSubscription {
+            inner,
+            key,
+            id,
+            staged: Some(staged),
+        }
+    }
+
+    /// Delivers to `conn` from now on; returns the subscription id.
+    pub(crate) fn activate(mut self, conn: Arc<ConnHandle>) -> u64 {
+        if let Some(staged) = self.staged.take() {
+            self.inner
+                .registry
+                .activate(&self.key, self.id, staged, conn);
+        }
+        self.id
+    }
+}
+
+impl Drop for PendingSubscription {
+    fn drop(&mut self) {
+        if self.staged.is_some() {
+            self.inner.registry.unsubscribe(&self.key, self.id);
+        }
     }
 }
 
@@ -217,6 +294,24 @@ mod tests {
         assert_eq!(r.fanout(&key(true, "room"), &m, None, Kind::Presence), 2);
         r.set_reads(&key(true, "room"), idp, Reads::ALL);
         assert_eq!(r.fanout(&key(true, "room"), &m, None, Kind::Broadcast), 2);
+    }
+
+    #[tokio::test]
+    async fn buffered_subscriptions_keep_order_when_activated() {
+        let r = Registry::default();
+        let (id, staged) =
+            r.subscribe_buffered(key(false, "b"), Vsn::V2, Reads::ALL, None, 8, 1 << 20);
+        let m = msg(Payload::Json("1".into()));
+        assert_eq!(r.fanout(&key(false, "b"), &m, None, Kind::Broadcast), 1);
+        let (conn, mut rx) = ConnHandle::new(8, 1 << 20);
+        let conn = Arc::new(conn);
+        assert!(conn.push(Frame::Text("reply".into())));
+        r.activate(&key(false, "b"), id, staged, conn);
+        assert_eq!(r.fanout(&key(false, "b"), &m, None, Kind::Broadcast), 1);
+        assert!(matches!(rx.try_recv(), Some(Frame::Text(t)) if t.as_str() == "reply"));
+        assert!(matches!(rx.try_recv(), Some(Frame::Binary(_))));
+        assert!(matches!(rx.try_recv(), Some(Frame::Binary(_))));
+        assert!(rx.try_recv().is_none());
     }
 
     #[test]

@@ -73,6 +73,7 @@ async fn may_write(inner: &Inner, subtopic: &str, claims: &Claims, headers_json:
             presence: false,
             purpose: AuthorizationPurpose::Write,
             replay: None,
+            subscribe: None,
         })
         .await
         .0

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
-use realtime_server::{Authorization, Config, DbBroadcast, Event, Payload, Server};
+use realtime_server::protocol::binary::decode_user_broadcast;
+use realtime_server::{Authorization, Config, DbBroadcast, Event, Payload, Replayed, Server};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -280,6 +281,278 @@ async fn writes_held_for_a_write_check_are_bounded_in_bytes() {
         let reply = next_json(&mut ws).await;
         assert_eq!(reply[1], format!("m{i}"));
         assert_eq!(reply[4]["status"], "ok");
+    }
+    stop(unwrap_arc(server)).await;
+}
+
+/// Drains the server's events (playing the worker) and returns the authorization requests.
+async fn authorizations_now(server: &Arc<Server>) -> Vec<realtime_server::AuthorizationRequest> {
+    let server = server.clone();
+    tokio::task::spawn_blocking(move || {
+        server
+            .poll_events()
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::Authorize(r) => Some(r),
+                _ => None,
+            })
+            .collect()
+    })
+    .await
+    .unwrap()
+}
+
+/// A heartbeat and its reply: everything sent before it has been handled.
+async fn sync(ws: &mut Ws, r: &str) {
+    send_text(ws, json!([null, r, "phoenix", "heartbeat", {}])).await;
+    loop {
+        let m = next_json(ws).await;
+        if m[2] == "phoenix" && m[1] == r {
+            return;
+        }
+    }
+}
+
+fn private_join(join_ref: &str, topic: &str) -> Value {
+    json!([join_ref, join_ref, format!("realtime:{topic}"), "phx_join",
+        {"config": {"private": true}, "access_token": token()}])
+}
+
+#[tokio::test]
+async fn pending_private_joins_are_capped_per_connection() {
+    let (server, addr) = start(Config {
+        authorize_private: true,
+        max_pending_joins_per_connection: 3,
+        ..test_config()
+    });
+    let server = Arc::new(server);
+    let mut ws = connect(addr, "2.0.0").await;
+    for i in 0..4 {
+        send_text(&mut ws, private_join(&i.to_string(), &format!("t{i}"))).await;
+    }
+    let refused = next_json(&mut ws).await;
+    assert_eq!(refused[0], "3");
+    assert_eq!(
+        refused[4],
+        json!({"status": "error", "response": {"reason": "ClientJoinRateLimitReached: Too many pending joins"}})
+    );
+    let asked = authorizations_now(&server).await;
+    assert_eq!(asked.len(), 3, "nothing queued for the refused join");
+    // Answering one makes room for another.
+    assert!(server.complete_authorization(asked[0].id, Ok(read_only()), Vec::new()));
+    assert_eq!(next_json(&mut ws).await[4]["status"], "ok");
+    send_text(&mut ws, private_join("4", "t4")).await;
+    sync(&mut ws, "h").await;
+    assert_eq!(authorizations_now(&server).await.len(), 1);
+    stop(unwrap_arc(server)).await;
+}
+
+#[tokio::test]
+async fn a_left_pending_join_is_forgotten_so_join_leave_loops_queue_nothing() {
+    let (server, addr) = start(Config {
+        authorize_private: true,
+        joins_per_second: 0.0,
+        ..test_config()
+    });
+    let server = Arc::new(server);
+    let mut ws = connect(addr, "2.0.0").await;
+    for i in 0..500 {
+        let r = i.to_string();
+        send_text(&mut ws, private_join(&r, "loop")).await;
+        send_text(&mut ws, json!([r, r, "realtime:loop", "phx_leave", {}])).await;
+    }
+    sync(&mut ws, "h").await;
+    assert!(
+        authorizations_now(&server).await.is_empty(),
+        "the worker gets no request whose join was left"
+    );
+    // A join that stays is still asked for, and a request whose asker left is not pending.
+    send_text(&mut ws, private_join("a", "stays")).await;
+    let asked = next_authorization(&server).await;
+    assert!(server.authorization_pending(asked.id));
+    send_text(
+        &mut ws,
+        json!(["a", "b", "realtime:stays", "phx_leave", {}]),
+    )
+    .await;
+    sync(&mut ws, "h2").await;
+    assert!(!server.authorization_pending(asked.id));
+    assert!(!server.complete_authorization(asked.id, Ok(read_only()), Vec::new()));
+    stop(unwrap_arc(server)).await;
+}
+
+#[tokio::test]
+async fn authorization_requests_are_bounded_over_all_connections() {
+    let (server, addr) = start(Config {
+        authorize_private: true,
+        max_pending_authorizations: 3,
+        ..test_config()
+    });
+    let server = Arc::new(server);
+    let mut a = connect(addr, "2.0.0").await;
+    let mut b = connect(addr, "2.0.0").await;
+    send_text(&mut a, private_join("1", "x")).await;
+    send_text(&mut a, private_join("2", "y")).await;
+    sync(&mut a, "h").await;
+    send_text(&mut b, private_join("1", "x")).await;
+    send_text(&mut b, private_join("2", "y")).await;
+    let refused = next_json(&mut b).await;
+    assert_eq!(refused[0], "2");
+    assert_eq!(
+        refused[4]["response"]["reason"],
+        "IncreaseConnectionPool: Too many authorization requests are waiting for the database"
+    );
+    assert_eq!(authorizations_now(&server).await.len(), 3);
+    stop(unwrap_arc(server)).await;
+}
+
+#[tokio::test]
+async fn joins_are_rate_limited_per_connection() {
+    let (server, addr) = start(Config {
+        // Refills one join per 1000 s: none during the test.
+        joins_per_second: 0.001,
+        join_burst: 3,
+        ..test_config()
+    });
+    let mut ws = connect(addr, "2.0.0").await;
+    for i in 0..3 {
+        let r = join_v2(&mut ws, &format!("t{i}"), &i.to_string(), json!({})).await;
+        assert_eq!(r["status"], "ok");
+    }
+    let r = join_v2(&mut ws, "t3", "3", json!({})).await;
+    assert_eq!(
+        r,
+        json!({"status": "error", "response": {"reason": "ClientJoinRateLimitReached: Too many joins per second"}})
+    );
+    // Another connection has its own budget.
+    let mut other = connect(addr, "2.0.0").await;
+    assert_eq!(
+        join_v2(&mut other, "t", "1", json!({})).await["status"],
+        "ok"
+    );
+    stop(server).await;
+}
+
+fn db(topic: &str, event: &str, private: bool, id: &str) -> DbBroadcast {
+    DbBroadcast {
+        topic: topic.into(),
+        event: event.into(),
+        private,
+        id: id.into(),
+        payload: Payload::Json(Bytes::from_static(b"{}")),
+    }
+}
+
+/// Events of the user broadcasts in `frames`, in order.
+fn broadcast_events(frames: &[Message]) -> Vec<String> {
+    frames
+        .iter()
+        .filter_map(|m| match m {
+            Message::Binary(b) => Some(decode_user_broadcast(b).unwrap().event),
+            _ => None,
+        })
+        .collect()
+}
+
+async fn replay_join(ws: &mut Ws, join_ref: &str, topic: &str) {
+    send_text(
+        ws,
+        json!([join_ref, join_ref, format!("realtime:{topic}"), "phx_join",
+            {"config": {"private": true, "broadcast": {"replay": {"since": 0}}}, "access_token": token()}]),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn replayed_and_live_copies_arrive_once_and_in_order() {
+    let (server, addr) = start(Config {
+        authorize_private: true,
+        ..test_config()
+    });
+    let server = Arc::new(server);
+    let mut ws = connect(addr, "2.0.0").await;
+    replay_join(&mut ws, "1", "hist").await;
+    let asked = next_authorization(&server).await;
+    let old = Replayed {
+        id: "1".into(),
+        event: "old".into(),
+        payload: Payload::Json(Bytes::from_static(b"{}")),
+    };
+    // As the worker does: answer, then publish what committed after the replay's snapshot
+    // (and a message the replay already holds), before the connection has seen the answer.
+    assert!(server.complete_authorization(asked.id, Ok(read_only()), vec![old]));
+    server.publish(db("hist", "old", true, "1"));
+    server.publish(db("hist", "live", true, "2"));
+    assert_eq!(next_json(&mut ws).await[4]["status"], "ok");
+    let mut frames = Vec::new();
+    while broadcast_events(&frames).len() < 2 {
+        frames.push(next_frame(&mut ws).await);
+    }
+    sync(&mut ws, "h").await;
+    assert_eq!(broadcast_events(&frames), ["old", "live"]);
+    stop(unwrap_arc(server)).await;
+}
+
+#[tokio::test]
+async fn a_replaying_join_on_a_stuck_connection_does_not_hold_back_database_messages() {
+    let (server, addr) = start(Config {
+        authorize_private: true,
+        max_frame_bytes: 16 * 1024 * 1024,
+        outbound_queue_bytes: 64 * 1024 * 1024,
+        ..test_config()
+    });
+    let server = Arc::new(server);
+    let mut stuck = connect_small_rcvbuf(addr, "2.0.0").await;
+    for i in 0..8 {
+        replay_join(&mut stuck, &i.to_string(), &format!("r{i}")).await;
+    }
+    let mut asked = Vec::new();
+    for _ in 0..1000 {
+        asked.extend(authorizations_now(&server).await);
+        if asked.len() == 8 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(asked.len(), 8);
+    // A reply far larger than the socket buffers: this connection's loop sits in a write (and
+    // reads nothing meanwhile, so this is the last thing the client sends).
+    let big_ref = "r".repeat(12_000_000);
+    send_text(
+        &mut stuck,
+        json!([null, big_ref, "phoenix", "heartbeat", {}]),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut reader = connect(addr, "2.0.0").await;
+    join_v2(&mut reader, "room", "1", json!({})).await;
+    for r in &asked {
+        assert!(server.complete_authorization(r.id, Ok(read_only()), Vec::new()));
+    }
+    server.publish(db("r0", "for-stuck", true, "a"));
+    server.publish(db("room", "for-reader", false, "b"));
+    let got = decode_user_broadcast(&next_binary(&mut reader).await).unwrap();
+    assert_eq!(got.event, "for-reader");
+
+    // The stuck client, once it reads, gets its join reply and then the message it was
+    // subscribed for while its loop was busy.
+    let mut joined = false;
+    loop {
+        match next_frame(&mut stuck).await {
+            Message::Text(t) => {
+                let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                if v[3] == "phx_reply" && v[2] == "realtime:r0" {
+                    assert_eq!(v[4]["status"], "ok", "{v}");
+                    joined = true;
+                }
+            }
+            Message::Binary(b) => {
+                assert!(joined, "live after the join reply");
+                assert_eq!(decode_user_broadcast(&b).unwrap().event, "for-stuck");
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
     }
     stop(unwrap_arc(server)).await;
 }
