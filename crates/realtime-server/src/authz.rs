@@ -30,6 +30,7 @@ pub(crate) const TOO_MANY_WAITING: &str =
 pub(crate) struct PreSubscribe {
     pub key: crate::registry::TopicKey,
     pub vsn: crate::protocol::Vsn,
+    pub expires: crate::registry::Expiry,
     pub queue_frames: usize,
     pub queue_bytes: usize,
 }

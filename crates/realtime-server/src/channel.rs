@@ -100,6 +100,8 @@ pub(crate) struct Channel {
     /// (joins check reads only): most subscribers never write.
     pub writes: WriteCheck,
     pub expires_at: Instant,
+    /// The token's `exp`, shared with the channel's subscription.
+    pub expires: crate::registry::Expiry,
     pub presence_enabled: bool,
     pub presence_key: String,
     pub presence_owner: u64,

@@ -174,7 +174,7 @@ pub(crate) async fn run(socket: WebSocket, info: ConnectInfo, inner: Arc<Inner>)
     let stop = stopped(&mut shutdown);
     tokio::pin!(stop);
 
-    let exit = loop {
+    let exit = 'conn: loop {
         if let Some(expiry) = conn.next_expiry()
             && expiry < timer.deadline()
         {
@@ -184,6 +184,13 @@ pub(crate) async fn run(socket: WebSocket, info: ConnectInfo, inner: Arc<Inner>)
             biased;
             _ = &mut stop => break Exit::Shutdown,
             _ = &mut overflowed => break Exit::SlowConsumer,
+            // Before traffic: a client that keeps the loop busy must not delay its idle close
+            // or its channels' token expiry.
+            _ = &mut timer => {
+                if let Some(exit) = on_timer(&mut conn, timer.as_mut(), last_inbound, &inner) {
+                    break exit;
+                }
+            }
             Some(frame) = rx.recv() => {
                 // Whatever else is already queued goes out with it in one write (one system
                 // call instead of one per frame).
@@ -197,12 +204,27 @@ pub(crate) async fn run(socket: WebSocket, info: ConnectInfo, inner: Arc<Inner>)
                     }
                     sink.flush().await
                 };
-                // A stuck write must not hide a shutdown or an overflow.
-                tokio::select! {
-                    biased;
-                    sent = write => if sent.is_err() { break Exit::Gone },
-                    _ = &mut overflowed => break Exit::SlowConsumer,
-                    _ = &mut stop => break Exit::Shutdown,
+                tokio::pin!(write);
+                // A stuck write must not hide a shutdown, an overflow or an expired token.
+                loop {
+                    tokio::select! {
+                        biased;
+                        sent = &mut write => {
+                            if sent.is_err() {
+                                break 'conn Exit::Gone;
+                            }
+                            break;
+                        }
+                        _ = &mut overflowed => break 'conn Exit::SlowConsumer,
+                        _ = &mut stop => break 'conn Exit::Shutdown,
+                        _ = &mut timer => {
+                            if let Some(exit) =
+                                on_timer(&mut conn, timer.as_mut(), last_inbound, &inner)
+                            {
+                                break 'conn exit;
+                            }
+                        }
+                    }
                 }
             }
             Some(internal) = internal_rx.recv() => conn.on_internal(internal),
@@ -214,15 +236,6 @@ pub(crate) async fn run(socket: WebSocket, info: ConnectInfo, inner: Arc<Inner>)
                     Some(Ok(Message::Binary(b))) => conn.on_binary(b),
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                 }
-            }
-            _ = &mut timer => {
-                let idle_deadline = last_inbound + inner.config().idle_timeout;
-                if idle_deadline <= Instant::now() {
-                    break Exit::Idle;
-                }
-                conn.expire_tokens();
-                let next = conn.next_expiry().map_or(idle_deadline, |e| e.min(idle_deadline));
-                timer.as_mut().reset(next);
             }
         }
     };
@@ -259,6 +272,26 @@ pub(crate) async fn run(socket: WebSocket, info: ConnectInfo, inner: Arc<Inner>)
         }
     }
     let _ = tokio::time::timeout(write_timeout, sink.close()).await;
+}
+
+/// The idle timeout or a channel's token expiry is due: closes what expired and re-arms the
+/// timer, or says the connection is idle.
+fn on_timer(
+    conn: &mut Conn,
+    timer: std::pin::Pin<&mut tokio::time::Sleep>,
+    last_inbound: Instant,
+    inner: &Inner,
+) -> Option<Exit> {
+    let idle_deadline = last_inbound + inner.config().idle_timeout;
+    if idle_deadline <= Instant::now() {
+        return Some(Exit::Idle);
+    }
+    conn.expire_tokens();
+    let next = conn
+        .next_expiry()
+        .map_or(idle_deadline, |e| e.min(idle_deadline));
+    timer.reset(next);
+    None
 }
 
 /// Frames written per flush at most, so one busy connection cannot hog its thread.
@@ -582,6 +615,7 @@ impl Conn {
             msg_ref: m.msg_ref.clone(),
             req,
             token,
+            expires: crate::registry::expiry(claims.exp),
             claims,
         };
         if !joining.req.private {
@@ -605,6 +639,7 @@ impl Conn {
                 subtopic: joining.subtopic.clone(),
             },
             vsn: self.vsn,
+            expires: joining.expires.clone(),
             queue_frames: cfg.outbound_queue,
             queue_bytes: cfg.outbound_queue_bytes,
         });
@@ -662,6 +697,7 @@ impl Conn {
                 self.handle.clone(),
                 reads,
                 replayed_ids,
+                j.expires.clone(),
             )
         });
         self.reply(
@@ -729,6 +765,7 @@ impl Conn {
                 broadcast_self: j.req.broadcast_self,
                 broadcast_ack: j.req.broadcast_ack,
                 expires_at: expiry_instant(j.claims.exp),
+                expires: j.expires,
                 token: j.token,
                 claims: j.claims,
                 authorization,
@@ -803,11 +840,13 @@ impl Conn {
                         match ch.sub_id {
                             Some(id) => self.inner.registry.set_reads(&ch.key, id, reads),
                             None => {
-                                ch.sub_id = Some(self.inner.registry.subscribe(
+                                ch.sub_id = Some(self.inner.registry.subscribe_skipping(
                                     ch.key.clone(),
                                     self.vsn,
                                     self.handle.clone(),
                                     reads,
+                                    None,
+                                    ch.expires.clone(),
                                 ))
                             }
                         }
@@ -1044,6 +1083,8 @@ impl Conn {
             Err(e) => self.shutdown_channel(&m.topic, &e.system_message()),
             Ok(claims) => {
                 ch.expires_at = expiry_instant(claims.exp);
+                ch.expires
+                    .store(claims.exp, std::sync::atomic::Ordering::Relaxed);
                 ch.token = token;
                 ch.claims = claims.clone();
                 // The new token's write rights are checked at the next write (a check still
@@ -1195,4 +1236,5 @@ struct Joining {
     req: JoinRequest,
     token: String,
     claims: Claims,
+    expires: crate::registry::Expiry,
 }

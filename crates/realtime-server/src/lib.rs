@@ -468,8 +468,8 @@ impl Server {
                     pre.vsn,
                     reads,
                     replayed,
-                    pre.queue_frames,
-                    pre.queue_bytes,
+                    pre.expires.clone(),
+                    (pre.queue_frames, pre.queue_bytes),
                 );
                 registry::PendingSubscription::new(inner.clone(), pre.key.clone(), sub, staged)
             })

@@ -2,7 +2,7 @@
 //! namespaces, as in Supabase.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::broadcast::Outgoing;
@@ -36,8 +36,19 @@ pub(crate) enum Kind {
     Presence,
 }
 
+/// When a subscriber's token expires (its `exp`, unix seconds); shared with its channel, which
+/// moves it on a token refresh.
+pub(crate) type Expiry = Arc<AtomicI64>;
+
+pub(crate) fn expiry(exp: i64) -> Expiry {
+    Arc::new(AtomicI64::new(exp))
+}
+
 struct Subscriber {
     vsn: Vsn,
+    /// Fan-out skips a subscriber whose token has expired, even before its connection gets to
+    /// close the channel (it may be busy, or stuck writing).
+    expires: Expiry,
     conn: Arc<ConnHandle>,
     reads: Reads,
     /// Ids of database messages this subscriber already got by Broadcast Replay.
@@ -51,6 +62,7 @@ pub(crate) struct Registry {
 }
 
 impl Registry {
+    #[cfg(test)]
     pub(crate) fn subscribe(
         &self,
         key: TopicKey,
@@ -58,10 +70,11 @@ impl Registry {
         conn: Arc<ConnHandle>,
         reads: Reads,
     ) -> u64 {
-        self.subscribe_skipping(key, vsn, conn, reads, None)
+        self.subscribe_skipping(key, vsn, conn, reads, None, expiry(i64::MAX))
     }
 
-    /// Like [`Registry::subscribe`]; database messages whose id is in `replayed` are skipped.
+    /// Subscribes until the token expires at `expires`; database messages whose id is in
+    /// `replayed` are skipped.
     pub(crate) fn subscribe_skipping(
         &self,
         key: TopicKey,
@@ -69,6 +82,7 @@ impl Registry {
         conn: Arc<ConnHandle>,
         reads: Reads,
         replayed: Option<Arc<HashSet<String>>>,
+        expires: Expiry,
     ) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
@@ -76,6 +90,7 @@ impl Registry {
             id,
             Subscriber {
                 vsn,
+                expires,
                 conn,
                 reads,
                 replayed,
@@ -92,11 +107,11 @@ impl Registry {
         vsn: Vsn,
         reads: Reads,
         replayed: Option<Arc<HashSet<String>>>,
-        queue_frames: usize,
-        queue_bytes: usize,
+        expires: Expiry,
+        (queue_frames, queue_bytes): (usize, usize),
     ) -> (u64, Outbound) {
         let (staging, rx) = ConnHandle::new(queue_frames, queue_bytes);
-        let id = self.subscribe_skipping(key, vsn, Arc::new(staging), reads, replayed);
+        let id = self.subscribe_skipping(key, vsn, Arc::new(staging), reads, replayed, expires);
         (id, rx)
     }
 
@@ -155,7 +170,11 @@ impl Registry {
             return 0;
         };
         let mut delivered = 0;
+        let now = crate::jwt::unix_now();
         for (id, sub) in subs {
+            if sub.expires.load(Ordering::Relaxed) <= now {
+                continue;
+            }
             let may_read = match kind {
                 Kind::Broadcast => sub.reads.broadcast,
                 Kind::Presence => sub.reads.presence,
@@ -299,8 +318,14 @@ mod tests {
     #[tokio::test]
     async fn buffered_subscriptions_keep_order_when_activated() {
         let r = Registry::default();
-        let (id, staged) =
-            r.subscribe_buffered(key(false, "b"), Vsn::V2, Reads::ALL, None, 8, 1 << 20);
+        let (id, staged) = r.subscribe_buffered(
+            key(false, "b"),
+            Vsn::V2,
+            Reads::ALL,
+            None,
+            expiry(i64::MAX),
+            (8, 1 << 20),
+        );
         let m = msg(Payload::Json("1".into()));
         assert_eq!(r.fanout(&key(false, "b"), &m, None, Kind::Broadcast), 1);
         let (conn, mut rx) = ConnHandle::new(8, 1 << 20);
@@ -312,6 +337,26 @@ mod tests {
         assert!(matches!(rx.try_recv(), Some(Frame::Binary(_))));
         assert!(matches!(rx.try_recv(), Some(Frame::Binary(_))));
         assert!(rx.try_recv().is_none());
+    }
+
+    #[tokio::test]
+    async fn fanout_skips_expired_subscribers() {
+        let r = Registry::default();
+        let (a, mut ra) = ConnHandle::new(8, 1 << 20);
+        let exp = expiry(crate::jwt::unix_now() + 100);
+        r.subscribe_skipping(
+            key(false, "e"),
+            Vsn::V2,
+            Arc::new(a),
+            Reads::ALL,
+            None,
+            exp.clone(),
+        );
+        let m = msg(Payload::Json("1".into()));
+        assert_eq!(r.fanout(&key(false, "e"), &m, None, Kind::Broadcast), 1);
+        exp.store(crate::jwt::unix_now(), Ordering::Relaxed);
+        assert_eq!(r.fanout(&key(false, "e"), &m, None, Kind::Broadcast), 0);
+        assert!(ra.try_recv().is_some() && ra.try_recv().is_none());
     }
 
     #[test]

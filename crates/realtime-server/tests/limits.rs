@@ -556,3 +556,45 @@ async fn a_replaying_join_on_a_stuck_connection_does_not_hold_back_database_mess
     }
     stop(unwrap_arc(server)).await;
 }
+
+#[tokio::test]
+async fn an_expired_channel_gets_nothing_more_even_while_its_socket_is_stuck() {
+    let (server, addr) = start(Config {
+        max_frame_bytes: 16 * 1024 * 1024,
+        outbound_queue_bytes: 64 * 1024 * 1024,
+        ..test_config()
+    });
+    let mut ws = connect_small_rcvbuf(addr, "2.0.0").await;
+    let exp = now() + 2;
+    let short = token_with(json!({"role": "anon", "exp": exp}));
+    send_text(
+        &mut ws,
+        json!(["1", "1", "realtime:exp", "phx_join", {"config": {}, "access_token": short}]),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await[4]["status"], "ok");
+    server.publish(db("exp", "before", false, "0"));
+    // The connection's loop now sits in a write it cannot finish, past the token's expiry.
+    let big_ref = "r".repeat(12_000_000);
+    send_text(&mut ws, json!([null, big_ref, "phoenix", "heartbeat", {}])).await;
+    while now() <= exp {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for i in 0..10 {
+        server.publish(db("exp", "after", false, &format!("late-{i}")));
+    }
+    let mut events = Vec::new();
+    loop {
+        let frame = next_frame(&mut ws).await;
+        if let Message::Text(t) = &frame {
+            let v: Value = serde_json::from_str(t.as_str()).unwrap();
+            if v[3] == "phx_close" {
+                assert_eq!(v[2], "realtime:exp");
+                break;
+            }
+        }
+        events.extend(broadcast_events(&[frame]));
+    }
+    assert_eq!(events, ["before"]);
+    stop(server).await;
+}
