@@ -23,6 +23,7 @@ use crate::channel::{
 use crate::events::{Authorization, AuthorizationPurpose, ReplayParams, Replayed};
 use crate::jwt::{Claims, unix_now};
 use crate::outbound::ConnHandle;
+use crate::presence::{Limits as PresenceLimits, contains_nul, stored_meta};
 use crate::protocol::{self, Inbound, InboundPayload, Vsn};
 use crate::registry::{Kind, PendingSubscription, Reads, TopicKey};
 
@@ -41,6 +42,8 @@ const TOO_MANY_HELD_WRITES: &str = "Too many messages per second";
 const TOO_MANY_PENDING_JOINS: &str = "ClientJoinRateLimitReached: Too many pending joins";
 /// The reply to a join past the connection's join rate (`joins_per_second`, `join_burst`).
 const TOO_MANY_JOINS: &str = "ClientJoinRateLimitReached: Too many joins per second";
+/// The reply to a track whose meta (or presence key) contains a NUL character.
+const PRESENCE_NUL: &str = "Presence meta must not contain the NUL character (\\u0000)";
 /// How long a closing handshake may take before the TCP connection is just dropped.
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 const SLOW_CLOSE_WRITE_TIMEOUT: Duration = Duration::from_millis(200);
@@ -726,7 +729,7 @@ impl Conn {
             .clone()
             .unwrap_or_else(|| self.inner.presence.generate_key());
         if j.req.presence_enabled && reads.presence {
-            let state = self.inner.presence.state(&key).to_string();
+            let state = self.inner.presence.state(&key);
             self.push(self.text(
                 j.join_ref.as_deref(),
                 None,
@@ -1139,13 +1142,20 @@ impl Conn {
         let Some(ch) = self.channels.get(&m.topic) else {
             return;
         };
-        let parsed: Option<Value> = m
+        // Typed, with the meta kept raw: its size is checked before anything is built from it.
+        #[derive(serde::Deserialize)]
+        struct Push<'a> {
+            #[serde(default)]
+            event: Option<String>,
+            #[serde(borrow, default)]
+            payload: Option<&'a serde_json::value::RawValue>,
+        }
+        let push: Option<Push> = m
             .json_payload()
             .and_then(|raw| serde_json::from_str(raw.get()).ok());
-        let kind = parsed
+        let kind = push
             .as_ref()
-            .and_then(|p| p.get("event"))
-            .and_then(Value::as_str)
+            .and_then(|p| p.event.as_deref())
             .map(str::to_ascii_lowercase);
         if ch.may_track() != Some(true) {
             self.reply(
@@ -1159,20 +1169,43 @@ impl Conn {
         }
         match kind.as_deref() {
             Some("track") => {
-                let meta = match parsed.as_ref().and_then(|p| p.get("payload")) {
-                    Some(Value::Object(o)) => o.clone(),
-                    _ => return self.reply_error(&m, "Presence track payload must be a map"),
-                };
                 let size = m.json_payload().map_or(0, |p| p.get().len());
-                if size > self.inner.config().max_payload_bytes {
+                if size > cfg.max_payload_bytes {
                     return self.shutdown_channel(&m.topic, "Track message size exceeded");
                 }
-                if let Some(diff) =
-                    self.inner
-                        .presence
-                        .track(&ch.key, ch.presence_owner, &ch.presence_key, meta)
-                {
-                    fan_presence_diff(&self.inner, &m.topic, &ch.key, diff);
+                let Some(raw) = push.as_ref().and_then(|p| p.payload) else {
+                    return self.reply_error(&m, "Presence track payload must be a map");
+                };
+                if raw.get().len() > cfg.max_presence_meta_bytes {
+                    let reason = format!(
+                        "Presence meta is too large: at most {} bytes",
+                        cfg.max_presence_meta_bytes
+                    );
+                    return self.reply_error(&m, &reason);
+                }
+                let meta = match serde_json::from_str::<Value>(raw.get()) {
+                    Ok(meta @ Value::Object(_)) => meta,
+                    _ => return self.reply_error(&m, "Presence track payload must be a map"),
+                };
+                // PostgreSQL text and jsonb cannot hold NUL: such a meta would make the worker's
+                // SQL mirror of presence fail for everyone's changes in its batch.
+                if contains_nul(&meta) || ch.presence_key.contains('\0') {
+                    return self.reply_error(&m, PRESENCE_NUL);
+                }
+                let Value::Object(meta) = meta else {
+                    return;
+                };
+                let tracked = self.inner.presence.track(
+                    &ch.key,
+                    ch.presence_owner,
+                    &ch.presence_key,
+                    stored_meta(meta),
+                    PresenceLimits::of(&cfg),
+                );
+                match tracked {
+                    Ok(Some(diff)) => fan_presence_diff(&self.inner, &m.topic, &ch.key, diff),
+                    Ok(None) => {}
+                    Err(e) => return self.reply_error(&m, e.reason()),
                 }
                 self.reply(
                     m.join_ref.as_deref(),

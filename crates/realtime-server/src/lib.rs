@@ -485,7 +485,7 @@ impl Server {
                     Ok(serde_json::Value::Object(m)) => m,
                     _ => serde_json::Map::new(),
                 };
-                (key, meta)
+                (key, presence::stored_meta(meta))
             })
             .collect();
         let key = TopicKey {

@@ -598,3 +598,90 @@ async fn an_expired_channel_gets_nothing_more_even_while_its_socket_is_stuck() {
     assert_eq!(events, ["before"]);
     stop(server).await;
 }
+
+/// Sends a track on `topic` with `meta` and returns its reply (skipping other frames).
+async fn track(ws: &mut Ws, join_ref: &str, msg_ref: &str, topic: &str, meta: Value) -> Value {
+    send_text(
+        ws,
+        json!([join_ref, msg_ref, format!("realtime:{topic}"), "presence",
+            {"type": "presence", "event": "track", "payload": meta}]),
+    )
+    .await;
+    loop {
+        let m = next_json(ws).await;
+        if m[3] == "phx_reply" && m[1] == msg_ref {
+            return m[4].clone();
+        }
+    }
+}
+
+#[tokio::test]
+async fn presence_is_capped_per_meta_key_and_topic() {
+    let (server, addr) = start(Config {
+        max_presence_metas_per_key: 2,
+        max_presence_keys_per_topic: 2,
+        presence_calls_limit: 0,
+        ..test_config()
+    });
+    let error = |reason: &str| json!({"status": "error", "response": {"reason": reason}});
+    let mut sockets = Vec::new();
+    for (i, key) in ["k", "k", "k", "other", "third"].iter().enumerate() {
+        let mut ws = connect(addr, "2.0.0").await;
+        let cfg = json!({"presence": {"enabled": true, "key": key}});
+        assert_eq!(join_v2(&mut ws, "room", "1", cfg).await["status"], "ok");
+        let reply = track(&mut ws, "1", "t", "room", json!({"n": i})).await;
+        sockets.push((ws, reply));
+    }
+    let replies: Vec<Value> = sockets.iter().map(|(_, r)| r.clone()).collect();
+    assert_eq!(replies[0]["status"], "ok");
+    assert_eq!(replies[1]["status"], "ok");
+    assert_eq!(replies[2], error("Too many presences for this key"));
+    assert_eq!(replies[3]["status"], "ok");
+    assert_eq!(replies[4], error("Too many presence keys in this topic"));
+
+    let ws = &mut sockets[0].0;
+    let big = "x".repeat(40 * 1024);
+    assert_eq!(
+        track(ws, "1", "big", "room", json!({"big": big})).await,
+        error("Presence meta is too large: at most 32768 bytes")
+    );
+    assert_eq!(
+        track(ws, "1", "nul", "room", json!({"name": "a\u{0}b"})).await,
+        error("Presence meta must not contain the NUL character (\\u0000)")
+    );
+    // Refused tracks changed nothing: a new joiner sees the three accepted metas.
+    let mut late = connect(addr, "2.0.0").await;
+    let cfg = json!({"presence": {"enabled": true}});
+    join_v2(&mut late, "room", "1", cfg).await;
+    let state = next_json(&mut late).await;
+    assert_eq!(state[3], "presence_state");
+    assert_eq!(state[4]["k"]["metas"].as_array().unwrap().len(), 2);
+    assert!(state[4]["k"]["metas"][0]["n"].as_u64().unwrap() < 2);
+    assert_eq!(state[4]["other"]["metas"][0]["n"], 3);
+    assert!(state[4].get("third").is_none());
+    stop(server).await;
+}
+
+#[tokio::test]
+async fn presence_bytes_per_topic_are_capped() {
+    let (server, addr) = start(Config {
+        max_presence_bytes_per_topic: 50_000,
+        presence_calls_limit: 0,
+        ..test_config()
+    });
+    let mut a = connect(addr, "2.0.0").await;
+    let mut b = connect(addr, "2.0.0").await;
+    for ws in [&mut a, &mut b] {
+        join_v2(ws, "room", "1", json!({"presence": {"enabled": true}})).await;
+    }
+    let meta = json!({"fill": "x".repeat(30_000)});
+    assert_eq!(
+        track(&mut a, "1", "t", "room", meta.clone()).await["status"],
+        "ok"
+    );
+    assert_eq!(
+        track(&mut b, "1", "t", "room", meta).await["response"]["reason"],
+        "Too much presence data in this topic"
+    );
+    stop(server).await;
+}
