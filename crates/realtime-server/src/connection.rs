@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
@@ -44,6 +45,8 @@ const TOO_MANY_PENDING_JOINS: &str = "ClientJoinRateLimitReached: Too many pendi
 const TOO_MANY_JOINS: &str = "ClientJoinRateLimitReached: Too many joins per second";
 /// The reply to a track whose meta (or presence key) contains a NUL character.
 const PRESENCE_NUL: &str = "Presence meta must not contain the NUL character (\\u0000)";
+/// Join error replies one connection may have waiting for `join_error_delay`.
+const MAX_DELAYED_JOIN_ERRORS: usize = 16;
 /// How long a closing handshake may take before the TCP connection is just dropped.
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 const SLOW_CLOSE_WRITE_TIMEOUT: Duration = Duration::from_millis(200);
@@ -60,9 +63,7 @@ pub(crate) struct ConnectionSlot(pub Arc<Inner>);
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        self.0
-            .active_connections
-            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.0.active_connections.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -110,6 +111,8 @@ struct Conn {
     pending: HashMap<String, PendingJoin>,
     next_id: u64,
     internal_tx: mpsc::UnboundedSender<Internal>,
+    /// Join error replies waiting for `join_error_delay`.
+    delayed_join_errors: Arc<AtomicUsize>,
     /// Join rate limit (token bucket): joins left, and when it was last refilled.
     join_tokens: f64,
     join_refilled: Instant,
@@ -160,6 +163,7 @@ pub(crate) async fn run(socket: WebSocket, info: ConnectInfo, inner: Arc<Inner>)
         pending: HashMap::new(),
         next_id: 0,
         internal_tx,
+        delayed_join_errors: Arc::new(AtomicUsize::new(0)),
         join_tokens: f64::from(cfg.join_burst.max(1)),
         join_refilled: Instant::now(),
     };
@@ -484,13 +488,19 @@ impl Conn {
             &payload,
         );
         let delay = self.inner.config().join_error_delay;
-        if delay.is_zero() {
+        // Each delayed reply holds its frame (which echoes the topic) until it is sent: past a
+        // few, a client that floods refused joins gets its replies at once, into its bounded
+        // queue, instead of making the server hold them.
+        let delayed = self.delayed_join_errors.clone();
+        if delay.is_zero() || delayed.load(Ordering::Acquire) >= MAX_DELAYED_JOIN_ERRORS {
             self.push(frame);
         } else {
+            delayed.fetch_add(1, Ordering::AcqRel);
             let handle = self.handle.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
                 handle.push(frame);
+                delayed.fetch_sub(1, Ordering::AcqRel);
             });
         }
     }
@@ -1086,8 +1096,7 @@ impl Conn {
             Err(e) => self.shutdown_channel(&m.topic, &e.system_message()),
             Ok(claims) => {
                 ch.expires_at = expiry_instant(claims.exp);
-                ch.expires
-                    .store(claims.exp, std::sync::atomic::Ordering::Relaxed);
+                ch.expires.store(claims.exp, Ordering::Relaxed);
                 ch.token = token;
                 ch.claims = claims.clone();
                 // The new token's write rights are checked at the next write (a check still

@@ -685,3 +685,27 @@ async fn presence_bytes_per_topic_are_capped() {
     );
     stop(server).await;
 }
+
+#[tokio::test]
+async fn a_flood_of_refused_joins_is_not_held_for_the_error_delay() {
+    let (server, addr) = start(Config {
+        join_error_delay: Duration::from_secs(3600),
+        joins_per_second: 0.0,
+        ..test_config()
+    });
+    let mut ws = connect(addr, "2.0.0").await;
+    for i in 0..20 {
+        let r = i.to_string();
+        send_text(&mut ws, json!([r, r, "realtime:", "phx_join", {}])).await;
+    }
+    // The first 16 wait out the delay; the rest are answered at once.
+    for i in 16..20 {
+        let reply = next_json(&mut ws).await;
+        assert_eq!(reply[1], i.to_string());
+        assert_eq!(
+            reply[4]["response"]["reason"],
+            "TopicNameRequired: You must provide a topic name"
+        );
+    }
+    stop(server).await;
+}
