@@ -9,13 +9,16 @@ use bytes::Bytes;
 use commit_ring::{Message, PayloadKind, Pending};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use realtime_server::{Config, DbBroadcast, Event, Payload, Server};
-use std::collections::BTreeSet;
+use realtime_server::{AuthorizationRequest, Config, DbBroadcast, Event, Payload, Server};
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 /// Transactions taken per lock hold, so committing backends never wait long for the ring.
 const BATCH: usize = 256;
+/// Authorization requests checked per turn of the main loop at most: the commit queue is
+/// delivered between batches, so authorization work can never keep it from draining.
+const AUTHORIZATION_BATCH: usize = 256;
 /// While a transaction is unfinished, look again this often even without a wake-up (its
 /// backend wakes the worker at commit or abort; this only bounds a lost wake-up).
 const BLOCKED_POLL: Duration = Duration::from_millis(50);
@@ -146,6 +149,8 @@ pub struct Delivery {
     last_expiry: Instant,
     /// The last expiry failed (logged once until one succeeds).
     expiry_failing: bool,
+    /// Authorization requests not checked yet, oldest first.
+    authorizations: VecDeque<AuthorizationRequest>,
 }
 
 /// The settings the socket server reads, snapshotted on the main thread (the only thread that
@@ -231,11 +236,15 @@ impl Delivery {
             server,
             last_expiry: Instant::now(),
             expiry_failing: false,
+            authorizations: VecDeque::new(),
         }
     }
 
     pub fn poll_interval(&self) -> Duration {
-        if self.busy_until.is_some() {
+        if !self.authorizations.is_empty() {
+            // More requests wait: come straight back after delivering.
+            Duration::ZERO
+        } else if self.busy_until.is_some() {
             BUSY_POLL
         } else if self.blocked {
             BLOCKED_POLL
@@ -260,7 +269,6 @@ impl Delivery {
         pgrx::check_for_interrupts!();
         logging::flush();
         let mut presence_changes = Vec::new();
-        let mut authorizations = Vec::new();
         for event in self.server.poll_events() {
             match event {
                 Event::Presence(change) => presence_changes.push(change),
@@ -268,14 +276,10 @@ impl Delivery {
                     log!("pg_realtime: the socket server failed: {reason}");
                     unsafe { pg_sys::proc_exit(1) };
                 }
-                Event::Authorize(request) => authorizations.push(request),
+                Event::Authorize(request) => self.authorizations.push_back(request),
             }
         }
-        let answers = authorization::answer_all(&authorizations);
-        for (request, (answer, replay)) in authorizations.iter().zip(answers) {
-            self.server
-                .complete_authorization(request.id, answer, replay);
-        }
+        self.answer_authorizations();
         presence::mirror(presence_changes);
         if self.last_expiry.elapsed() >= PRESENCE_EXPIRY_INTERVAL {
             self.last_expiry = Instant::now();
@@ -289,6 +293,28 @@ impl Delivery {
                     }
                 }
             }
+        }
+    }
+
+    /// Checks up to [`AUTHORIZATION_BATCH`] waiting requests, skipping those nobody waits for
+    /// any more (the join was left, the connection closed, the wait timed out).
+    fn answer_authorizations(&mut self) {
+        let mut batch = Vec::new();
+        while batch.len() < AUTHORIZATION_BATCH {
+            let Some(request) = self.authorizations.pop_front() else {
+                break;
+            };
+            if self.server.authorization_pending(request.id) {
+                batch.push(request);
+            }
+        }
+        if batch.is_empty() {
+            return;
+        }
+        let answers = authorization::answer_all(&batch);
+        for (request, (answer, replay)) in batch.iter().zip(answers) {
+            self.server
+                .complete_authorization(request.id, answer, replay);
         }
     }
 

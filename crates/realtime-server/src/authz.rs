@@ -1,6 +1,10 @@
 //! Private-channel authorization. The RLS checks need Postgres, which only the worker's main
 //! thread may touch, so a request is handed over as an [`Event::Authorize`] and the channel
 //! waits (asynchronously) for [`crate::Server::complete_authorization`].
+//!
+//! Each request costs the worker's only Postgres thread a subtransaction, so what may wait is
+//! bounded: per connection (see `connection.rs`) and here, over all of them. A request whose
+//! asker went away (timed out, left, disconnected) is forgotten at once, so the worker skips it.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -9,21 +13,31 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::oneshot;
 
 use crate::events::{
-    Authorization, AuthorizationPurpose, AuthorizationRequest, Event, EventQueue, ReplayParams,
-    Replayed,
+    Authorization, AuthorizationPurpose, AuthorizationRequest, EventQueue, ReplayParams, Replayed,
 };
 use crate::jwt::Claims;
+use crate::registry::PendingSubscription;
 
 /// The rights, and the stored messages to replay (empty unless the join asked for replay).
 pub(crate) type Answer = Result<(Authorization, Vec<Replayed>), String>;
 
-/// Held by a join with replay until its channel has subscribed; the database dispatch waits
-/// for it to be dropped (see `Dispatch::AwaitSubscription`).
-pub(crate) type SubscribeBarrier = Option<oneshot::Sender<()>>;
+/// The join reason when too many authorization requests wait already.
+pub(crate) const TOO_MANY_WAITING: &str =
+    "IncreaseConnectionPool: Too many authorization requests are waiting for the database";
+
+/// What a join that asked for replay needs to be subscribed the moment it is answered: see
+/// [`crate::Server::complete_authorization`].
+pub(crate) struct PreSubscribe {
+    pub key: crate::registry::TopicKey,
+    pub vsn: crate::protocol::Vsn,
+    pub expires: crate::registry::Expiry,
+    pub queue_frames: usize,
+    pub queue_bytes: usize,
+}
 
 struct Waiting {
-    answer: oneshot::Sender<(Answer, SubscribeBarrier)>,
-    replay: bool,
+    answer: oneshot::Sender<(Answer, Option<PendingSubscription>)>,
+    subscribe: Option<PreSubscribe>,
 }
 
 #[derive(Default)]
@@ -43,21 +57,37 @@ pub(crate) struct Ask<'a> {
     pub presence: bool,
     pub purpose: AuthorizationPurpose,
     pub replay: Option<ReplayParams>,
+    /// Only with `replay`.
+    pub subscribe: Option<PreSubscribe>,
 }
 
 impl crate::Inner {
     /// Asks the worker under the current settings (whether private channels are authorized at
-    /// all, and how long to wait).
-    pub(crate) async fn authorize(&self, ask: Ask<'_>) -> (Answer, SubscribeBarrier) {
+    /// all, how long to wait, how many may wait).
+    pub(crate) async fn authorize(&self, ask: Ask<'_>) -> (Answer, Option<PendingSubscription>) {
         let cfg = self.config();
         self.authz
             .authorize(
                 cfg.authorize_private,
                 cfg.authorization_timeout,
+                cfg.max_pending_authorizations,
                 &self.events,
                 ask,
             )
             .await
+    }
+}
+
+/// Forgets a request when its asker stops waiting, however it stops (answer, timeout, or the
+/// asking task being dropped).
+struct Forget<'a> {
+    authz: &'a Authorizer,
+    id: u64,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.authz.take(self.id);
     }
 }
 
@@ -67,26 +97,31 @@ impl Authorizer {
         &self,
         enabled: bool,
         timeout: std::time::Duration,
+        max_pending: usize,
         events: &EventQueue,
         ask: Ask<'_>,
-    ) -> (Answer, SubscribeBarrier) {
+    ) -> (Answer, Option<PendingSubscription>) {
         if !enabled {
             // Until the worker answers authorization requests, nothing private is allowed.
             return (Err(unauthorized_reason(ask.subtopic)), None);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
+        {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            if pending.len() >= max_pending.max(1) {
+                return (Err(TOO_MANY_WAITING.into()), None);
+            }
+            pending.insert(
                 id,
                 Waiting {
                     answer: tx,
-                    replay: ask.replay.is_some(),
+                    subscribe: ask.subscribe,
                 },
             );
-        events.push(Event::Authorize(AuthorizationRequest {
+        }
+        let _forget = Forget { authz: self, id };
+        let request = AuthorizationRequest {
             id,
             subtopic: ask.subtopic.to_string(),
             claims: ask.claims.clone(),
@@ -94,17 +129,18 @@ impl Authorizer {
             presence: ask.presence,
             purpose: ask.purpose,
             replay: ask.replay,
-        }));
-        let answer = tokio::time::timeout(timeout, rx).await;
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
-        match answer {
+        };
+        if !events.push_authorize(request, max_pending, |id| self.is_pending(id)) {
+            return (Err(TOO_MANY_WAITING.into()), None);
+        }
+        match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(answered)) => answered,
             Ok(Err(_)) => (Err(unauthorized_reason(ask.subtopic)), None),
             Err(_) => {
-                log::warn!("authorization request {id} for {} timed out", ask.subtopic);
+                log::warn!(
+                    "authorization request {id} for {} timed out",
+                    crate::log_excerpt(ask.subtopic)
+                );
                 (
                     Err("IncreaseConnectionPool: Please increase your connection pool size".into()),
                     None,
@@ -113,26 +149,39 @@ impl Authorizer {
         }
     }
 
-    /// Whether request `id` is a join that asked for replay.
-    pub(crate) fn wants_replay(&self, id: u64) -> bool {
+    /// Whether somebody still waits for request `id`.
+    pub(crate) fn is_pending(&self, id: u64) -> bool {
         self.pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&id)
-            .is_some_and(|w| w.replay)
+            .contains_key(&id)
     }
 
-    /// Returns false when nobody waits for `id` any more (timed out or connection gone); the
-    /// barrier is then dropped, which releases it.
-    pub(crate) fn complete(&self, id: u64, answer: Answer, barrier: SubscribeBarrier) -> bool {
-        let waiting = self
-            .pending
+    fn take(&self, id: u64) -> Option<Waiting> {
+        self.pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
-        match waiting {
-            Some(w) => w.answer.send((answer, barrier)).is_ok(),
-            None => false,
-        }
+            .remove(&id)
+    }
+
+    /// Answers request `id`; returns false when nobody waits for it any more (timed out or
+    /// gone). `subscribe` makes the pre-subscription of a replaying join that may read.
+    pub(crate) fn complete(
+        &self,
+        id: u64,
+        answer: Answer,
+        subscribe: impl FnOnce(&PreSubscribe, &Authorization, &[Replayed]) -> PendingSubscription,
+    ) -> bool {
+        let Some(w) = self.take(id) else {
+            return false;
+        };
+        let subscription = match (&answer, &w.subscribe) {
+            (Ok((a, replay)), Some(pre)) if a.broadcast_read || a.presence_read => {
+                Some(subscribe(pre, a, replay))
+            }
+            _ => None,
+        };
+        // If the asker is gone after all, dropping the subscription undoes it.
+        w.answer.send((answer, subscription)).is_ok()
     }
 }

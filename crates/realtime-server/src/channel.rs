@@ -6,7 +6,7 @@ use tokio::time::Instant;
 
 use crate::events::{Authorization, ReplayParams};
 use crate::jwt::Claims;
-use crate::protocol::Inbound;
+use crate::protocol::{Inbound, InboundPayload};
 use crate::registry::TopicKey;
 
 /// What a `phx_join` asked for (reference 2.1). Unknown keys are ignored.
@@ -100,6 +100,8 @@ pub(crate) struct Channel {
     /// (joins check reads only): most subscribers never write.
     pub writes: WriteCheck,
     pub expires_at: Instant,
+    /// The token's `exp`, shared with the channel's subscription.
+    pub expires: crate::registry::Expiry,
     pub presence_enabled: bool,
     pub presence_key: String,
     pub presence_owner: u64,
@@ -114,8 +116,8 @@ pub(crate) const MAX_HELD_WRITES: usize = 256;
 pub(crate) enum WriteCheck {
     /// Private channel, nothing written yet.
     Unchecked,
-    /// The worker is checking; the messages wait here, in order.
-    Running(Vec<Inbound>),
+    /// The worker is checking; the messages wait here, in order, with their total size.
+    Running(Vec<Inbound>, usize),
     Known {
         broadcast: bool,
         presence: bool,
@@ -151,6 +153,21 @@ impl Channel {
             _ => None,
         }
     }
+}
+
+/// What a held message costs: the bytes a client chose (payload, event, metadata, refs).
+pub(crate) fn held_size(m: &Inbound) -> usize {
+    let payload = match &m.payload {
+        InboundPayload::Json(raw) => raw.get().len(),
+        InboundPayload::User(u) => {
+            u.event.len() + u.payload.len() + u.metadata.as_ref().map_or(0, |b| b.len())
+        }
+    };
+    payload
+        + m.topic.len()
+        + m.event.len()
+        + m.join_ref.as_ref().map_or(0, String::len)
+        + m.msg_ref.as_ref().map_or(0, String::len)
 }
 
 /// When a token with `exp` (unix seconds) expires, as a tokio instant.

@@ -38,6 +38,36 @@ pub struct Config {
     /// Presence calls (track/untrack) one channel may make per window; 0 = unlimited.
     pub presence_calls_limit: u32,
     pub presence_calls_window: Duration,
+    /// Per-connection outbound queue, in bytes of queued frames; past it the connection is
+    /// closed as a slow consumer, like past `outbound_queue` frames.
+    pub outbound_queue_bytes: usize,
+    /// Bytes of messages one private channel may hold while its write check runs; past it
+    /// (or past 256 messages) further writes are refused.
+    pub max_held_write_bytes: usize,
+    /// Private joins of one connection that may wait for authorization at once.
+    pub max_pending_joins_per_connection: usize,
+    /// Authorization requests (joins, token refreshes, write checks, REST) that may wait for
+    /// the worker at once, over all connections; past it new ones are refused at once.
+    pub max_pending_authorizations: usize,
+    /// Joins per second one connection may make on average (token bucket); 0 = unlimited.
+    pub joins_per_second: f64,
+    /// Joins one connection may make at once before `joins_per_second` applies.
+    pub join_burst: u32,
+    /// Largest presence meta (its JSON text) a client may track.
+    pub max_presence_meta_bytes: usize,
+    /// Metas (tracking channels) one presence key may have in one topic.
+    pub max_presence_metas_per_key: usize,
+    /// Presence keys one topic may have.
+    pub max_presence_keys_per_topic: usize,
+    /// Bytes of presence (keys and metas) one topic may hold; also bounds its
+    /// `presence_state`, which must fit a joining client's outbound queue.
+    pub max_presence_bytes_per_topic: usize,
+    /// Batch messages one REST request may carry.
+    pub max_batch_messages: usize,
+    /// Committed database messages waiting for the network side, in messages and in payload
+    /// bytes; see [`crate::Server::publish`] for what happens past them.
+    pub publish_queue_messages: usize,
+    pub publish_queue_bytes: usize,
 }
 
 impl Default for Config {
@@ -62,6 +92,19 @@ impl Default for Config {
             max_replay_limit: 25,
             presence_calls_limit: 5,
             presence_calls_window: Duration::from_secs(30),
+            outbound_queue_bytes: 16 * 1024 * 1024,
+            max_held_write_bytes: 8 * 1024 * 1024,
+            max_pending_joins_per_connection: 16,
+            max_pending_authorizations: 10_000,
+            joins_per_second: 20.0,
+            join_burst: 50,
+            max_presence_meta_bytes: 32 * 1024,
+            max_presence_metas_per_key: 100,
+            max_presence_keys_per_topic: 10_000,
+            max_presence_bytes_per_topic: 8 * 1024 * 1024,
+            max_batch_messages: 1000,
+            publish_queue_messages: 65_536,
+            publish_queue_bytes: 64 * 1024 * 1024,
         }
     }
 }

@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
@@ -15,23 +16,37 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::Inner;
-use crate::authz::{Ask, unauthorized_reason};
+use crate::authz::{Ask, PreSubscribe, unauthorized_reason};
 use crate::broadcast::{Body, Frame, Outgoing};
 use crate::channel::{
-    Channel, JoinRequest, MAX_HELD_WRITES, WriteCheck, expiry_instant, parse_join,
+    Channel, JoinRequest, MAX_HELD_WRITES, WriteCheck, expiry_instant, held_size, parse_join,
 };
 use crate::events::{Authorization, AuthorizationPurpose, ReplayParams, Replayed};
 use crate::jwt::{Claims, unix_now};
 use crate::outbound::ConnHandle;
+use crate::presence::{Limits as PresenceLimits, contains_nul, stored_meta};
 use crate::protocol::{self, Inbound, InboundPayload, Vsn};
-use crate::registry::{Kind, Reads, TopicKey};
+use crate::registry::{Kind, PendingSubscription, Reads, TopicKey};
 
 pub(crate) const CLOSE_GOING_AWAY: u16 = 1001;
 pub(crate) const CLOSE_POLICY: u16 = 1008;
 const CLOSE_NORMAL: u16 = 1000;
+/// Longest topic (without `realtime:`) a join or REST send may name; longer ones are refused
+/// before anything copies them. The database keeps topics of up to 246 bytes, so no topic it
+/// can store is refused here.
+pub(crate) const MAX_SUBTOPIC_BYTES: usize = 255;
 const SLOW_CONSUMER: &str = "slow consumer: outbound queue full";
 /// The reply to an acked broadcast that found the channel's write-check queue full.
 const TOO_MANY_HELD_WRITES: &str = "Too many messages per second";
+/// The reply to a private join while this many of the connection's joins already wait for
+/// their authorization (`max_pending_joins_per_connection`).
+const TOO_MANY_PENDING_JOINS: &str = "ClientJoinRateLimitReached: Too many pending joins";
+/// The reply to a join past the connection's join rate (`joins_per_second`, `join_burst`).
+const TOO_MANY_JOINS: &str = "ClientJoinRateLimitReached: Too many joins per second";
+/// The reply to a track whose meta (or presence key) contains a NUL character.
+const PRESENCE_NUL: &str = "Presence meta must not contain the NUL character (\\u0000)";
+/// Join error replies one connection may have waiting for `join_error_delay`.
+const MAX_DELAYED_JOIN_ERRORS: usize = 16;
 /// How long a closing handshake may take before the TCP connection is just dropped.
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 const SLOW_CLOSE_WRITE_TIMEOUT: Duration = Duration::from_millis(200);
@@ -48,9 +63,7 @@ pub(crate) struct ConnectionSlot(pub Arc<Inner>);
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        self.0
-            .active_connections
-            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.0.active_connections.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -59,8 +72,8 @@ enum Internal {
         pending_id: u64,
         joining: Box<Joining>,
         answer: crate::authz::Answer,
-        /// Dropped once the channel has subscribed (or will not): see `Dispatch`.
-        barrier: crate::authz::SubscribeBarrier,
+        /// A replaying join that may read was subscribed when answered; dropping this undoes it.
+        subscription: Option<PendingSubscription>,
     },
     RefreshAuthorized {
         topic: String,
@@ -76,6 +89,14 @@ enum Internal {
 
 struct PendingJoin {
     id: u64,
+    /// The task waiting for the worker: aborting it forgets the request, so the worker skips it.
+    task: tokio::task::AbortHandle,
+}
+
+impl Drop for PendingJoin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 struct Conn {
@@ -90,6 +111,11 @@ struct Conn {
     pending: HashMap<String, PendingJoin>,
     next_id: u64,
     internal_tx: mpsc::UnboundedSender<Internal>,
+    /// Join error replies waiting for `join_error_delay`.
+    delayed_join_errors: Arc<AtomicUsize>,
+    /// Join rate limit (token bucket): joins left, and when it was last refilled.
+    join_tokens: f64,
+    join_refilled: Instant,
 }
 
 impl Drop for Conn {
@@ -123,7 +149,7 @@ enum Exit {
 
 pub(crate) async fn run(socket: WebSocket, info: ConnectInfo, inner: Arc<Inner>) {
     let cfg = inner.config();
-    let (handle, mut rx) = ConnHandle::new(cfg.outbound_queue);
+    let (handle, mut rx) = ConnHandle::new(cfg.outbound_queue, cfg.outbound_queue_bytes);
     let handle = Arc::new(handle);
     let (internal_tx, mut internal_rx) = mpsc::unbounded_channel();
     let mut conn = Conn {
@@ -137,6 +163,9 @@ pub(crate) async fn run(socket: WebSocket, info: ConnectInfo, inner: Arc<Inner>)
         pending: HashMap::new(),
         next_id: 0,
         internal_tx,
+        delayed_join_errors: Arc::new(AtomicUsize::new(0)),
+        join_tokens: f64::from(cfg.join_burst.max(1)),
+        join_refilled: Instant::now(),
     };
     let (mut sink, mut stream) = socket.split();
     let mut shutdown = inner.shutdown.clone();
@@ -152,7 +181,7 @@ pub(crate) async fn run(socket: WebSocket, info: ConnectInfo, inner: Arc<Inner>)
     let stop = stopped(&mut shutdown);
     tokio::pin!(stop);
 
-    let exit = loop {
+    let exit = 'conn: loop {
         if let Some(expiry) = conn.next_expiry()
             && expiry < timer.deadline()
         {
@@ -162,6 +191,13 @@ pub(crate) async fn run(socket: WebSocket, info: ConnectInfo, inner: Arc<Inner>)
             biased;
             _ = &mut stop => break Exit::Shutdown,
             _ = &mut overflowed => break Exit::SlowConsumer,
+            // Before traffic: a client that keeps the loop busy must not delay its idle close
+            // or its channels' token expiry.
+            _ = &mut timer => {
+                if let Some(exit) = on_timer(&mut conn, timer.as_mut(), last_inbound, &inner) {
+                    break exit;
+                }
+            }
             Some(frame) = rx.recv() => {
                 // Whatever else is already queued goes out with it in one write (one system
                 // call instead of one per frame).
@@ -169,18 +205,33 @@ pub(crate) async fn run(socket: WebSocket, info: ConnectInfo, inner: Arc<Inner>)
                     sink.feed(ws_message(frame)).await?;
                     for _ in 1..WRITE_BATCH {
                         match rx.try_recv() {
-                            Ok(frame) => sink.feed(ws_message(frame)).await?,
-                            Err(_) => break,
+                            Some(frame) => sink.feed(ws_message(frame)).await?,
+                            None => break,
                         }
                     }
                     sink.flush().await
                 };
-                // A stuck write must not hide a shutdown or an overflow.
-                tokio::select! {
-                    biased;
-                    sent = write => if sent.is_err() { break Exit::Gone },
-                    _ = &mut overflowed => break Exit::SlowConsumer,
-                    _ = &mut stop => break Exit::Shutdown,
+                tokio::pin!(write);
+                // A stuck write must not hide a shutdown, an overflow or an expired token.
+                loop {
+                    tokio::select! {
+                        biased;
+                        sent = &mut write => {
+                            if sent.is_err() {
+                                break 'conn Exit::Gone;
+                            }
+                            break;
+                        }
+                        _ = &mut overflowed => break 'conn Exit::SlowConsumer,
+                        _ = &mut stop => break 'conn Exit::Shutdown,
+                        _ = &mut timer => {
+                            if let Some(exit) =
+                                on_timer(&mut conn, timer.as_mut(), last_inbound, &inner)
+                            {
+                                break 'conn exit;
+                            }
+                        }
+                    }
                 }
             }
             Some(internal) = internal_rx.recv() => conn.on_internal(internal),
@@ -192,15 +243,6 @@ pub(crate) async fn run(socket: WebSocket, info: ConnectInfo, inner: Arc<Inner>)
                     Some(Ok(Message::Binary(b))) => conn.on_binary(b),
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                 }
-            }
-            _ = &mut timer => {
-                let idle_deadline = last_inbound + inner.config().idle_timeout;
-                if idle_deadline <= Instant::now() {
-                    break Exit::Idle;
-                }
-                conn.expire_tokens();
-                let next = conn.next_expiry().map_or(idle_deadline, |e| e.min(idle_deadline));
-                timer.as_mut().reset(next);
             }
         }
     };
@@ -237,6 +279,26 @@ pub(crate) async fn run(socket: WebSocket, info: ConnectInfo, inner: Arc<Inner>)
         }
     }
     let _ = tokio::time::timeout(write_timeout, sink.close()).await;
+}
+
+/// The idle timeout or a channel's token expiry is due: closes what expired and re-arms the
+/// timer, or says the connection is idle.
+fn on_timer(
+    conn: &mut Conn,
+    timer: std::pin::Pin<&mut tokio::time::Sleep>,
+    last_inbound: Instant,
+    inner: &Inner,
+) -> Option<Exit> {
+    let idle_deadline = last_inbound + inner.config().idle_timeout;
+    if idle_deadline <= Instant::now() {
+        return Some(Exit::Idle);
+    }
+    conn.expire_tokens();
+    let next = conn
+        .next_expiry()
+        .map_or(idle_deadline, |e| e.min(idle_deadline));
+    timer.reset(next);
+    None
 }
 
 /// Frames written per flush at most, so one busy connection cannot hog its thread.
@@ -330,7 +392,10 @@ impl Conn {
             if m.event == "heartbeat" {
                 self.reply(None, m.msg_ref.as_deref(), "phoenix", "ok", json!({}));
             } else {
-                log::debug!("ignoring event {:?} on the phoenix topic", m.event);
+                log::debug!(
+                    "ignoring event {:?} on the phoenix topic",
+                    crate::log_excerpt(&m.event)
+                );
             }
             return;
         }
@@ -409,7 +474,11 @@ impl Conn {
         topic: &str,
         reason: String,
     ) {
-        log::debug!("refusing join of {topic}: {reason}");
+        log::debug!(
+            "refusing join of {}: {}",
+            crate::log_excerpt(topic),
+            crate::log_excerpt(&reason)
+        );
         let payload = json!({"status": "error", "response": {"reason": reason}}).to_string();
         let frame = self.text(
             join_ref.as_deref(),
@@ -419,23 +488,72 @@ impl Conn {
             &payload,
         );
         let delay = self.inner.config().join_error_delay;
-        if delay.is_zero() {
+        // Each delayed reply holds its frame (which echoes the topic) until it is sent: past a
+        // few, a client that floods refused joins gets its replies at once, into its bounded
+        // queue, instead of making the server hold them.
+        let delayed = self.delayed_join_errors.clone();
+        if delay.is_zero() || delayed.load(Ordering::Acquire) >= MAX_DELAYED_JOIN_ERRORS {
             self.push(frame);
         } else {
+            delayed.fetch_add(1, Ordering::AcqRel);
             let handle = self.handle.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
                 handle.push(frame);
+                delayed.fetch_sub(1, Ordering::AcqRel);
             });
         }
     }
 
+    /// Takes one join from the connection's token bucket; false when it is empty.
+    fn take_join_token(&mut self) -> bool {
+        let cfg = self.inner.config();
+        if cfg.joins_per_second <= 0.0 {
+            return true;
+        }
+        let now = Instant::now();
+        let refill = now.duration_since(self.join_refilled).as_secs_f64() * cfg.joins_per_second;
+        self.join_tokens = (self.join_tokens + refill).min(f64::from(cfg.join_burst.max(1)));
+        self.join_refilled = now;
+        if self.join_tokens < 1.0 {
+            return false;
+        }
+        self.join_tokens -= 1.0;
+        true
+    }
+
     fn join(&mut self, m: Inbound) {
         let join_ref = m.join_ref.clone().or_else(|| m.msg_ref.clone());
-        let Some(subtopic) = subtopic_of(&m.topic).map(str::to_string) else {
+        // Every join costs: a presence_state, an authorization on the worker's only Postgres
+        // thread, and for a duplicate the close of the one it replaces.
+        if !self.take_join_token() {
+            return self.join_error(join_ref, m.msg_ref.clone(), &m.topic, TOO_MANY_JOINS.into());
+        }
+        let Some(subtopic) = subtopic_of(&m.topic) else {
             self.reply_error(&m, "unmatched topic");
             return;
         };
+        // Checked before anything copies the topic: it becomes a map key, an authorization
+        // request and a SQL parameter, and PostgreSQL text cannot hold a NUL.
+        if subtopic.len() > MAX_SUBTOPIC_BYTES {
+            return self.join_error(
+                join_ref,
+                m.msg_ref.clone(),
+                &m.topic,
+                format!(
+                    "TopicNameTooLong: A topic name may have at most {MAX_SUBTOPIC_BYTES} bytes"
+                ),
+            );
+        }
+        if subtopic.contains('\0') {
+            return self.join_error(
+                join_ref,
+                m.msg_ref.clone(),
+                &m.topic,
+                "InvalidTopicName: A topic name must not contain the NUL character".into(),
+            );
+        }
+        let subtopic = subtopic.to_string();
         // A second join on the same topic replaces the first (Phoenix duplicate-join rule).
         if let Some(old) = self.channels.remove(&m.topic) {
             self.close_channel(&m.topic, old);
@@ -510,36 +628,63 @@ impl Conn {
             msg_ref: m.msg_ref.clone(),
             req,
             token,
+            expires: crate::registry::expiry(claims.exp),
             claims,
         };
         if !joining.req.private {
-            return self.finish_join(joining, None, Vec::new());
+            return self.finish_join(joining, None, Vec::new(), None);
+        }
+        if self.pending.len() >= cfg.max_pending_joins_per_connection.max(1) {
+            return self.join_error(
+                joining.join_ref,
+                joining.msg_ref,
+                &joining.topic,
+                TOO_MANY_PENDING_JOINS.into(),
+            );
         }
         self.next_id += 1;
         let pending_id = self.next_id;
-        self.pending
-            .insert(m.topic.clone(), PendingJoin { id: pending_id });
+        // A replaying join is subscribed by the worker's answer itself (see
+        // `Server::complete_authorization`), so nothing committed after its snapshot is missed.
+        let subscribe = replay.map(|_| PreSubscribe {
+            key: TopicKey {
+                private: true,
+                subtopic: joining.subtopic.clone(),
+            },
+            vsn: self.vsn,
+            expires: joining.expires.clone(),
+            queue_frames: cfg.outbound_queue,
+            queue_bytes: cfg.outbound_queue_bytes,
+        });
         let inner = self.inner.clone();
         let tx = self.internal_tx.clone();
         let headers = self.headers_json.clone();
-        tokio::spawn(async move {
-            let (answer, barrier) = ask(
-                &inner,
-                &joining.subtopic,
-                &joining.claims,
-                &headers,
-                joining.req.presence_enabled,
-                AuthorizationPurpose::Join,
-                replay,
-            )
-            .await;
+        let task = tokio::spawn(async move {
+            let (answer, subscription) = inner
+                .authorize(Ask {
+                    subtopic: &joining.subtopic,
+                    claims: &joining.claims,
+                    headers_json: &headers,
+                    presence: joining.req.presence_enabled,
+                    purpose: AuthorizationPurpose::Join,
+                    replay,
+                    subscribe,
+                })
+                .await;
             let _ = tx.send(Internal::JoinAuthorized {
                 pending_id,
                 joining: Box::new(joining),
                 answer,
-                barrier,
+                subscription,
             });
         });
+        self.pending.insert(
+            m.topic,
+            PendingJoin {
+                id: pending_id,
+                task: task.abort_handle(),
+            },
+        );
     }
 
     fn finish_join(
@@ -547,6 +692,7 @@ impl Conn {
         j: Joining,
         authorization: Option<Authorization>,
         replay: Vec<Replayed>,
+        subscription: Option<PendingSubscription>,
     ) {
         let key = TopicKey {
             private: j.req.private,
@@ -556,13 +702,15 @@ impl Conn {
         // Live copies of replayed messages are skipped, so each arrives once.
         let replayed_ids: Option<Arc<HashSet<String>>> =
             (!replay.is_empty()).then(|| Arc::new(replay.iter().map(|r| r.id.clone()).collect()));
-        let sub_id = (reads.broadcast || reads.presence).then(|| {
+        let subscribe_now = subscription.is_none() && (reads.broadcast || reads.presence);
+        let mut sub_id = subscribe_now.then(|| {
             self.inner.registry.subscribe_skipping(
                 key.clone(),
                 self.vsn,
                 self.handle.clone(),
                 reads,
                 replayed_ids,
+                j.expires.clone(),
             )
         });
         self.reply(
@@ -591,7 +739,7 @@ impl Conn {
             .clone()
             .unwrap_or_else(|| self.inner.presence.generate_key());
         if j.req.presence_enabled && reads.presence {
-            let state = self.inner.presence.state(&key).to_string();
+            let state = self.inner.presence.state(&key);
             self.push(self.text(
                 j.join_ref.as_deref(),
                 None,
@@ -614,6 +762,10 @@ impl Conn {
                 self.push(frame);
             }
         }
+        // Live messages that waited for this channel go out after the replayed ones.
+        if let Some(subscription) = subscription {
+            sub_id = Some(subscription.activate(self.handle.clone()));
+        }
         let private = key.private;
         self.channels.insert(
             j.topic,
@@ -626,6 +778,7 @@ impl Conn {
                 broadcast_self: j.req.broadcast_self,
                 broadcast_ack: j.req.broadcast_ack,
                 expires_at: expiry_instant(j.claims.exp),
+                expires: j.expires,
                 token: j.token,
                 claims: j.claims,
                 authorization,
@@ -652,18 +805,17 @@ impl Conn {
                 pending_id,
                 joining,
                 answer,
-                barrier,
+                subscription,
             } => {
-                // Held until the end of this arm: by then the channel has subscribed.
-                let _barrier = barrier;
-                // A leave or a newer join may have superseded this one meanwhile.
+                // A leave or a newer join may have superseded this one meanwhile (then the
+                // subscription, if any, is dropped, which unsubscribes it).
                 if self.pending.get(&joining.topic).map(|p| p.id) != Some(pending_id) {
                     return;
                 }
                 self.pending.remove(&joining.topic);
                 match answer {
                     Ok((a, replay)) if a.broadcast_read || a.presence_read => {
-                        self.finish_join(*joining, Some(a), replay)
+                        self.finish_join(*joining, Some(a), replay, subscription)
                     }
                     Ok(_) => {
                         let reason = unauthorized_reason(&joining.subtopic);
@@ -701,11 +853,13 @@ impl Conn {
                         match ch.sub_id {
                             Some(id) => self.inner.registry.set_reads(&ch.key, id, reads),
                             None => {
-                                ch.sub_id = Some(self.inner.registry.subscribe(
+                                ch.sub_id = Some(self.inner.registry.subscribe_skipping(
                                     ch.key.clone(),
                                     self.vsn,
                                     self.handle.clone(),
                                     reads,
+                                    None,
+                                    ch.expires.clone(),
                                 ))
                             }
                         }
@@ -731,17 +885,23 @@ impl Conn {
     /// worker for them once; the messages go on, in order, when the answer comes.
     fn hold_for_write_check(&mut self, m: Inbound) {
         let generation = self.generation(&m.topic);
+        let max_bytes = self.inner.config().max_held_write_bytes;
         let Some(ch) = self.channels.get_mut(&m.topic) else {
             return;
         };
         match &mut ch.writes {
-            WriteCheck::Running(held) if held.len() < MAX_HELD_WRITES => held.push(m),
-            WriteCheck::Running(_) => {
+            WriteCheck::Running(held, bytes)
+                if held.len() < MAX_HELD_WRITES && *bytes + held_size(&m) <= max_bytes =>
+            {
+                *bytes += held_size(&m);
+                held.push(m);
+            }
+            WriteCheck::Running(..) => {
                 // Not kept, so not silently: an acking sender learns at once, and the log says
                 // which channel is writing faster than its database can authorize.
                 log::info!(
-                    "dropping a write on {}: {MAX_HELD_WRITES} already wait for the channel's write check",
-                    m.topic
+                    "dropping a write on {}: {MAX_HELD_WRITES} messages or {max_bytes} bytes already wait for the channel's write check",
+                    crate::log_excerpt(&m.topic)
                 );
                 if ch.broadcast_ack && m.event == "broadcast" {
                     self.reply_error(&m, TOO_MANY_HELD_WRITES);
@@ -749,7 +909,8 @@ impl Conn {
             }
             WriteCheck::Unchecked => {
                 let topic = m.topic.clone();
-                ch.writes = WriteCheck::Running(vec![m]);
+                let size = held_size(&m);
+                ch.writes = WriteCheck::Running(vec![m], size);
                 let (subtopic, claims) = (ch.key.subtopic.clone(), ch.claims.clone());
                 self.ask_writes(topic, subtopic, claims, generation);
             }
@@ -790,12 +951,19 @@ impl Conn {
         let tx = self.internal_tx.clone();
         let headers = self.headers_json.clone();
         tokio::spawn(async move {
-            let answer = ask(
-                &inner, &subtopic, &claims, &headers, presence, purpose, None,
-            )
-            .await
-            .0
-            .map(|(a, _)| a);
+            let answer = inner
+                .authorize(Ask {
+                    subtopic: &subtopic,
+                    claims: &claims,
+                    headers_json: &headers,
+                    presence,
+                    purpose,
+                    replay: None,
+                    subscribe: None,
+                })
+                .await
+                .0
+                .map(|(a, _)| a);
             let _ = tx.send(reply(answer));
         });
     }
@@ -810,7 +978,7 @@ impl Conn {
         let Some(ch) = self.channels.get_mut(&topic) else {
             return;
         };
-        if !matches!(ch.writes, WriteCheck::Running(_)) {
+        if !matches!(ch.writes, WriteCheck::Running(..)) {
             return;
         }
         if current != generation {
@@ -823,7 +991,7 @@ impl Conn {
             broadcast: a.broadcast_write,
             presence: a.presence_write,
         };
-        let WriteCheck::Running(held) = std::mem::replace(&mut ch.writes, known) else {
+        let WriteCheck::Running(held, _) = std::mem::replace(&mut ch.writes, known) else {
             return;
         };
         for m in held {
@@ -928,6 +1096,7 @@ impl Conn {
             Err(e) => self.shutdown_channel(&m.topic, &e.system_message()),
             Ok(claims) => {
                 ch.expires_at = expiry_instant(claims.exp);
+                ch.expires.store(claims.exp, Ordering::Relaxed);
                 ch.token = token;
                 ch.claims = claims.clone();
                 // The new token's write rights are checked at the next write (a check still
@@ -982,13 +1151,20 @@ impl Conn {
         let Some(ch) = self.channels.get(&m.topic) else {
             return;
         };
-        let parsed: Option<Value> = m
+        // Typed, with the meta kept raw: its size is checked before anything is built from it.
+        #[derive(serde::Deserialize)]
+        struct Push<'a> {
+            #[serde(default)]
+            event: Option<String>,
+            #[serde(borrow, default)]
+            payload: Option<&'a serde_json::value::RawValue>,
+        }
+        let push: Option<Push> = m
             .json_payload()
             .and_then(|raw| serde_json::from_str(raw.get()).ok());
-        let kind = parsed
+        let kind = push
             .as_ref()
-            .and_then(|p| p.get("event"))
-            .and_then(Value::as_str)
+            .and_then(|p| p.event.as_deref())
             .map(str::to_ascii_lowercase);
         if ch.may_track() != Some(true) {
             self.reply(
@@ -1002,20 +1178,43 @@ impl Conn {
         }
         match kind.as_deref() {
             Some("track") => {
-                let meta = match parsed.as_ref().and_then(|p| p.get("payload")) {
-                    Some(Value::Object(o)) => o.clone(),
-                    _ => return self.reply_error(&m, "Presence track payload must be a map"),
-                };
                 let size = m.json_payload().map_or(0, |p| p.get().len());
-                if size > self.inner.config().max_payload_bytes {
+                if size > cfg.max_payload_bytes {
                     return self.shutdown_channel(&m.topic, "Track message size exceeded");
                 }
-                if let Some(diff) =
-                    self.inner
-                        .presence
-                        .track(&ch.key, ch.presence_owner, &ch.presence_key, meta)
-                {
-                    fan_presence_diff(&self.inner, &m.topic, &ch.key, diff);
+                let Some(raw) = push.as_ref().and_then(|p| p.payload) else {
+                    return self.reply_error(&m, "Presence track payload must be a map");
+                };
+                if raw.get().len() > cfg.max_presence_meta_bytes {
+                    let reason = format!(
+                        "Presence meta is too large: at most {} bytes",
+                        cfg.max_presence_meta_bytes
+                    );
+                    return self.reply_error(&m, &reason);
+                }
+                let meta = match serde_json::from_str::<Value>(raw.get()) {
+                    Ok(meta @ Value::Object(_)) => meta,
+                    _ => return self.reply_error(&m, "Presence track payload must be a map"),
+                };
+                // PostgreSQL text and jsonb cannot hold NUL: such a meta would make the worker's
+                // SQL mirror of presence fail for everyone's changes in its batch.
+                if contains_nul(&meta) || ch.presence_key.contains('\0') {
+                    return self.reply_error(&m, PRESENCE_NUL);
+                }
+                let Value::Object(meta) = meta else {
+                    return;
+                };
+                let tracked = self.inner.presence.track(
+                    &ch.key,
+                    ch.presence_owner,
+                    &ch.presence_key,
+                    stored_meta(meta),
+                    PresenceLimits::of(&cfg),
+                );
+                match tracked {
+                    Ok(Some(diff)) => fan_presence_diff(&self.inner, &m.topic, &ch.key, diff),
+                    Ok(None) => {}
+                    Err(e) => return self.reply_error(&m, e.reason()),
                 }
                 self.reply(
                     m.join_ref.as_deref(),
@@ -1071,27 +1270,6 @@ fn reads_of(authorization: Option<Authorization>) -> Reads {
     })
 }
 
-async fn ask(
-    inner: &Inner,
-    subtopic: &str,
-    claims: &Claims,
-    headers_json: &str,
-    presence: bool,
-    purpose: AuthorizationPurpose,
-    replay: Option<ReplayParams>,
-) -> (crate::authz::Answer, crate::authz::SubscribeBarrier) {
-    inner
-        .authorize(Ask {
-            subtopic,
-            claims,
-            headers_json,
-            presence,
-            purpose,
-            replay,
-        })
-        .await
-}
-
 struct Joining {
     topic: String,
     subtopic: String,
@@ -1100,4 +1278,5 @@ struct Joining {
     req: JoinRequest,
     token: String,
     claims: Claims,
+    expires: crate::registry::Expiry,
 }

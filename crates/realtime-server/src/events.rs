@@ -90,36 +90,77 @@ pub struct Authorization {
     pub presence_write: bool,
 }
 
+struct Queued {
+    events: VecDeque<Event>,
+    /// How many of `events` are [`Event::Authorize`].
+    authorizations: usize,
+}
+
 pub(crate) struct EventQueue {
-    queue: Mutex<VecDeque<Event>>,
+    queue: Mutex<Queued>,
     wake: WakeFd,
 }
 
 impl EventQueue {
     pub(crate) fn new(wake: WakeFd) -> Self {
         EventQueue {
-            queue: Mutex::new(VecDeque::new()),
+            queue: Mutex::new(Queued {
+                events: VecDeque::new(),
+                authorizations: 0,
+            }),
             wake,
         }
     }
 
     pub(crate) fn push(&self, event: Event) {
-        self.queue
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push_back(event);
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if matches!(event, Event::Authorize(_)) {
+            q.authorizations += 1;
+        }
+        q.events.push_back(event);
+        drop(q);
         self.wake.signal();
+    }
+
+    /// Queues an authorization request unless `limit` live ones are queued already. Requests
+    /// nobody waits for any more (`live` says no) are dropped from the queue when it holds twice
+    /// `limit` of them, so joins that are left at once cannot grow it while the worker is busy.
+    pub(crate) fn push_authorize(
+        &self,
+        request: AuthorizationRequest,
+        limit: usize,
+        live: impl Fn(u64) -> bool,
+    ) -> bool {
+        let limit = limit.max(1);
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if q.authorizations >= limit.saturating_mul(2) {
+            q.events.retain(|e| match e {
+                Event::Authorize(r) => live(r.id),
+                _ => true,
+            });
+            q.authorizations = q
+                .events
+                .iter()
+                .filter(|e| matches!(e, Event::Authorize(_)))
+                .count();
+            if q.authorizations >= limit {
+                return false;
+            }
+        }
+        q.authorizations += 1;
+        q.events.push_back(Event::Authorize(request));
+        drop(q);
+        self.wake.signal();
+        true
     }
 
     /// Resets the eventfd before draining, so an event pushed concurrently either is drained
     /// now or leaves the fd readable for the next wait.
     pub(crate) fn drain(&self) -> Vec<Event> {
         self.wake.reset();
-        self.queue
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain(..)
-            .collect()
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        q.authorizations = 0;
+        q.events.drain(..).collect()
     }
 
     pub(crate) fn wake_fd(&self) -> std::os::fd::RawFd {

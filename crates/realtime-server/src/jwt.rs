@@ -23,8 +23,13 @@ pub struct Claims {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum JwtError {
     Missing,
-    Expired { seconds_ago: i64 },
+    Expired {
+        seconds_ago: i64,
+    },
     MissingClaims,
+    /// `role` is `none` (any case): `SET ROLE none` means "back to the session user", which in
+    /// the worker is a superuser, so such a token could read and write every private channel.
+    RoleNotAllowed,
     Malformed,
     BadSignature,
     Signer,
@@ -37,6 +42,7 @@ impl JwtError {
             JwtError::Missing => "API key is missing",
             JwtError::Expired { .. } => "Token has expired",
             JwtError::MissingClaims => "Fields `role` and `exp` are required in JWT",
+            JwtError::RoleNotAllowed => "The `role` claim of the JWT is not allowed",
             JwtError::Malformed => "The token provided is not a valid JWT",
             JwtError::BadSignature => "Failed to validate JWT signature",
             JwtError::Signer => {
@@ -56,6 +62,9 @@ impl JwtError {
             }
             JwtError::MissingClaims => {
                 "InvalidJWTToken: Fields `role` and `exp` are required in JWT".to_string()
+            }
+            JwtError::RoleNotAllowed => {
+                "InvalidJWTToken: The `role` claim of the JWT is not allowed".to_string()
             }
             JwtError::BadSignature => {
                 "JwtSignatureError: Failed to validate JWT signature".to_string()
@@ -186,9 +195,15 @@ impl JwtVerifier {
             });
         }
         let role = claims.get("role").and_then(|r| match r {
-            Value::String(s) if !s.is_empty() => Some(s.clone()),
+            Value::String(s) if !s.trim().is_empty() => Some(s.clone()),
             _ => None,
         });
+        if role
+            .as_deref()
+            .is_some_and(|r| r.trim().eq_ignore_ascii_case("none"))
+        {
+            return Err(JwtError::RoleNotAllowed);
+        }
         let (Some(role), Some(exp)) = (role, exp) else {
             return Err(JwtError::MissingClaims);
         };
@@ -297,6 +312,29 @@ pub(crate) mod tests {
                 "InvalidJWTToken: Fields `role` and `exp` are required in JWT"
             );
         }
+    }
+
+    #[test]
+    fn role_none_or_blank_is_refused() {
+        let v = JwtVerifier::new(Some(SECRET), None);
+        for role in ["none", "NONE", " None "] {
+            let e = v
+                .verify(&hs256(json!({"role": role, "exp": NOW + 10})), NOW)
+                .unwrap_err();
+            assert_eq!(e, JwtError::RoleNotAllowed, "{role:?}");
+            assert_eq!(
+                e.join_reason(),
+                "InvalidJWTToken: The `role` claim of the JWT is not allowed"
+            );
+        }
+        let e = v
+            .verify(&hs256(json!({"role": "  ", "exp": NOW + 10})), NOW)
+            .unwrap_err();
+        assert_eq!(e, JwtError::MissingClaims);
+        assert!(
+            v.verify(&hs256(json!({"role": "nonexistent", "exp": NOW + 10})), NOW)
+                .is_ok()
+        );
     }
 
     #[test]

@@ -30,7 +30,6 @@ use std::time::Duration;
 
 use axum::serve::ListenerExt;
 use tokio::net::{TcpListener, TcpSocket};
-use tokio::sync::oneshot;
 use tokio::sync::{mpsc, watch};
 
 pub use config::Config;
@@ -47,7 +46,51 @@ use events::EventQueue;
 use jwt::JwtVerifier;
 use registry::{Kind, Registry, TopicKey};
 
+/// Client strings can be megabytes long; logs get at most this many bytes of one.
+const LOG_EXCERPT_BYTES: usize = 120;
+
+/// `s`, or its first [`LOG_EXCERPT_BYTES`] with a note of the full length, for log lines.
+pub(crate) fn log_excerpt(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.len() <= LOG_EXCERPT_BYTES {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut end = LOG_EXCERPT_BYTES;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!("{}... ({} bytes)", &s[..end], s.len()))
+}
+
 /// A committed database message (`realtime.send`, `realtime.broadcast_changes`, ...).
+#[cfg(test)]
+mod tests {
+    use super::log_excerpt;
+
+    #[test]
+    fn the_publish_budget_bounds_messages_and_bytes() {
+        let b = super::PublishBudget::default();
+        assert!(
+            b.admit(100, 3, 150),
+            "one large message fits an empty queue"
+        );
+        assert!(!b.admit(60, 3, 150));
+        assert!(b.admit(50, 3, 150));
+        assert!(b.admit(0, 3, 150));
+        assert!(!b.admit(0, 3, 150), "three messages at most");
+        b.release(100);
+        assert!(b.admit(90, 3, 150) && !b.admit(1, 3, 150));
+    }
+
+    #[test]
+    fn log_excerpts_are_short_and_cut_at_char_boundaries() {
+        assert_eq!(log_excerpt("short"), "short");
+        let long = "é".repeat(1_000_000);
+        let e = log_excerpt(&long);
+        assert!(e.len() < 200, "{}", e.len());
+        assert!(e.ends_with("... (2000000 bytes)"));
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct DbBroadcast {
     /// Sub-topic, without the `realtime:` prefix.
@@ -91,23 +134,47 @@ impl Inner {
     }
 }
 
-/// What the database dispatch task works through, in the order the worker issued it.
-enum Dispatch {
-    Message(DbBroadcast),
-    /// A join with Broadcast Replay was answered: later messages wait until that channel has
-    /// subscribed (or given up), so that none committed after the replay's snapshot is fanned
-    /// out in between and missed by both.
-    AwaitSubscription(oneshot::Receiver<()>),
+/// How long [`Server::publish`] waits for room in a full publish queue before it drops.
+const PUBLISH_WAIT: Duration = Duration::from_millis(100);
+
+/// What waits between [`Server::publish`] and the dispatch task, in messages and payload
+/// bytes. Only the worker's main thread adds, only the dispatch task removes.
+#[derive(Default)]
+struct PublishBudget {
+    messages: AtomicUsize,
+    bytes: AtomicUsize,
+    /// The queue stayed full for [`PUBLISH_WAIT`]: drop without waiting until it has room.
+    shedding: std::sync::atomic::AtomicBool,
+    dropped: std::sync::atomic::AtomicU64,
 }
 
-/// How long the dispatch waits for a replaying channel to subscribe at most.
-const SUBSCRIBE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+impl PublishBudget {
+    /// Takes room for a message of `size` bytes if there is any. A message larger than the
+    /// byte bound still goes into an empty queue.
+    fn admit(&self, size: usize, max_messages: usize, max_bytes: usize) -> bool {
+        let bytes = self.bytes.load(Ordering::Acquire);
+        if self.messages.load(Ordering::Acquire) >= max_messages.max(1)
+            || (bytes > 0 && bytes.saturating_add(size) > max_bytes)
+        {
+            return false;
+        }
+        self.messages.fetch_add(1, Ordering::AcqRel);
+        self.bytes.fetch_add(size, Ordering::AcqRel);
+        true
+    }
+
+    fn release(&self, size: usize) {
+        self.messages.fetch_sub(1, Ordering::AcqRel);
+        self.bytes.fetch_sub(size, Ordering::AcqRel);
+    }
+}
 
 pub struct Server {
     runtime: Option<tokio::runtime::Runtime>,
     inner: Arc<Inner>,
     shutdown_tx: watch::Sender<bool>,
-    publish_tx: mpsc::UnboundedSender<Dispatch>,
+    publish_tx: mpsc::UnboundedSender<DbBroadcast>,
+    publish_budget: Arc<PublishBudget>,
     local_addrs: Vec<SocketAddr>,
 }
 
@@ -273,13 +340,19 @@ impl Server {
             });
         }
         let (publish_tx, publish_rx) = mpsc::unbounded_channel();
-        runtime.spawn(dispatch_db_messages(publish_rx, inner.clone()));
+        let publish_budget = Arc::new(PublishBudget::default());
+        runtime.spawn(dispatch_db_messages(
+            publish_rx,
+            publish_budget.clone(),
+            inner.clone(),
+        ));
         runtime.spawn(presence_diffs::flush_loop(inner.clone()));
         Ok(Server {
             runtime: Some(runtime),
             inner,
             shutdown_tx,
             publish_tx,
+            publish_budget,
             local_addrs,
         })
     }
@@ -289,17 +362,70 @@ impl Server {
         self.inner.events.wake_fd()
     }
 
-    /// Non-blocking: drains pending events and resets the wake fd.
+    /// Non-blocking: drains pending events and resets the wake fd. Authorization requests
+    /// nobody waits for any more are left out.
     pub fn poll_events(&self) -> Vec<Event> {
-        self.inner.events.drain()
+        let mut events = self.inner.events.drain();
+        events.retain(|e| match e {
+            Event::Authorize(r) => self.inner.authz.is_pending(r.id),
+            _ => true,
+        });
+        events
     }
 
-    /// Non-blocking: fans a committed database message out to the subscribers of
-    /// (private, topic).
-    pub fn publish(&self, msg: DbBroadcast) {
-        if self.publish_tx.send(Dispatch::Message(msg)).is_err() {
-            log::warn!("realtime server is stopped; database message dropped");
+    /// Whether an [`Event::Authorize`] is still waited for; the worker skips those that are
+    /// not (the join was left, the connection closed, the wait timed out).
+    pub fn authorization_pending(&self, id: u64) -> bool {
+        self.inner.authz.is_pending(id)
+    }
+
+    /// Hands a committed database message to the network side, which fans it out to the
+    /// subscribers of (private, topic). Returns false if it was dropped.
+    ///
+    /// The queue in between is bounded (`publish_queue_messages`, `publish_queue_bytes`). The
+    /// network side never waits on a client, so it only fills when the network threads cannot
+    /// keep up at all. Then this waits up to 100 ms for room and, failing that, drops the
+    /// message (with a warning and [`Server::dropped_messages`]), and keeps dropping without
+    /// waiting until there is room again: the caller is the worker's main thread, which must
+    /// go on draining the commit queue, or every sending transaction would fail.
+    pub fn publish(&self, msg: DbBroadcast) -> bool {
+        let cfg = self.inner.config();
+        let (max_messages, max_bytes) = (cfg.publish_queue_messages, cfg.publish_queue_bytes);
+        let size = msg.payload.len();
+        let budget = &self.publish_budget;
+        if !budget.admit(size, max_messages, max_bytes) {
+            let deadline = std::time::Instant::now() + PUBLISH_WAIT;
+            let mut admitted = false;
+            while !budget.shedding.load(Ordering::Relaxed) && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+                if budget.admit(size, max_messages, max_bytes) {
+                    admitted = true;
+                    break;
+                }
+            }
+            if !admitted {
+                if !budget.shedding.swap(true, Ordering::Relaxed) {
+                    log::warn!(
+                        "realtime: the network side is not keeping up with database messages; \
+                         dropping them until it does"
+                    );
+                }
+                budget.dropped.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
         }
+        budget.shedding.store(false, Ordering::Relaxed);
+        if self.publish_tx.send(msg).is_err() {
+            budget.release(size);
+            log::warn!("realtime server is stopped; database message dropped");
+            return false;
+        }
+        true
+    }
+
+    /// Database messages [`Server::publish`] dropped because the network side fell behind.
+    pub fn dropped_messages(&self) -> u64 {
+        self.publish_budget.dropped.load(Ordering::Relaxed)
     }
 
     /// Applies reloadable settings: JWT secret/JWKS, limits, delays, private_only,
@@ -317,21 +443,36 @@ impl Server {
     /// first; they are sent after the join reply with `meta.replayed`.
     ///
     /// Call it on the thread that publishes, before publishing anything committed after the
-    /// replay's snapshot: a replaying join then receives those live.
+    /// replay's snapshot: a replaying join that may read is subscribed here, before its
+    /// connection has even seen the answer, and what is published from now on waits for it
+    /// (in a queue of its own) behind the replayed messages. Nothing else waits for that
+    /// connection.
     pub fn complete_authorization(
         &self,
         id: u64,
         result: Result<Authorization, String>,
         replay: Vec<Replayed>,
     ) -> bool {
-        let barrier = (result.is_ok() && self.inner.authz.wants_replay(id)).then(|| {
-            let (subscribed, wait) = oneshot::channel();
-            let _ = self.publish_tx.send(Dispatch::AwaitSubscription(wait));
-            subscribed
-        });
-        self.inner
+        let inner = &self.inner;
+        inner
             .authz
-            .complete(id, result.map(|a| (a, replay)), barrier)
+            .complete(id, result.map(|a| (a, replay)), |pre, a, replay| {
+                let replayed = (!replay.is_empty())
+                    .then(|| Arc::new(replay.iter().map(|r| r.id.clone()).collect()));
+                let reads = registry::Reads {
+                    broadcast: a.broadcast_read,
+                    presence: a.presence_read,
+                };
+                let (sub, staged) = inner.registry.subscribe_buffered(
+                    pre.key.clone(),
+                    pre.vsn,
+                    reads,
+                    replayed,
+                    pre.expires.clone(),
+                    (pre.queue_frames, pre.queue_bytes),
+                );
+                registry::PendingSubscription::new(inner.clone(), pre.key.clone(), sub, staged)
+            })
     }
 
     /// Sets the members tracked from SQL (`realtime.track`) on one topic to exactly `members`
@@ -344,7 +485,7 @@ impl Server {
                     Ok(serde_json::Value::Object(m)) => m,
                     _ => serde_json::Map::new(),
                 };
-                (key, meta)
+                (key, presence::stored_meta(meta))
             })
             .collect();
         let key = TopicKey {
@@ -400,16 +541,13 @@ impl Drop for Server {
     }
 }
 
-async fn dispatch_db_messages(mut rx: mpsc::UnboundedReceiver<Dispatch>, inner: Arc<Inner>) {
-    while let Some(item) = rx.recv().await {
-        let msg = match item {
-            Dispatch::Message(msg) => msg,
-            Dispatch::AwaitSubscription(subscribed) => {
-                // Released when the channel subscribed, or dropped when it will not.
-                let _ = tokio::time::timeout(SUBSCRIBE_WAIT, subscribed).await;
-                continue;
-            }
-        };
+async fn dispatch_db_messages(
+    mut rx: mpsc::UnboundedReceiver<DbBroadcast>,
+    budget: Arc<PublishBudget>,
+    inner: Arc<Inner>,
+) {
+    while let Some(msg) = rx.recv().await {
+        budget.release(msg.payload.len());
         if msg.payload.len() > inner.config().max_payload_bytes {
             log::warn!(
                 "realtime: database message {} on {} exceeds the payload limit; not delivered",

@@ -2,11 +2,11 @@
 //! namespaces, as in Supabase.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::broadcast::Outgoing;
-use crate::outbound::ConnHandle;
+use crate::outbound::{ConnHandle, Outbound};
 use crate::protocol::Vsn;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -36,8 +36,19 @@ pub(crate) enum Kind {
     Presence,
 }
 
+/// When a subscriber's token expires (its `exp`, unix seconds); shared with its channel, which
+/// moves it on a token refresh.
+pub(crate) type Expiry = Arc<AtomicI64>;
+
+pub(crate) fn expiry(exp: i64) -> Expiry {
+    Arc::new(AtomicI64::new(exp))
+}
+
 struct Subscriber {
     vsn: Vsn,
+    /// Fan-out skips a subscriber whose token has expired, even before its connection gets to
+    /// close the channel (it may be busy, or stuck writing).
+    expires: Expiry,
     conn: Arc<ConnHandle>,
     reads: Reads,
     /// Ids of database messages this subscriber already got by Broadcast Replay.
@@ -51,6 +62,7 @@ pub(crate) struct Registry {
 }
 
 impl Registry {
+    #[cfg(test)]
     pub(crate) fn subscribe(
         &self,
         key: TopicKey,
@@ -58,10 +70,11 @@ impl Registry {
         conn: Arc<ConnHandle>,
         reads: Reads,
     ) -> u64 {
-        self.subscribe_skipping(key, vsn, conn, reads, None)
+        self.subscribe_skipping(key, vsn, conn, reads, None, expiry(i64::MAX))
     }
 
-    /// Like [`Registry::subscribe`]; database messages whose id is in `replayed` are skipped.
+    /// Subscribes until the token expires at `expires`; database messages whose id is in
+    /// `replayed` are skipped.
     pub(crate) fn subscribe_skipping(
         &self,
         key: TopicKey,
@@ -69,6 +82,7 @@ impl Registry {
         conn: Arc<ConnHandle>,
         reads: Reads,
         replayed: Option<Arc<HashSet<String>>>,
+        expires: Expiry,
     ) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
@@ -76,12 +90,52 @@ impl Registry {
             id,
             Subscriber {
                 vsn,
+                expires,
                 conn,
                 reads,
                 replayed,
             },
         );
         id
+    }
+
+    /// Subscribes a channel whose connection has not taken it over yet: messages wait in a
+    /// queue of their own (bounded like the connection's) until [`Registry::activate`].
+    pub(crate) fn subscribe_buffered(
+        &self,
+        key: TopicKey,
+        vsn: Vsn,
+        reads: Reads,
+        replayed: Option<Arc<HashSet<String>>>,
+        expires: Expiry,
+        (queue_frames, queue_bytes): (usize, usize),
+    ) -> (u64, Outbound) {
+        let (staging, rx) = ConnHandle::new(queue_frames, queue_bytes);
+        let id = self.subscribe_skipping(key, vsn, Arc::new(staging), reads, replayed, expires);
+        (id, rx)
+    }
+
+    /// Hands a buffered subscription over to its connection: what waited goes first, in order,
+    /// and nothing published meanwhile can overtake it (fan-out holds the read lock).
+    pub(crate) fn activate(
+        &self,
+        key: &TopicKey,
+        id: u64,
+        mut staged: Outbound,
+        conn: Arc<ConnHandle>,
+    ) {
+        let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
+        let Some(sub) = topics.get_mut(key).and_then(|subs| subs.get_mut(&id)) else {
+            return;
+        };
+        while let Some(frame) = staged.try_recv() {
+            conn.push(frame);
+        }
+        if sub.conn.is_slow() {
+            // Messages were lost while waiting: the client cannot see a complete stream.
+            conn.mark_slow();
+        }
+        sub.conn = conn;
     }
 
     /// New read rights after a token refresh.
@@ -116,7 +170,11 @@ impl Registry {
             return 0;
         };
         let mut delivered = 0;
+        let now = crate::jwt::unix_now();
         for (id, sub) in subs {
+            if sub.expires.load(Ordering::Relaxed) <= now {
+                continue;
+            }
             let may_read = match kind {
                 Kind::Broadcast => sub.reads.broadcast,
                 Kind::Presence => sub.reads.presence,
@@ -142,6 +200,44 @@ impl Registry {
     pub(crate) fn subscriber_count(&self, key: &TopicKey) -> usize {
         let topics = self.topics.read().unwrap_or_else(|p| p.into_inner());
         topics.get(key).map_or(0, HashMap::len)
+    }
+}
+
+/// A buffered subscription made for a join before its connection has seen the answer;
+/// unsubscribed when dropped unless [`PendingSubscription::activate`]d.
+pub(crate) struct PendingSubscription {
+    inner: Arc<crate::Inner>,
+    key: TopicKey,
+    id: u64,
+    staged: Option<Outbound>,
+}
+
+impl PendingSubscription {
+    pub(crate) fn new(inner: Arc<crate::Inner>, key: TopicKey, id: u64, staged: Outbound) -> Self {
+        PendingSubscription {
+            inner,
+            key,
+            id,
+            staged: Some(staged),
+        }
+    }
+
+    /// Delivers to `conn` from now on; returns the subscription id.
+    pub(crate) fn activate(mut self, conn: Arc<ConnHandle>) -> u64 {
+        if let Some(staged) = self.staged.take() {
+            self.inner
+                .registry
+                .activate(&self.key, self.id, staged, conn);
+        }
+        self.id
+    }
+}
+
+impl Drop for PendingSubscription {
+    fn drop(&mut self) {
+        if self.staged.is_some() {
+            self.inner.registry.unsubscribe(&self.key, self.id);
+        }
     }
 }
 
@@ -173,9 +269,9 @@ mod tests {
     #[tokio::test]
     async fn fanout_respects_namespace_exclusion_and_format() {
         let r = Registry::default();
-        let (a, mut ra) = ConnHandle::new(8);
-        let (b, mut rb) = ConnHandle::new(8);
-        let (c, mut rc) = ConnHandle::new(8);
+        let (a, mut ra) = ConnHandle::new(8, 1 << 20);
+        let (b, mut rb) = ConnHandle::new(8, 1 << 20);
+        let (c, mut rc) = ConnHandle::new(8, 1 << 20);
         let (a, b, c) = (Arc::new(a), Arc::new(b), Arc::new(c));
         let ida = r.subscribe(key(false, "room"), Vsn::V2, a, Reads::ALL);
         let _idb = r.subscribe(key(false, "room"), Vsn::V1, b, Reads::ALL);
@@ -186,24 +282,24 @@ mod tests {
             r.fanout(&key(false, "room"), &json, Some(ida), Kind::Broadcast),
             1
         );
-        assert!(ra.try_recv().is_err(), "sender excluded");
-        assert!(matches!(rb.try_recv(), Ok(Frame::Text(_))));
-        assert!(rc.try_recv().is_err(), "private namespace untouched");
+        assert!(ra.try_recv().is_none(), "sender excluded");
+        assert!(matches!(rb.try_recv(), Some(Frame::Text(_))));
+        assert!(rc.try_recv().is_none(), "private namespace untouched");
 
         let bin = msg(Payload::Binary(Bytes::from_static(b"\x01")));
         assert_eq!(
             r.fanout(&key(false, "room"), &bin, None, Kind::Broadcast),
             1
         );
-        assert!(matches!(ra.try_recv(), Ok(Frame::Binary(_))));
-        assert!(rb.try_recv().is_err(), "V1 never receives binary");
+        assert!(matches!(ra.try_recv(), Some(Frame::Binary(_))));
+        assert!(rb.try_recv().is_none(), "V1 never receives binary");
     }
 
     #[tokio::test]
     async fn fanout_respects_read_rights() {
         let r = Registry::default();
-        let (p, mut rp) = ConnHandle::new(8);
-        let (b, mut rb) = ConnHandle::new(8);
+        let (p, mut rp) = ConnHandle::new(8, 1 << 20);
+        let (b, mut rb) = ConnHandle::new(8, 1 << 20);
         let presence_only = Reads {
             broadcast: false,
             presence: true,
@@ -212,17 +308,61 @@ mod tests {
         r.subscribe(key(true, "room"), Vsn::V2, Arc::new(b), Reads::ALL);
         let m = msg(Payload::Json(Bytes::from_static(b"{}")));
         assert_eq!(r.fanout(&key(true, "room"), &m, None, Kind::Broadcast), 1);
-        assert!(rp.try_recv().is_err(), "no broadcast read");
-        assert!(rb.try_recv().is_ok());
+        assert!(rp.try_recv().is_none(), "no broadcast read");
+        assert!(rb.try_recv().is_some());
         assert_eq!(r.fanout(&key(true, "room"), &m, None, Kind::Presence), 2);
         r.set_reads(&key(true, "room"), idp, Reads::ALL);
         assert_eq!(r.fanout(&key(true, "room"), &m, None, Kind::Broadcast), 2);
     }
 
+    #[tokio::test]
+    async fn buffered_subscriptions_keep_order_when_activated() {
+        let r = Registry::default();
+        let (id, staged) = r.subscribe_buffered(
+            key(false, "b"),
+            Vsn::V2,
+            Reads::ALL,
+            None,
+            expiry(i64::MAX),
+            (8, 1 << 20),
+        );
+        let m = msg(Payload::Json("1".into()));
+        assert_eq!(r.fanout(&key(false, "b"), &m, None, Kind::Broadcast), 1);
+        let (conn, mut rx) = ConnHandle::new(8, 1 << 20);
+        let conn = Arc::new(conn);
+        assert!(conn.push(Frame::Text("reply".into())));
+        r.activate(&key(false, "b"), id, staged, conn);
+        assert_eq!(r.fanout(&key(false, "b"), &m, None, Kind::Broadcast), 1);
+        assert!(matches!(rx.try_recv(), Some(Frame::Text(t)) if t.as_str() == "reply"));
+        assert!(matches!(rx.try_recv(), Some(Frame::Binary(_))));
+        assert!(matches!(rx.try_recv(), Some(Frame::Binary(_))));
+        assert!(rx.try_recv().is_none());
+    }
+
+    #[tokio::test]
+    async fn fanout_skips_expired_subscribers() {
+        let r = Registry::default();
+        let (a, mut ra) = ConnHandle::new(8, 1 << 20);
+        let exp = expiry(crate::jwt::unix_now() + 100);
+        r.subscribe_skipping(
+            key(false, "e"),
+            Vsn::V2,
+            Arc::new(a),
+            Reads::ALL,
+            None,
+            exp.clone(),
+        );
+        let m = msg(Payload::Json("1".into()));
+        assert_eq!(r.fanout(&key(false, "e"), &m, None, Kind::Broadcast), 1);
+        exp.store(crate::jwt::unix_now(), Ordering::Relaxed);
+        assert_eq!(r.fanout(&key(false, "e"), &m, None, Kind::Broadcast), 0);
+        assert!(ra.try_recv().is_some() && ra.try_recv().is_none());
+    }
+
     #[test]
     fn unsubscribe_removes_empty_topics() {
         let r = Registry::default();
-        let (a, _ra) = ConnHandle::new(1);
+        let (a, _ra) = ConnHandle::new(1, 1 << 20);
         let id = r.subscribe(key(false, "x"), Vsn::V1, Arc::new(a), Reads::ALL);
         assert_eq!(r.subscriber_count(&key(false, "x")), 1);
         r.unsubscribe(&key(false, "x"), id);
@@ -242,8 +382,8 @@ mod tests {
     #[tokio::test]
     async fn full_queue_marks_slow_consumer_without_blocking_others() {
         let r = Registry::default();
-        let (slow, _rs) = ConnHandle::new(1);
-        let (fast, mut rf) = ConnHandle::new(8);
+        let (slow, _rs) = ConnHandle::new(1, 1 << 20);
+        let (fast, mut rf) = ConnHandle::new(8, 1 << 20);
         let slow = Arc::new(slow);
         r.subscribe(key(false, "x"), Vsn::V2, slow.clone(), Reads::ALL);
         r.subscribe(key(false, "x"), Vsn::V2, Arc::new(fast), Reads::ALL);
@@ -251,6 +391,6 @@ mod tests {
         assert_eq!(r.fanout(&key(false, "x"), &m, None, Kind::Broadcast), 2);
         assert_eq!(r.fanout(&key(false, "x"), &m, None, Kind::Broadcast), 1);
         slow.overflowed().await;
-        assert!(rf.try_recv().is_ok() && rf.try_recv().is_ok());
+        assert!(rf.try_recv().is_some() && rf.try_recv().is_some());
     }
 }

@@ -7,12 +7,14 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
 use crate::Inner;
 use crate::authz::Ask;
 use crate::broadcast::{Body, Outgoing, id_meta};
+use crate::connection::MAX_SUBTOPIC_BYTES;
 use crate::events::AuthorizationPurpose;
 use crate::http::json_response;
 use crate::jwt::{Claims, unix_now};
@@ -71,6 +73,7 @@ async fn may_write(inner: &Inner, subtopic: &str, claims: &Claims, headers_json:
             presence: false,
             purpose: AuthorizationPurpose::Write,
             replay: None,
+            subscribe: None,
         })
         .await
         .0
@@ -86,66 +89,104 @@ struct BatchMessage {
     id: Option<String>,
 }
 
-fn validate(m: &Value, max_payload: usize) -> Result<BatchMessage, Map<String, Value>> {
+/// One element of `messages`, its fields kept as raw JSON so each is judged on its own (and
+/// nothing is built for the parts of a body that are never used).
+#[derive(Deserialize)]
+struct RawMessage<'a> {
+    #[serde(borrow, default)]
+    topic: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    event: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    payload: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    private: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    id: Option<&'a RawValue>,
+}
+
+/// After this many invalid messages the rest are not looked at: the answer stays small.
+const MAX_REPORTED_ERRORS: usize = 10;
+
+fn validate(m: &RawValue, max_payload: usize) -> Result<BatchMessage, Map<String, Value>> {
     let mut errors = Map::new();
     let blank = || json!(["can't be blank"]);
-    let Some(obj) = m.as_object() else {
-        errors.insert("message".into(), json!(["is invalid"]));
+    let invalid = || json!(["is invalid"]);
+    let Ok(fields) = serde_json::from_str::<RawMessage>(m.get()) else {
+        errors.insert("message".into(), invalid());
         return Err(errors);
     };
-    let string_field = |name: &str, errors: &mut Map<String, Value>| match obj.get(name) {
-        Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
-        None | Some(Value::Null) => {
-            errors.insert(name.into(), blank());
-            None
-        }
-        Some(Value::String(_)) => {
-            errors.insert(name.into(), blank());
-            None
-        }
-        Some(_) => {
-            errors.insert(name.into(), json!(["is invalid"]));
-            None
+    let string_field = |name: &str, raw: Option<&RawValue>, errors: &mut Map<String, Value>| {
+        let raw = raw?;
+        match serde_json::from_str::<String>(raw.get()) {
+            Ok(s) if !s.is_empty() => Some(s),
+            Ok(_) => {
+                errors.insert(name.into(), blank());
+                None
+            }
+            Err(_) => {
+                errors.insert(name.into(), invalid());
+                None
+            }
         }
     };
-    let topic = string_field("topic", &mut errors);
-    let event = string_field("event", &mut errors);
-    let payload = match obj.get("payload") {
-        Some(p @ Value::Object(_)) => {
-            let text = p.to_string();
-            if text.len() > max_payload {
+    let required = |name: &str, raw: Option<&RawValue>, errors: &mut Map<String, Value>| {
+        if raw.is_none() {
+            errors.insert(name.into(), blank());
+        }
+        string_field(name, raw, errors)
+    };
+    let mut topic = required("topic", fields.topic, &mut errors);
+    if topic.as_ref().is_some_and(|t| t.len() > MAX_SUBTOPIC_BYTES) {
+        errors.insert(
+            "topic".into(),
+            json!([format!("should be at most {MAX_SUBTOPIC_BYTES} byte(s)")]),
+        );
+        topic = None;
+    }
+    let event = required("event", fields.event, &mut errors);
+    let payload = match fields.payload {
+        Some(p) if p.get().starts_with('{') => {
+            if p.get().len() > max_payload {
                 errors.insert("payload".into(), json!([TOO_LARGE]));
                 None
             } else {
-                Some(text)
+                Some(p.get().to_string())
             }
         }
-        None | Some(Value::Null) => {
+        None => {
             errors.insert("payload".into(), blank());
             None
         }
         Some(_) => {
-            errors.insert("payload".into(), json!(["is invalid"]));
+            errors.insert("payload".into(), invalid());
             None
         }
     };
-    let private = match obj.get("private") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(Value::String(s)) if s.eq_ignore_ascii_case("true") => true,
-        Some(Value::String(s)) if s.eq_ignore_ascii_case("false") => false,
-        Some(_) => {
-            errors.insert("private".into(), json!(["is invalid"]));
-            false
-        }
+    let private = match fields.private {
+        None => false,
+        Some(raw) => match (
+            serde_json::from_str::<bool>(raw.get()),
+            serde_json::from_str::<String>(raw.get()),
+        ) {
+            (Ok(b), _) => b,
+            (_, Ok(s)) if s.eq_ignore_ascii_case("true") => true,
+            (_, Ok(s)) if s.eq_ignore_ascii_case("false") => false,
+            _ => {
+                errors.insert("private".into(), invalid());
+                false
+            }
+        },
     };
-    let id = match obj.get("id") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s.clone()),
-        Some(_) => {
-            errors.insert("id".into(), json!(["is invalid"]));
-            None
-        }
+    let id = match fields.id {
+        None => None,
+        Some(raw) => match serde_json::from_str::<String>(raw.get()) {
+            Ok(s) => Some(s),
+            Err(_) => {
+                errors.insert("id".into(), invalid());
+                None
+            }
+        },
     };
     match (topic, event, payload) {
         (Some(topic), Some(event), Some(payload)) if errors.is_empty() => Ok(BatchMessage {
@@ -159,6 +200,90 @@ fn validate(m: &Value, max_payload: usize) -> Result<BatchMessage, Map<String, V
     }
 }
 
+/// What the body's `messages` turned out to be.
+enum Messages<'a> {
+    List(Vec<&'a RawValue>),
+    /// Absent, or not an array (or the body is not an object).
+    Missing,
+    /// More than the configured maximum: parsing stopped there.
+    TooMany,
+}
+
+/// Reads a batch body without building a tree of it: `messages` becomes a list of raw
+/// elements, at most `max` of them, and every other key is skipped.
+fn parse_batch(body: &[u8], max: usize) -> Messages<'_> {
+    use serde::de::{DeserializeSeed, Error, IgnoredAny, MapAccess, SeqAccess, Visitor};
+    use std::cell::Cell;
+
+    struct List<'c> {
+        max: usize,
+        too_many: &'c Cell<bool>,
+    }
+    impl<'de> Visitor<'de> for List<'_> {
+        type Value = Vec<&'de RawValue>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an array")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(m) = seq.next_element::<&'de RawValue>()? {
+                if out.len() == self.max {
+                    self.too_many.set(true);
+                    return Err(A::Error::custom("too many messages"));
+                }
+                out.push(m);
+            }
+            Ok(out)
+        }
+    }
+    impl<'de> DeserializeSeed<'de> for List<'_> {
+        type Value = Vec<&'de RawValue>;
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_seq(self)
+        }
+    }
+    struct Body<'c> {
+        max: usize,
+        too_many: &'c Cell<bool>,
+    }
+    impl<'de> Visitor<'de> for Body<'_> {
+        type Value = Option<Vec<&'de RawValue>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut messages = None;
+            while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                if key == "messages" {
+                    messages = Some(map.next_value_seed(List {
+                        max: self.max,
+                        too_many: self.too_many,
+                    })?);
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(messages)
+        }
+    }
+
+    let too_many = Cell::new(false);
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let parsed = serde::Deserializer::deserialize_map(
+        &mut de,
+        Body {
+            max,
+            too_many: &too_many,
+        },
+    )
+    .and_then(|m| de.end().map(|()| m));
+    match parsed {
+        _ if too_many.get() => Messages::TooMany,
+        Ok(Some(list)) => Messages::List(list),
+        _ => Messages::Missing,
+    }
+}
+
 pub(crate) async fn batch(
     State(inner): State<Arc<Inner>>,
     Query(query): Query<HashMap<String, String>>,
@@ -168,17 +293,21 @@ pub(crate) async fn batch(
     let Some(claims) = authenticate(&inner, &headers, &query) else {
         return unauthorized(StatusCode::UNAUTHORIZED);
     };
-    let messages = match serde_json::from_slice::<Value>(&body) {
-        Ok(Value::Object(mut o)) => match o.remove("messages") {
-            Some(Value::Array(list)) => list,
-            _ => return validation_error(json!({"messages": ["can't be blank"]})),
-        },
-        _ => return validation_error(json!({"messages": ["can't be blank"]})),
+    let cfg = inner.config();
+    let max_messages = cfg.max_batch_messages.max(1);
+    let messages = match parse_batch(&body, max_messages) {
+        Messages::List(list) => list,
+        Messages::Missing => return validation_error(json!({"messages": ["can't be blank"]})),
+        Messages::TooMany => {
+            return validation_error(
+                json!({"messages": [format!("should have at most {max_messages} item(s)")]}),
+            );
+        }
     };
-    let max_payload = inner.config().max_payload_bytes;
+    let max_payload = cfg.max_payload_bytes;
     let mut valid = Vec::with_capacity(messages.len());
-    let mut per_message = Vec::with_capacity(messages.len());
-    let mut failed = false;
+    let mut per_message = Vec::new();
+    let mut failures = 0;
     for m in &messages {
         match validate(m, max_payload) {
             Ok(v) => {
@@ -186,12 +315,15 @@ pub(crate) async fn batch(
                 per_message.push(json!({}));
             }
             Err(e) => {
-                failed = true;
+                failures += 1;
                 per_message.push(Value::Object(e));
+                if failures == MAX_REPORTED_ERRORS {
+                    break;
+                }
             }
         }
     }
-    if failed {
+    if failures > 0 {
         return validation_error(json!({"messages": per_message}));
     }
     let headers_json = all_headers_json(&headers);
@@ -276,6 +408,11 @@ pub(crate) async fn single(
     if topic.is_empty() || event.is_empty() {
         return validation_error(json!({"topic": ["can't be blank"]}));
     }
+    if topic.len() > MAX_SUBTOPIC_BYTES {
+        return validation_error(
+            json!({"topic": [format!("should be at most {MAX_SUBTOPIC_BYTES} byte(s)")]}),
+        );
+    }
     if payload.len() > inner.config().max_payload_bytes {
         return validation_error(json!({"payload": [TOO_LARGE]}));
     }
@@ -305,24 +442,63 @@ pub(crate) async fn single(
 mod tests {
     use super::*;
 
+    fn check(v: Value, max: usize) -> Result<BatchMessage, Map<String, Value>> {
+        validate(&RawValue::from_string(v.to_string()).unwrap(), max)
+    }
+
     #[test]
     fn validation_messages() {
-        let ok = validate(
-            &json!({"topic":"t","event":"e","payload":{"a":1},"private":"true","id":"x"}),
+        let ok = check(
+            json!({"topic":"t","event":"e","payload":{"a":1},"private":"true","id":"x"}),
             100,
         )
         .unwrap();
         assert!(ok.private);
         assert_eq!(ok.id.as_deref(), Some("x"));
-        let e = validate(&json!({"event":"","payload":[1]}), 100).unwrap_err();
+        assert_eq!(ok.payload, r#"{"a":1}"#);
+        let e = check(json!({"event":"","payload":[1]}), 100).unwrap_err();
         assert_eq!(e["topic"], json!(["can't be blank"]));
         assert_eq!(e["event"], json!(["can't be blank"]));
         assert_eq!(e["payload"], json!(["is invalid"]));
-        let e = validate(
-            &json!({"topic":"t","event":"e","payload":{"a":"0123456789"}}),
+        let e = check(
+            json!({"topic":"t","event":"e","payload":{"a":"0123456789"}}),
             10,
         )
         .unwrap_err();
         assert_eq!(e["payload"], json!([TOO_LARGE]));
+        let e = check(
+            json!({"topic":null,"event":5,"payload":null,"private":[]}),
+            10,
+        )
+        .unwrap_err();
+        assert_eq!(e["topic"], json!(["can't be blank"]));
+        assert_eq!(e["event"], json!(["is invalid"]));
+        assert_eq!(e["payload"], json!(["can't be blank"]));
+        assert_eq!(e["private"], json!(["is invalid"]));
+        assert_eq!(
+            check(json!(1), 10).unwrap_err()["message"],
+            json!(["is invalid"])
+        );
+    }
+
+    #[test]
+    fn batch_bodies_are_read_with_a_bound() {
+        assert!(matches!(
+            parse_batch(br#"{"x":[1,{"a":2}],"messages":[1,{}]}"#, 2),
+            Messages::List(l) if l.len() == 2
+        ));
+        assert!(matches!(
+            parse_batch(br#"{"messages":[1,2,3]}"#, 2),
+            Messages::TooMany
+        ));
+        for bad in [
+            &b"[]"[..],
+            b"{}",
+            br#"{"messages":{}}"#,
+            b"{",
+            br#"{"messages":[]} x"#,
+        ] {
+            assert!(matches!(parse_batch(bad, 2), Messages::Missing));
+        }
     }
 }

@@ -214,3 +214,31 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
         b = &b[end + 2 + len + 2..];
     }
 }
+
+/// Connects with a tiny receive buffer: once this client stops reading, the server's writes to
+/// it get stuck after a few kilobytes plus the server's own send buffer.
+pub async fn connect_small_rcvbuf(addr: SocketAddr, vsn: &str) -> Ws {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(addr).await.unwrap();
+    let url = format!(
+        "ws://{addr}/realtime/v1/websocket?apikey={}&vsn={vsn}",
+        token()
+    );
+    tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream))
+        .await
+        .expect("connects")
+        .0
+}
+
+/// Until `cond` holds, polling every 10 ms; panics after [`WAIT`].
+pub async fn eventually(mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition never held"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
