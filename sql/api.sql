@@ -182,7 +182,8 @@ COMMENT ON FUNCTION realtime.setup_api_roles() IS
     'Creates the roles anon, authenticated and service_role (BYPASSRLS) where missing and grants them USAGE on '
     'schema realtime and SELECT, INSERT, UPDATE on realtime.messages, as Supabase does. RLS policies still decide.';
 COMMENT ON FUNCTION realtime.stats() IS
-    'Counters since the cluster started (failed sends, queued, delivered, discarded) and the commit queue''s fill.';
+    'Counters since the cluster started (failed sends, queued, delivered, discarded: aborted, dropped: the socket '
+    'server could not keep up) and the commit queue''s fill.';
 COMMENT ON FUNCTION realtime._authorize_writes(text, text, text, text, text, text[]) IS
     'Internal: the RLS write checks of a private channel, run by the worker at its first write in a transaction it rolls back.';
 COMMENT ON FUNCTION realtime.queue_broadcast_row() IS

@@ -82,6 +82,30 @@ pub static PRIVATE_ONLY: GucSetting<bool> = GucSetting::<bool>::new(false);
 /// Threads of the network runtime.
 pub static WORKER_THREADS: GucSetting<i32> = GucSetting::<i32>::new(2);
 
+/// Bytes that may wait for one connection before it is disconnected as too slow, in kB.
+pub static OUTBOUND_QUEUE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(16 * 1024);
+
+/// Joins one connection may make per second once its burst is spent; 0 turns the limit off.
+pub static JOINS_PER_SECOND: GucSetting<i32> = GucSetting::<i32>::new(20);
+
+/// Joins one connection may make at once.
+pub static JOIN_BURST: GucSetting<i32> = GucSetting::<i32>::new(50);
+
+/// Private joins of one connection that may wait for their RLS check at once.
+pub static MAX_PENDING_JOINS: GucSetting<i32> = GucSetting::<i32>::new(16);
+
+/// Largest presence meta a client may track, in kB.
+pub static MAX_PRESENCE_META_SIZE: GucSetting<i32> = GucSetting::<i32>::new(32);
+
+/// Presence keys one topic may hold.
+pub static MAX_PRESENCE_KEYS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+
+/// Bytes of presence (keys and metas) one topic may hold, in kB.
+pub static MAX_PRESENCE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(8 * 1024);
+
+/// Messages one REST batch may carry.
+pub static MAX_BATCH_MESSAGES: GucSetting<i32> = GucSetting::<i32>::new(1000);
+
 /// What `realtime.send` does when the insert fails.
 pub static SEND_ERRORS: GucSetting<SendErrors> = GucSetting::<SendErrors>::new(SendErrors::Warning);
 
@@ -318,6 +342,86 @@ pub fn init() {
         GucContext::Postmaster,
         none,
     );
+    GucRegistry::define_int_guc(
+        c"realtime.outbound_queue_size",
+        c"Bytes that may wait for one connection before it is disconnected as too slow.",
+        c"Bounds each connection's outbound queue in bytes, as realtime.outbound_queue bounds it in frames.",
+        &OUTBOUND_QUEUE_SIZE,
+        64,
+        1024 * 1024,
+        GucContext::Sighup,
+        GucFlags::UNIT_KB,
+    );
+    GucRegistry::define_int_guc(
+        c"realtime.joins_per_second",
+        c"Joins one connection may make per second once its burst is spent; 0 means no limit.",
+        c"Past it a join is refused with ClientJoinRateLimitReached.",
+        &JOINS_PER_SECOND,
+        0,
+        1_000_000,
+        GucContext::Sighup,
+        none,
+    );
+    GucRegistry::define_int_guc(
+        c"realtime.join_burst",
+        c"Joins one connection may make at once before realtime.joins_per_second applies.",
+        c"",
+        &JOIN_BURST,
+        1,
+        1_000_000,
+        GucContext::Sighup,
+        none,
+    );
+    GucRegistry::define_int_guc(
+        c"realtime.max_pending_joins",
+        c"Private joins of one connection that may wait for their RLS check at once.",
+        c"",
+        &MAX_PENDING_JOINS,
+        1,
+        100_000,
+        GucContext::Sighup,
+        none,
+    );
+    GucRegistry::define_int_guc(
+        c"realtime.max_presence_meta_size",
+        c"Largest presence meta a client may track.",
+        c"",
+        &MAX_PRESENCE_META_SIZE,
+        1,
+        1024 * 1024,
+        GucContext::Sighup,
+        GucFlags::UNIT_KB,
+    );
+    GucRegistry::define_int_guc(
+        c"realtime.max_presence_keys",
+        c"Presence keys one topic may hold.",
+        c"",
+        &MAX_PRESENCE_KEYS,
+        1,
+        10_000_000,
+        GucContext::Sighup,
+        none,
+    );
+    GucRegistry::define_int_guc(
+        c"realtime.max_presence_size",
+        c"Bytes of presence (keys and metas) one topic may hold.",
+        c"Also bounds the presence_state a joining client receives.",
+        &MAX_PRESENCE_SIZE,
+        64,
+        1024 * 1024,
+        GucContext::Sighup,
+        GucFlags::UNIT_KB,
+    );
+    GucRegistry::define_int_guc(
+        c"realtime.max_batch_messages",
+        c"Messages one REST batch (POST /realtime/v1/api/broadcast) may carry.",
+        c"",
+        &MAX_BATCH_MESSAGES,
+        1,
+        1_000_000,
+        GucContext::Sighup,
+        none,
+    );
     GucRegistry::define_enum_guc(
         c"realtime.send_errors",
         c"What realtime.send does when storing a message fails: warning or error.",
@@ -367,6 +471,11 @@ pub fn jwt_secret() -> Option<String> {
             None
         }
     }
+}
+
+/// A size setting in kB, in bytes.
+pub fn kb_bytes(setting: &GucSetting<i32>) -> usize {
+    setting.get().max(1) as usize * 1024
 }
 
 /// The largest payload in bytes.

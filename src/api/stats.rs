@@ -17,6 +17,7 @@ fn stats() -> TableIterator<
         name!(queued, i64),
         name!(delivered, i64),
         name!(discarded, i64),
+        name!(dropped, i64),
         name!(queue_used_bytes, i64),
         name!(queue_size_bytes, i64),
     ),
@@ -28,6 +29,7 @@ fn stats() -> TableIterator<
         counter(s.queued.load(Ordering::Relaxed)),
         counter(s.delivered.load(Ordering::Relaxed)),
         counter(s.discarded.load(Ordering::Relaxed)),
+        counter(s.dropped.load(Ordering::Relaxed)),
         counter(used),
         counter(size),
     ))

@@ -26,6 +26,9 @@ pub struct Stats {
     pub delivered: AtomicU64,
     /// Entries the worker skipped because their transaction aborted.
     pub discarded: AtomicU64,
+    /// Committed messages the socket server dropped because its dispatch queue stayed full
+    /// (the network threads could not keep up at all).
+    pub dropped: AtomicU64,
 }
 
 #[repr(C)]

@@ -125,7 +125,11 @@ fn set_local(name: &std::ffi::CStr, value: &str) -> Result<(), String> {
     let value = std::ffi::CString::new(value).map_err(|_| {
         format!(
             "{} contains a NUL byte",
-            if name == c"realtime.topic" { "the topic" } else { "a claim" }
+            if name == c"realtime.topic" {
+                "the topic"
+            } else {
+                "a claim"
+            }
         )
     })?;
     crate::gucs::set_local(name, &value);

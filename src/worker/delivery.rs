@@ -175,6 +175,14 @@ fn server_config() -> Config {
         max_replay_limit: gucs::REPLAY_LIMIT.get().max(1) as usize,
         presence_calls_limit: gucs::PRESENCE_CALLS_LIMIT.get().max(0) as u32,
         presence_calls_window: Duration::from_secs(gucs::PRESENCE_CALLS_WINDOW.get().max(1) as u64),
+        outbound_queue_bytes: gucs::kb_bytes(&gucs::OUTBOUND_QUEUE_SIZE),
+        joins_per_second: f64::from(gucs::JOINS_PER_SECOND.get().max(0)),
+        join_burst: gucs::JOIN_BURST.get().max(1) as u32,
+        max_pending_joins_per_connection: gucs::MAX_PENDING_JOINS.get().max(1) as usize,
+        max_presence_meta_bytes: gucs::kb_bytes(&gucs::MAX_PRESENCE_META_SIZE),
+        max_presence_keys_per_topic: gucs::MAX_PRESENCE_KEYS.get().max(1) as usize,
+        max_presence_bytes_per_topic: gucs::kb_bytes(&gucs::MAX_PRESENCE_SIZE),
+        max_batch_messages: gucs::MAX_BATCH_MESSAGES.get().max(1) as usize,
         ..Config::default()
     }
 }
@@ -354,6 +362,7 @@ impl Delivery {
             self.blocked = blocked;
             self.stall.observe(pending);
             let n = messages.len() as u64;
+            let mut dropped = 0u64;
             let mut presence_topics = BTreeSet::new();
             for m in messages {
                 let payload = match m.kind {
@@ -365,16 +374,19 @@ impl Delivery {
                         continue;
                     }
                 };
-                self.server.publish(DbBroadcast {
+                let published = self.server.publish(DbBroadcast {
                     topic: m.topic,
                     event: m.event,
                     private: m.private,
                     id: m.id,
                     payload,
                 });
+                dropped += u64::from(!published);
             }
             presence::sync(&self.server, presence_topics);
-            shmem::stats().delivered.fetch_add(n, Ordering::Relaxed);
+            let stats = shmem::stats();
+            stats.delivered.fetch_add(n - dropped, Ordering::Relaxed);
+            stats.dropped.fetch_add(dropped, Ordering::Relaxed);
             total += n;
             if n == 0 || blocked {
                 return total;
