@@ -24,7 +24,7 @@ const AUTHORIZATION_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 type KeptPlan = std::cell::OnceCell<OwnedPreparedStatement>;
 
 /// The search_path the worker's session had before it pinned its own to `pg_catalog`: the
-/// users' policies run under it, as they did before, and only ever as the client's role.
+/// users' policies run under it, as they did before.
 static POLICY_SEARCH_PATH: std::sync::OnceLock<std::ffi::CString> = std::sync::OnceLock::new();
 
 pub fn set_policy_search_path(path: String) {
@@ -86,7 +86,7 @@ const WRITE_CHECK: &str = "SELECT extension, can_write \
      FROM realtime._authorize_writes($1, $2, $3, $4, $5, $6)";
 /// A probe row per extension, inserted as the owner (no policy applies to it).
 const PROBE_INSERT: &str = "INSERT INTO realtime.messages (topic, extension, inserted_at, updated_at) \
-     VALUES ($1, $2, now(), now()) RETURNING id";
+     VALUES ($1, $2, pg_catalog.now(), pg_catalog.now()) RETURNING id";
 /// Whether the probe is visible through the SELECT policies. `inserted_at` pins the probe's
 /// partition and, with `id`, its primary key: without it the planner may scan the partition,
 /// which fills with the dead rows of earlier checks.
@@ -180,7 +180,6 @@ fn read_checks(request: &AuthorizationRequest, read: &[&str]) -> Result<Vec<Verd
         // The role last: until then the worker is the superuser it connected as, so the
         // settings above are made with superuser rights.
         set_local(c"role", &request.claims.role)?;
-        set_policy_search_path_local();
         let mut verdicts = Vec::with_capacity(read.len());
         for (extension, id) in read.iter().zip(probes) {
             let visible = with_plan(&PROBE_READ_PLAN, client, PROBE_READ, &[uuid], |plan| {
@@ -202,8 +201,6 @@ fn write_checks(request: &AuthorizationRequest, write: &[&str]) -> Result<Vec<Ve
     let error = |e: pgrx::spi::SpiError| e.to_string();
     let text = PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTOID);
     let texts = PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTARRAYOID);
-    // Set before the call: realtime._authorize_writes qualifies every name of its own.
-    set_policy_search_path_local();
     Spi::connect(|client| {
         with_plan(
             &WRITE_CHECK_PLAN,
@@ -243,7 +240,15 @@ fn write_checks(request: &AuthorizationRequest, write: &[&str]) -> Result<Vec<Ve
 pub fn answer_all(
     requests: &[AuthorizationRequest],
 ) -> Vec<(Result<Authorization, String>, Vec<Replayed>)> {
-    let all_rights = transaction::rolled_back_each(AUTHORIZATION_TIMEOUT, requests, rights);
+    // The policies' search_path is set once for the batch, not per check: the statements run
+    // before the role is switched (the probe inserts, realtime._authorize_writes up to its
+    // SET ROLE) name everything with its schema, so no other schema can shadow them.
+    let all_rights = transaction::rolled_back_each(
+        AUTHORIZATION_TIMEOUT,
+        requests,
+        set_policy_search_path_local,
+        rights,
+    );
     requests
         .iter()
         .zip(all_rights)

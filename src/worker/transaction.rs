@@ -115,19 +115,21 @@ pub fn rolled_back<R>(
     result
 }
 
-/// Runs `body` once per item, all in one transaction that is always rolled back, each item in
+/// Runs `setup`, then `body` once per item, all in one transaction that is always rolled back, each item in
 /// its own subtransaction (rolled back too) with its own statement timeout: one failing item
 /// fails alone. One transaction per batch instead of per item spares a transaction start, an
 /// abort record and a WAL writer wake-up per item.
 pub fn rolled_back_each<T, R>(
     timeout: Duration,
     items: &[T],
+    setup: impl FnOnce(),
     body: impl Fn(&T) -> Result<R, String>,
 ) -> Vec<Result<R, String>> {
     if items.is_empty() {
         return Vec::new();
     }
     begin();
+    setup();
     let mut results = Vec::with_capacity(items.len());
     for item in items {
         // What the subtransaction's start and rollback switch away from, as plpgsql restores
