@@ -246,6 +246,17 @@ pub fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool 
     }
 }
 
+/// The SQLSTATE of a statement's outcome (`SUCCESSFUL_COMPLETION` when it succeeded).
+pub fn sqlstate(result: Result<impl Sized, postgres::Error>) -> postgres::error::SqlState {
+    match result {
+        Ok(_) => postgres::error::SqlState::SUCCESSFUL_COMPLETION,
+        Err(e) => e
+            .code()
+            .cloned()
+            .unwrap_or_else(|| panic!("no SQLSTATE in {e:?}")),
+    }
+}
+
 /// An HS256 token for the test clusters' secret.
 pub fn jwt(claims: serde_json::Value) -> String {
     use base64_url as b64;

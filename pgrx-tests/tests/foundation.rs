@@ -1,18 +1,8 @@
 //! The SQL surface, partitions, retention and the worker's lifecycle, against a real cluster.
 
 use postgres::error::SqlState;
-use realtime_integration_tests::{Cluster, eventually};
+use realtime_integration_tests::{Cluster, eventually, sqlstate};
 use std::time::Duration;
-
-fn sqlstate(result: Result<impl Sized, postgres::Error>) -> SqlState {
-    match result {
-        Ok(_) => SqlState::SUCCESSFUL_COMPLETION,
-        Err(e) => e
-            .code()
-            .cloned()
-            .unwrap_or_else(|| panic!("no SQLSTATE in {e:?}")),
-    }
-}
 
 fn message(err: &postgres::Error) -> String {
     err.as_db_error()

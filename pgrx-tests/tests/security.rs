@@ -2,23 +2,13 @@
 //! it was not given, read the token secret, or run code with the worker's rights.
 
 use postgres::error::SqlState;
-use realtime_integration_tests::{Cluster, JWT_SECRET, Socket, eventually, jwt};
+use realtime_integration_tests::{Cluster, JWT_SECRET, Socket, eventually, jwt, sqlstate};
 use serde_json::json;
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(15);
 /// Long enough for a message that was going to arrive to arrive; only used to show absence.
 const QUIET: Duration = Duration::from_secs(2);
-
-fn sqlstate(result: Result<impl Sized, postgres::Error>) -> SqlState {
-    match result {
-        Ok(_) => SqlState::SUCCESSFUL_COMPLETION,
-        Err(e) => e
-            .code()
-            .cloned()
-            .unwrap_or_else(|| panic!("no SQLSTATE in {e:?}")),
-    }
-}
 
 fn error_text(result: Result<impl Sized, postgres::Error>) -> String {
     match result {

@@ -25,22 +25,6 @@ fn unwrap_arc(server: Arc<Server>) -> Server {
     Arc::try_unwrap(server).ok().expect("sole owner")
 }
 
-/// The next authorization request the server asks the worker for (the test plays the worker).
-async fn next_authorization(server: &Arc<Server>) -> realtime_server::AuthorizationRequest {
-    let server = server.clone();
-    tokio::task::spawn_blocking(move || {
-        for _ in 0..2000 {
-            if let Some(Event::Authorize(r)) = server.poll_events().into_iter().next() {
-                return r;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        panic!("no authorization request");
-    })
-    .await
-    .unwrap()
-}
-
 #[tokio::test]
 async fn token_role_none_or_blank_is_refused_everywhere() {
     let (server, addr) = start(test_config());

@@ -9,7 +9,7 @@ use common::*;
 use futures_util::StreamExt;
 use realtime_server::protocol::Payload;
 use realtime_server::protocol::binary::{decode_user_broadcast, encode_user_broadcast_push};
-use realtime_server::{Authorization, AuthorizationPurpose, Config, DbBroadcast, Event};
+use realtime_server::{Authorization, AuthorizationPurpose, Config, DbBroadcast};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -838,24 +838,6 @@ async fn private_join_through_the_authorization_hook() {
     );
     let server = std::sync::Arc::try_unwrap(server).ok().expect("sole owner");
     stop(server).await;
-}
-
-/// The next authorization request the server asks the worker for (the test plays the worker).
-async fn next_authorization(
-    server: &std::sync::Arc<realtime_server::Server>,
-) -> realtime_server::AuthorizationRequest {
-    let server = server.clone();
-    tokio::task::spawn_blocking(move || {
-        for _ in 0..1000 {
-            if let Some(Event::Authorize(r)) = server.poll_events().into_iter().next() {
-                return r;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        panic!("no authorization request");
-    })
-    .await
-    .unwrap()
 }
 
 #[tokio::test]

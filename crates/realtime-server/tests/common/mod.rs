@@ -242,3 +242,23 @@ pub async fn eventually(mut cond: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// The next authorization request the server asks the worker for (the test plays the worker).
+pub async fn next_authorization(
+    server: &std::sync::Arc<Server>,
+) -> realtime_server::AuthorizationRequest {
+    let server = server.clone();
+    tokio::task::spawn_blocking(move || {
+        for _ in 0..2000 {
+            if let Some(realtime_server::Event::Authorize(r)) =
+                server.poll_events().into_iter().next()
+            {
+                return r;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!("no authorization request");
+    })
+    .await
+    .unwrap()
+}
