@@ -26,9 +26,7 @@ const READ_BUFFER: usize = 4 * 1024;
 const WRITE_BUFFER: usize = 16 * 1024;
 
 pub(crate) fn router(inner: Arc<Inner>, max_body: usize) -> Router {
-    Router::new()
-        .route("/realtime/v1/websocket", get(websocket))
-        .route("/socket/websocket", get(websocket))
+    let rest_routes = Router::new()
         .route("/realtime/v1/api/broadcast", post(rest::batch))
         .route("/api/broadcast", post(rest::batch))
         .route(
@@ -36,6 +34,14 @@ pub(crate) fn router(inner: Arc<Inner>, max_body: usize) -> Router {
             post(rest::single),
         )
         .route("/api/broadcast/{topic}/events/{event}", post(rest::single))
+        .route_layer(middleware::from_fn_with_state(
+            inner.clone(),
+            rest::within_budget,
+        ));
+    Router::new()
+        .route("/realtime/v1/websocket", get(websocket))
+        .route("/socket/websocket", get(websocket))
+        .merge(rest_routes)
         .layer(DefaultBodyLimit::max(max_body))
         .layer(middleware::from_fn(cors))
         .with_state(inner)

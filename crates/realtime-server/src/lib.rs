@@ -119,6 +119,8 @@ pub(crate) struct Inner {
     /// Connections the open-file limit allows; past it, connects get the same 429 as past
     /// `max_connections` instead of hanging in the listen backlog.
     pub(crate) socket_cap: usize,
+    /// KiB of REST bodies being read and answered; see [`rest::REST_BODY_BUDGET`].
+    pub(crate) rest_budget: tokio::sync::Semaphore,
 }
 
 impl Inner {
@@ -312,6 +314,7 @@ impl Server {
             max_frame_bytes,
             socket_cap: usize::try_from(open_files.saturating_sub(RESERVED_FILES))
                 .unwrap_or(usize::MAX),
+            rest_budget: rest::body_budget(),
         });
         let app = http::router(inner.clone(), max_frame_bytes);
         for listener in listeners {

@@ -284,6 +284,55 @@ fn parse_batch(body: &[u8], max: usize) -> Messages<'_> {
     }
 }
 
+/// Bytes of REST bodies that may be read and answered at once, counted by their declared
+/// `Content-Length` (a body without one counts as the body limit). A handler reads its whole
+/// body before it runs, so this bounds what parallel requests make the worker hold, whoever
+/// sends them; small requests are not held up by a few large ones.
+pub(crate) const REST_BODY_BUDGET: usize = 64 * 1024 * 1024;
+/// How long a request waits for room in the budget before it is answered 429.
+const REST_BUDGET_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a request may take to send its body and be answered: a client that announces a
+/// body and stalls gives its share of the budget back with a 408.
+const REST_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The budget's semaphore counts KiB.
+pub(crate) fn body_budget() -> tokio::sync::Semaphore {
+    tokio::sync::Semaphore::new(REST_BODY_BUDGET / 1024)
+}
+
+/// Runs the request within [`REST_BODY_BUDGET`] and [`REST_ANSWER_TIMEOUT`], or answers 429 or
+/// 408.
+pub(crate) async fn within_budget(
+    State(inner): State<Arc<Inner>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let limit = inner.max_frame_bytes;
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(limit)
+        .min(limit);
+    let kib = u32::try_from(declared.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+    let Ok(Ok(_share)) =
+        tokio::time::timeout(REST_BUDGET_WAIT, inner.rest_budget.acquire_many(kib)).await
+    else {
+        return json_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            json!({"message": "Too many concurrent requests"}),
+        );
+    };
+    match tokio::time::timeout(REST_ANSWER_TIMEOUT, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => json_response(
+            StatusCode::REQUEST_TIMEOUT,
+            json!({"message": "The request body did not arrive in time"}),
+        ),
+    }
+}
+
 pub(crate) async fn batch(
     State(inner): State<Arc<Inner>>,
     Query(query): Query<HashMap<String, String>>,

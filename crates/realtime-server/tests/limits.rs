@@ -11,6 +11,8 @@ use common::*;
 use realtime_server::protocol::binary::decode_user_broadcast;
 use realtime_server::{Authorization, Config, DbBroadcast, Event, Payload, Replayed, Server};
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
 fn read_only() -> Authorization {
@@ -176,6 +178,52 @@ async fn rest_batches_are_bounded_and_answered_briefly() {
     let one = json!({"topic": "t", "event": "e", "payload": {"n": 1}});
     let body = json!({"messages": vec![one; 1000]}).to_string();
     let (s, _, _) = http(addr, "POST", "/api/broadcast", &headers, body.as_bytes()).await;
+    assert_eq!(s, 202);
+    stop(server).await;
+}
+
+/// REST bodies are read whole before a request is answered, so the bodies being read at once
+/// are bounded in bytes (64 MB by their declared length): past that, requests wait and get 429;
+/// a request that announces a body and stalls gets 408 and gives its share back.
+#[tokio::test]
+async fn rest_bodies_in_flight_are_bounded_in_bytes() {
+    let (server, addr) = start(test_config());
+    let auth = format!("Bearer {}", token());
+    // Twenty requests announce 5 MB bodies and send none. Thirteen fit the budget and are
+    // answered 408 once they have stalled too long; the other seven wait and are answered 429.
+    let mut stalled = Vec::new();
+    for _ in 0..20 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let head = format!(
+            "POST /api/broadcast HTTP/1.1\r\nhost: {addr}\r\nauthorization: {auth}\r\n\
+             content-type: application/json\r\ncontent-length: 5000000\r\n\r\n{{\"messages\":"
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        stalled.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut got))
+                .await
+                .expect("the stalled request is answered")
+                .unwrap();
+            String::from_utf8_lossy(&got)
+                .chars()
+                .take(12)
+                .collect::<String>()
+        }));
+    }
+    let mut statuses = Vec::new();
+    for answer in stalled {
+        statuses.push(answer.await.unwrap());
+    }
+    let count = |status: &str| statuses.iter().filter(|s| s.ends_with(status)).count();
+    assert_eq!((count(" 408"), count(" 429")), (13, 7), "{statuses:?}");
+    // Their shares were given back: a request goes through again.
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+    ];
+    let one = json!({"messages": [{"topic": "t", "event": "e", "payload": {}}]}).to_string();
+    let (s, _, _) = http(addr, "POST", "/api/broadcast", &headers, one.as_bytes()).await;
     assert_eq!(s, 202);
     stop(server).await;
 }
