@@ -24,15 +24,14 @@ thread_local! {
     static PARTITIONS: RefCell<HashSet<pg_sys::Oid>> = RefCell::new(HashSet::new());
 }
 
-/// The OID of `realtime.<table>` (invalid if missing).
-fn realtime_table(table: &CStr) -> pg_sys::Oid {
-    unsafe {
-        let schema = pg_sys::get_namespace_oid(c"realtime".as_ptr(), true);
-        if schema == pg_sys::InvalidOid {
-            return pg_sys::InvalidOid;
-        }
-        pg_sys::get_relname_relid(table.as_ptr(), schema)
+/// The OIDs of schema `realtime` and of `realtime.<table>`, or None if either is missing.
+fn realtime_table(table: &CStr) -> Option<(pg_sys::Oid, pg_sys::Oid)> {
+    let schema = unsafe { pg_sys::get_namespace_oid(c"realtime".as_ptr(), true) };
+    if schema == pg_sys::InvalidOid {
+        return None;
     }
+    let relid = unsafe { pg_sys::get_relname_relid(table.as_ptr(), schema) };
+    (relid != pg_sys::InvalidOid).then_some((schema, relid))
 }
 
 /// Whether `relid` is a partition (at any depth) of `root`.
@@ -67,12 +66,10 @@ pub fn require_table(
         .relation()
         .map_err(|e| RealtimeError::Internal(e.to_string()))?;
     let relid = relation.oid();
-    let expected = realtime_table(table);
-    let schema = unsafe { pg_sys::get_namespace_oid(c"realtime".as_ptr(), true) };
-    let fits = expected != pg_sys::InvalidOid
+    if let Some((schema, expected)) = realtime_table(table)
         && (relid == expected
-            || (relation.namespace_oid() == schema && is_partition_of(relid, expected)));
-    if fits {
+            || (relation.namespace_oid() == schema && is_partition_of(relid, expected)))
+    {
         return Ok(expected);
     }
     Err(RealtimeError::WrongTriggerTable {

@@ -212,8 +212,13 @@ pub fn stage_presence_sync(topic: &str, private: bool) -> Result<(), RealtimeErr
 /// Roles that bypass row-level security on the table (superusers, BYPASSRLS, its owner) may
 /// insert any topic: no policy constrained them anyway.
 fn require_checked_topic(topic: &str, messages: pg_sys::Oid) -> Result<(), RealtimeError> {
-    let checked = gucs::TOPIC.get();
-    let checked = checked.as_ref().map(|c| c.to_bytes()).unwrap_or_default();
+    // Read in place, not through `GucSetting::get`, which copies it: this runs for every row.
+    let raw = unsafe { *gucs::TOPIC.as_ptr() };
+    let checked = if raw.is_null() {
+        &[][..]
+    } else {
+        unsafe { std::ffi::CStr::from_ptr(raw) }.to_bytes()
+    };
     if checked == topic.as_bytes() {
         return Ok(());
     }

@@ -79,7 +79,7 @@ pub extern "C-unwind" fn pg_realtime_worker_main(_arg: pg_sys::Datum) {
 /// Session settings of the worker, which runs as a superuser:
 /// - its own statements resolve names in `pg_catalog` only, so that no schema owner's function
 ///   or operator ever runs with its rights; the search_path it had before is kept for the
-///   users' policies, which run under the client's role (see `authorization`);
+///   users' policies (see `authorization`, whose statements under it are schema-qualified);
 /// - it never waits long for a lock: a long reader must not stall delivery for everyone;
 /// - its statements (authorization, replay, presence) run thousands of times with new
 ///   parameters: they are planned once (partitions are pruned at run time).

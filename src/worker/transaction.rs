@@ -115,9 +115,9 @@ pub fn rolled_back<R>(
     result
 }
 
-/// Runs `setup`, then `body` once per item, all in one transaction that is always rolled back, each item in
-/// its own subtransaction (rolled back too) with its own statement timeout: one failing item
-/// fails alone. One transaction per batch instead of per item spares a transaction start, an
+/// Runs `setup`, then `body` once per item, all in one transaction that is always rolled back,
+/// each item in its own subtransaction (rolled back too) with its own statement timeout: one
+/// failing item fails alone. One transaction per batch instead of per item spares a transaction start, an
 /// abort record and a WAL writer wake-up per item.
 pub fn rolled_back_each<T, R>(
     timeout: Duration,
