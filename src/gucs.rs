@@ -1,113 +1,117 @@
-//! Every setting of pg_realtime, in one place.
+//! Every setting of pg_realtime, in one place: the `realtime.*` GUCs, their registration, and
+//! typed accessors that apply each setting's unit and clamp.
 //!
-//! Settings read by the socket server are snapshotted into [`ServerSettings`] by the worker's
-//! main thread (the only thread allowed to read GUCs) at start and after each SIGHUP.
+//! The socket server's threads may not read GUCs: the worker's main thread snapshots the
+//! settings they need into a [`realtime_server::Config`] ([`server_config`]) at start and after
+//! each SIGHUP.
 
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
+use realtime_server::Config;
 use std::ffi::{CStr, CString};
+use std::time::Duration;
 
 /// Addresses the WebSocket/HTTP server listens on: a comma-separated list of host names or IP
 /// addresses, `*` for all interfaces. Restart to change.
-pub static LISTEN_ADDRESSES: GucSetting<Option<CString>> =
+static LISTEN_ADDRESSES: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"localhost"));
 
 /// TCP port of the WebSocket/HTTP server. Restart to change.
-pub static PORT: GucSetting<i32> = GucSetting::<i32>::new(4000);
+static PORT: GucSetting<i32> = GucSetting::<i32>::new(4000);
 
 /// Database the background worker connects to; the extension must be created there.
-pub static DATABASE: GucSetting<Option<CString>> =
+static DATABASE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"postgres"));
 
 /// Shared secret for HS256/HS384/HS512 tokens. `SHOW` and `current_setting` print it masked:
 /// superuser-only settings are still readable by `pg_read_all_settings` (so by `pg_monitor`).
-pub static JWT_SECRET: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static JWT_SECRET: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 /// A file holding the HS* secret, read by the worker at start and at each reload. Preferred to
 /// `realtime.jwt_secret`, whose value PostgreSQL logs when a reload changes it.
-pub static JWT_SECRET_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static JWT_SECRET_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 /// When set, a token's `role` must be a role this one is a member of (PostgREST's
 /// authenticator rule); superusers are refused whatever it says.
 pub static AUTHENTICATOR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 /// A JWKS document (`{"keys": [...]}`) for RS*, ES* and EdDSA tokens, keys chosen by `kid`.
-pub static JWT_JWKS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static JWT_JWKS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 /// The topic of the message being inserted; set by `realtime.send` and by the worker's
 /// authorization probes, read by `realtime.topic()` in RLS policies.
 pub static TOPIC: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
 
 /// How long stored messages are kept, in seconds (partitions are dropped by day).
-pub static RETENTION: GucSetting<i32> = GucSetting::<i32>::new(3 * 24 * 3600);
+static RETENTION: GucSetting<i32> = GucSetting::<i32>::new(3 * 24 * 3600);
 
 /// How often the worker runs partition maintenance, in seconds.
-pub static MAINTENANCE_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(3600);
+static MAINTENANCE_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(3600);
 
 /// Size of the shared-memory commit queue, in kB.
-pub static QUEUE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(32 * 1024);
+static QUEUE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(32 * 1024);
 
 /// Largest broadcast payload, in kB (JSON text or binary bytes).
-pub static MAX_PAYLOAD_SIZE: GucSetting<i32> = GucSetting::<i32>::new(3000);
+static MAX_PAYLOAD_SIZE: GucSetting<i32> = GucSetting::<i32>::new(3000);
 
 /// Concurrent WebSocket connections the server accepts.
-pub static MAX_CONNECTIONS: GucSetting<i32> = GucSetting::<i32>::new(20_000);
+static MAX_CONNECTIONS: GucSetting<i32> = GucSetting::<i32>::new(20_000);
 
 /// Channels one WebSocket connection may join.
-pub static MAX_CHANNELS_PER_CONNECTION: GucSetting<i32> = GucSetting::<i32>::new(100);
+static MAX_CHANNELS_PER_CONNECTION: GucSetting<i32> = GucSetting::<i32>::new(100);
 
 /// Frames that may wait for one slow connection before it is disconnected.
-pub static OUTBOUND_QUEUE: GucSetting<i32> = GucSetting::<i32>::new(1024);
+static OUTBOUND_QUEUE: GucSetting<i32> = GucSetting::<i32>::new(1024);
 
 /// Largest `config.broadcast.replay.limit` honoured (Supabase caps it at 25).
-pub static REPLAY_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(25);
+static REPLAY_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(25);
 
 /// Presence calls (track/untrack) one channel may make per window; 0 turns the limit off.
-pub static PRESENCE_CALLS_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(5);
+static PRESENCE_CALLS_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(5);
 
 /// The presence rate-limit window, in seconds.
-pub static PRESENCE_CALLS_WINDOW: GucSetting<i32> = GucSetting::<i32>::new(30);
+static PRESENCE_CALLS_WINDOW: GucSetting<i32> = GucSetting::<i32>::new(30);
 
 /// Seconds without any frame from a client before its socket is closed.
-pub static IDLE_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(60);
+static IDLE_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(60);
 
 /// Milliseconds to wait before refusing a connection (slows down token-guessing clients).
-pub static CONNECT_ERROR_DELAY: GucSetting<i32> = GucSetting::<i32>::new(2000);
+static CONNECT_ERROR_DELAY: GucSetting<i32> = GucSetting::<i32>::new(2000);
 
 /// Milliseconds to wait before refusing a join (phoenix.js retries joins forever).
-pub static JOIN_ERROR_DELAY: GucSetting<i32> = GucSetting::<i32>::new(5000);
+static JOIN_ERROR_DELAY: GucSetting<i32> = GucSetting::<i32>::new(5000);
 
 /// Refuse public channels.
-pub static PRIVATE_ONLY: GucSetting<bool> = GucSetting::<bool>::new(false);
+static PRIVATE_ONLY: GucSetting<bool> = GucSetting::<bool>::new(false);
 
 /// Threads of the network runtime.
-pub static WORKER_THREADS: GucSetting<i32> = GucSetting::<i32>::new(2);
+static WORKER_THREADS: GucSetting<i32> = GucSetting::<i32>::new(2);
 
 /// Bytes that may wait for one connection before it is disconnected as too slow, in kB.
-pub static OUTBOUND_QUEUE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(16 * 1024);
+static OUTBOUND_QUEUE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(16 * 1024);
 
 /// Joins one connection may make per second once its burst is spent; 0 turns the limit off.
-pub static JOINS_PER_SECOND: GucSetting<i32> = GucSetting::<i32>::new(20);
+static JOINS_PER_SECOND: GucSetting<i32> = GucSetting::<i32>::new(20);
 
 /// Joins one connection may make at once.
-pub static JOIN_BURST: GucSetting<i32> = GucSetting::<i32>::new(50);
+static JOIN_BURST: GucSetting<i32> = GucSetting::<i32>::new(50);
 
 /// Private joins of one connection that may wait for their RLS check at once.
-pub static MAX_PENDING_JOINS: GucSetting<i32> = GucSetting::<i32>::new(16);
+static MAX_PENDING_JOINS: GucSetting<i32> = GucSetting::<i32>::new(16);
 
 /// Largest presence meta a client may track, in kB.
-pub static MAX_PRESENCE_META_SIZE: GucSetting<i32> = GucSetting::<i32>::new(32);
+static MAX_PRESENCE_META_SIZE: GucSetting<i32> = GucSetting::<i32>::new(32);
 
 /// Presence keys one topic may hold.
-pub static MAX_PRESENCE_KEYS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+static MAX_PRESENCE_KEYS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 
 /// Bytes of presence (keys and metas) one topic may hold, in kB.
-pub static MAX_PRESENCE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(8 * 1024);
+static MAX_PRESENCE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(8 * 1024);
 
 /// Messages one REST batch may carry.
-pub static MAX_BATCH_MESSAGES: GucSetting<i32> = GucSetting::<i32>::new(1000);
+static MAX_BATCH_MESSAGES: GucSetting<i32> = GucSetting::<i32>::new(1000);
 
 /// What `realtime.send` does when the insert fails.
-pub static SEND_ERRORS: GucSetting<SendErrors> = GucSetting::<SendErrors>::new(SendErrors::Warning);
+static SEND_ERRORS: GucSetting<SendErrors> = GucSetting::<SendErrors>::new(SendErrors::Warning);
 
 #[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
 pub enum SendErrors {
@@ -452,7 +456,7 @@ unsafe extern "C-unwind" fn show_masked_secret() -> *const std::ffi::c_char {
 /// The HS* secret: the contents of `realtime.jwt_secret_file` (without a trailing newline) when
 /// that is set, else `realtime.jwt_secret`. A file that cannot be read leaves no secret, and
 /// the log names the file, never its contents.
-pub fn jwt_secret() -> Option<String> {
+fn jwt_secret() -> Option<String> {
     let Some(path) = text(&JWT_SECRET_FILE) else {
         return text(&JWT_SECRET);
     };
@@ -473,14 +477,86 @@ pub fn jwt_secret() -> Option<String> {
     }
 }
 
-/// A size setting in kB, in bytes.
-pub fn kb_bytes(setting: &GucSetting<i32>) -> usize {
-    setting.get().max(1) as usize * 1024
+/// The database the worker serves.
+pub fn database() -> String {
+    text(&DATABASE).unwrap_or_else(|| "postgres".into())
+}
+
+/// How long stored messages are kept.
+pub fn retention() -> Duration {
+    seconds(&RETENTION)
+}
+
+/// Time between partition maintenance rounds.
+pub fn maintenance_interval() -> Duration {
+    seconds(&MAINTENANCE_INTERVAL).max(Duration::from_secs(1))
+}
+
+/// The commit queue's size in bytes (fixed at server start).
+pub fn queue_bytes() -> usize {
+    kb_bytes(&QUEUE_SIZE)
 }
 
 /// The largest payload in bytes.
 pub fn max_payload_bytes() -> usize {
-    MAX_PAYLOAD_SIZE.get().max(1) as usize * 1024
+    kb_bytes(&MAX_PAYLOAD_SIZE)
+}
+
+/// What `realtime.send` does when storing fails.
+pub fn send_errors() -> SendErrors {
+    SEND_ERRORS.get()
+}
+
+/// The settings the socket server reads, as the main thread sees them now.
+pub fn server_config() -> Config {
+    Config {
+        listen_addresses: text(&LISTEN_ADDRESSES).unwrap_or_default(),
+        port: u16::try_from(PORT.get()).unwrap_or(4000),
+        jwt_secret: jwt_secret(),
+        jwt_jwks: text(&JWT_JWKS),
+        max_connections: count(&MAX_CONNECTIONS),
+        max_channels_per_connection: count(&MAX_CHANNELS_PER_CONNECTION),
+        max_payload_bytes: max_payload_bytes(),
+        outbound_queue: count(&OUTBOUND_QUEUE),
+        idle_timeout: seconds(&IDLE_TIMEOUT).max(Duration::from_secs(1)),
+        connect_error_delay: millis(&CONNECT_ERROR_DELAY),
+        join_error_delay: millis(&JOIN_ERROR_DELAY),
+        private_only: PRIVATE_ONLY.get(),
+        worker_threads: count(&WORKER_THREADS),
+        authorize_private: true,
+        max_replay_limit: count(&REPLAY_LIMIT),
+        presence_calls_limit: PRESENCE_CALLS_LIMIT.get().max(0) as u32,
+        presence_calls_window: seconds(&PRESENCE_CALLS_WINDOW).max(Duration::from_secs(1)),
+        outbound_queue_bytes: kb_bytes(&OUTBOUND_QUEUE_SIZE),
+        joins_per_second: f64::from(JOINS_PER_SECOND.get().max(0)),
+        join_burst: count(&JOIN_BURST) as u32,
+        max_pending_joins_per_connection: count(&MAX_PENDING_JOINS),
+        max_presence_meta_bytes: kb_bytes(&MAX_PRESENCE_META_SIZE),
+        max_presence_keys_per_topic: count(&MAX_PRESENCE_KEYS),
+        max_presence_bytes_per_topic: kb_bytes(&MAX_PRESENCE_SIZE),
+        max_batch_messages: count(&MAX_BATCH_MESSAGES),
+        ..Config::default()
+    }
+}
+
+/// A count setting; at least 1 (the GUC's own minimum, restated so no caller divides by 0).
+fn count(setting: &GucSetting<i32>) -> usize {
+    setting.get().max(1) as usize
+}
+
+/// A size setting in kB, in bytes; at least 1 kB.
+fn kb_bytes(setting: &GucSetting<i32>) -> usize {
+    count(setting) * 1024
+}
+
+/// A setting in seconds; negative values read as 0.
+fn seconds(setting: &GucSetting<i32>) -> Duration {
+    Duration::from_secs(setting.get().max(0) as u64)
+}
+
+/// A setting in milliseconds; negative values read as 0.
+fn millis(setting: &GucSetting<i32>) -> Duration {
+    Duration::from_millis(setting.get().max(0) as u64)
 }
 
 /// `SET LOCAL name = value`, as `set_config(name, value, true)` does it: with the caller's

@@ -107,7 +107,7 @@ unsafe fn send(
         b' ',
         if private.is_some() { b' ' } else { b'n' },
     ];
-    match gucs::SEND_ERRORS.get() {
+    match gucs::send_errors() {
         SendErrors::Error => unsafe { insert(insert_with, &mut values, &nulls) },
         SendErrors::Warning => unsafe { insert_or_warn(insert_with, &mut values, &nulls) },
     }

@@ -53,7 +53,7 @@ fn data_offset() -> usize {
 
 /// The ring's size in bytes: more than this can never be reserved by one transaction.
 pub fn capacity() -> usize {
-    gucs::QUEUE_SIZE.get() as usize * 1024
+    gucs::queue_bytes()
 }
 
 pub(super) fn init() {

@@ -14,16 +14,16 @@ const MAINTENANCE_TIMEOUT: Duration = Duration::from_secs(60);
 const RETRY_AFTER: Duration = Duration::from_secs(60);
 
 pub fn interval() -> Duration {
-    Duration::from_secs(gucs::MAINTENANCE_INTERVAL.get().max(1) as u64)
+    gucs::maintenance_interval()
 }
 
 /// Runs one round; returns how long until the next one.
 pub fn run() -> Duration {
-    let retention = gucs::RETENTION.get();
+    let retention = gucs::retention().as_secs_f64();
     let outcome = transaction::try_spi(MAINTENANCE_TIMEOUT, move || {
         Spi::run_with_args(
             "SELECT realtime.maintain_partitions(make_interval(secs => $1))",
-            &[f64::from(retention).into()],
+            &[retention.into()],
         )
     });
     match outcome {

@@ -1,12 +1,23 @@
 //! The background worker "pg_realtime": its main thread is the only thread that calls
 //! Postgres. It drains the commit queue, maintains partitions and runs the socket server,
 //! whose threads never touch Postgres.
+//!
+//! - `main_loop`: sleeps, delivers, answers the server, schedules maintenance;
+//! - `queue_reader`: takes committed messages off the shared-memory commit queue;
+//! - `server_link`: starts the socket server, hands it messages, answers its events;
+//! - `authorization`: RLS checks and replay for private channels;
+//! - `presence`: the SQL mirror of socket presence and SQL-tracked presence;
+//! - `maintenance`: daily partitions and retention;
+//! - `transaction`: the worker's own transactions, with timeouts and savepoints;
+//! - `logging`: log records from the network threads, written by the main thread.
 
 mod authorization;
-mod delivery;
 mod logging;
+mod main_loop;
 mod maintenance;
 mod presence;
+mod queue_reader;
+mod server_link;
 mod transaction;
 
 use crate::gucs;
@@ -14,7 +25,7 @@ use crate::queue::shmem;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How long the postmaster waits before restarting a worker that exited with code 1.
 const RESTART_DELAY: Duration = Duration::from_secs(5);
@@ -35,7 +46,7 @@ pub fn register() {
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn pg_realtime_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let database = gucs::text(&gucs::DATABASE).unwrap_or_else(|| "postgres".into());
+    let database = gucs::database();
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
     shmem::register_worker_latch(unsafe { pg_sys::MyLatch });
     if let Err(e) = transaction::run(settle_session) {
@@ -47,29 +58,7 @@ pub extern "C-unwind" fn pg_realtime_worker_main(_arg: pg_sys::Datum) {
     if !wait_for_extension(&database) {
         unsafe { pg_sys::proc_exit(1) };
     }
-    let mut next_maintenance = Instant::now() + maintenance::run();
-    let mut delivery = delivery::Delivery::start(&database);
-
-    while !BackgroundWorker::sigterm_received() {
-        let timeout = next_maintenance
-            .saturating_duration_since(Instant::now())
-            .min(delivery.poll_interval());
-        delivery.wait(timeout);
-        if BackgroundWorker::sigterm_received() {
-            break;
-        }
-        if BackgroundWorker::sighup_received() {
-            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
-            delivery.reload();
-            // A shorter interval applies now, not after the old one runs out.
-            next_maintenance = next_maintenance.min(Instant::now() + maintenance::interval());
-        }
-        delivery.deliver();
-        if Instant::now() >= next_maintenance {
-            next_maintenance = Instant::now() + maintenance::run();
-        }
-    }
-    delivery.shutdown();
+    main_loop::run(&database);
     // Exit code 1, not 0: a worker that exits with 0 is never restarted, and a terminated
     // worker (pg_terminate_backend) must come back. At server shutdown nothing is restarted.
     log!("pg_realtime: worker stopped");
@@ -130,7 +119,7 @@ fn wait_for_extension(database: &str) -> bool {
             );
             logged = true;
         }
-        delivery::discard_queue();
+        queue_reader::discard_queue();
         if !BackgroundWorker::wait_latch(Some(EXTENSION_POLL)) {
             return false;
         }

@@ -1,0 +1,214 @@
+//! The worker's main loop: sleep until something happens, then deliver committed messages,
+//! answer the socket server, expire SQL presence and maintain partitions. It chooses how long
+//! to sleep: woken per commit when traffic is light, polling the ring when it is heavy.
+
+use super::queue_reader::{self, Stall};
+use super::server_link::ServerLink;
+use super::{maintenance, presence};
+use crate::queue::shmem;
+use pgrx::bgworkers::BackgroundWorker;
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// While a transaction is unfinished, look again this often even without a wake-up (its
+/// backend wakes the worker at commit or abort; this only bounds a lost wake-up).
+const BLOCKED_POLL: Duration = Duration::from_millis(50);
+const IDLE_POLL: Duration = Duration::from_secs(1);
+/// Under a heavy stream of commits the worker looks at the ring this often without being
+/// woken, until the rate has stayed below [`BUSY_RATE`] for [`BUSY_LINGER`]: that spares every
+/// committer a wake-up signal (a cross-CPU interrupt) and the worker a wake-up per commit.
+/// Below [`BUSY_RATE`] it is woken per commit instead, so a lone message never waits for the
+/// next poll.
+const BUSY_POLL: Duration = Duration::from_millis(1);
+const BUSY_LINGER: Duration = Duration::from_millis(50);
+/// Messages per [`RATE_WINDOW`] from which the worker polls (2,000 messages/s).
+const BUSY_RATE: u64 = 20;
+const RATE_WINDOW: Duration = Duration::from_millis(10);
+/// How often presence tracked from SQL with a ttl is checked for expiry.
+const PRESENCE_EXPIRY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Runs until SIGTERM, serving `database_name` (the extension exists there).
+pub fn run(database_name: &str) {
+    let mut next_maintenance = Instant::now() + maintenance::run();
+    let mut main_loop = MainLoop::start(database_name);
+    while !BackgroundWorker::sigterm_received() {
+        let timeout = next_maintenance
+            .saturating_duration_since(Instant::now())
+            .min(main_loop.poll_interval());
+        main_loop.wait(timeout);
+        main_loop.handle_server_events();
+        if BackgroundWorker::sigterm_received() {
+            break;
+        }
+        if BackgroundWorker::sighup_received() {
+            // SAFETY: the worker's main thread, between transactions, as the postmaster's
+            // own processes do it.
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+            main_loop.link.reload();
+            // A shorter interval applies now, not after the old one runs out.
+            next_maintenance = next_maintenance.min(Instant::now() + maintenance::interval());
+        }
+        main_loop.deliver();
+        if Instant::now() >= next_maintenance {
+            next_maintenance = Instant::now() + maintenance::run();
+        }
+    }
+    main_loop.link.shutdown();
+}
+
+struct MainLoop {
+    database: u32,
+    link: ServerLink,
+    /// An unfinished transaction holds back the ring.
+    blocked: bool,
+    /// Polling the ring until then (see [`BUSY_POLL`]).
+    busy_until: Option<Instant>,
+    /// Messages delivered since the start of the current rate window.
+    rate_window: (Instant, u64),
+    /// Latch, server wake-up fd and postmaster death, created once: `WaitLatchOrSocket` would
+    /// build and tear down an epoll set on every wait.
+    waits: *mut pg_sys::WaitEventSet,
+    stall: Stall,
+    last_expiry: Instant,
+    /// The last expiry failed (logged once until one succeeds).
+    expiry_failing: bool,
+}
+
+impl MainLoop {
+    fn start(database_name: &str) -> MainLoop {
+        let link = ServerLink::start(database_name);
+        // SAFETY: the set lives in TopMemoryContext for the worker's lifetime; MyLatch is this
+        // process's latch and the server's wake fd stays open until shutdown.
+        let waits = unsafe {
+            let set = pg_sys::CreateWaitEventSet(pg_sys::TopMemoryContext, 3);
+            let none = std::ptr::null_mut();
+            pg_sys::AddWaitEventToSet(
+                set,
+                pg_sys::WL_LATCH_SET,
+                pg_sys::PGINVALID_SOCKET,
+                pg_sys::MyLatch,
+                none,
+            );
+            pg_sys::AddWaitEventToSet(
+                set,
+                pg_sys::WL_SOCKET_READABLE,
+                link.wake_fd(),
+                std::ptr::null_mut(),
+                none,
+            );
+            pg_sys::AddWaitEventToSet(
+                set,
+                pg_sys::WL_EXIT_ON_PM_DEATH,
+                pg_sys::PGINVALID_SOCKET,
+                std::ptr::null_mut(),
+                none,
+            );
+            set
+        };
+        MainLoop {
+            // SAFETY: set once when the worker connected to its database.
+            database: u32::from(unsafe { pg_sys::MyDatabaseId }),
+            link,
+            blocked: false,
+            busy_until: None,
+            rate_window: (Instant::now(), 0),
+            waits,
+            stall: Stall::default(),
+            last_expiry: Instant::now(),
+            expiry_failing: false,
+        }
+    }
+
+    fn poll_interval(&self) -> Duration {
+        if self.link.has_work() {
+            // More requests wait: come straight back after delivering.
+            Duration::ZERO
+        } else if self.busy_until.is_some() {
+            BUSY_POLL
+        } else if self.blocked {
+            BLOCKED_POLL
+        } else {
+            IDLE_POLL
+        }
+    }
+
+    /// Sleeps until the latch is set, the server has news, or `timeout` passes.
+    fn wait(&mut self, timeout: Duration) {
+        // SAFETY: `waits` was built in `start` and is only used from this thread.
+        unsafe {
+            let mut event = pg_sys::WaitEvent::default();
+            pg_sys::WaitEventSetWait(
+                self.waits,
+                timeout.as_millis().min(i64::MAX as u128) as i64,
+                &mut event,
+                1,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+        pgrx::check_for_interrupts!();
+    }
+
+    /// Answers the server and expires SQL presence whose ttl ran out.
+    fn handle_server_events(&mut self) {
+        self.link.handle_events();
+        if self.last_expiry.elapsed() >= PRESENCE_EXPIRY_INTERVAL {
+            self.last_expiry = Instant::now();
+            match presence::expire() {
+                Ok(()) => self.expiry_failing = false,
+                Err(e) => {
+                    super::exit_if_extension_dropped();
+                    // Once per streak of failures: it is retried every second.
+                    if !std::mem::replace(&mut self.expiry_failing, true) {
+                        log!("pg_realtime: cannot expire SQL presence (retrying quietly): {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Delivers whatever is ready, and decides whether to poll.
+    fn deliver(&mut self) {
+        let now = Instant::now();
+        let delivered = self.deliver_ready();
+        let (since, count) = &mut self.rate_window;
+        *count += delivered;
+        if now.duration_since(*since) >= RATE_WINDOW {
+            if *count >= BUSY_RATE {
+                if self.busy_until.is_none() {
+                    shmem::set_worker_polling(true);
+                }
+                self.busy_until = Some(now + BUSY_LINGER);
+            }
+            self.rate_window = (now, 0);
+        }
+        if self.busy_until.is_some_and(|until| now >= until) {
+            self.busy_until = None;
+            shmem::set_worker_polling(false);
+            // A commit may have skipped the wake-up while we were still polling.
+            self.rate_window.1 += self.deliver_ready();
+        }
+    }
+
+    /// Delivers every ready transaction; returns how many messages went out.
+    fn deliver_ready(&mut self) -> u64 {
+        let mut total = 0;
+        loop {
+            let (messages, pending) = queue_reader::drain(self.database);
+            let blocked = pending.is_some();
+            self.blocked = blocked;
+            self.stall.observe(pending);
+            let n = messages.len() as u64;
+            let dropped = self.link.publish(messages);
+            let stats = shmem::stats();
+            stats.delivered.fetch_add(n - dropped, Ordering::Relaxed);
+            stats.dropped.fetch_add(dropped, Ordering::Relaxed);
+            total += n;
+            if n == 0 || blocked {
+                return total;
+            }
+        }
+    }
+}
