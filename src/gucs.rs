@@ -562,11 +562,14 @@ fn millis(setting: &GucSetting<i32>) -> Duration {
 /// `SET LOCAL name = value`, as `set_config(name, value, true)` does it: with the caller's
 /// privileges (superuser settings only for a superuser). A bad value raises.
 pub fn set_local(name: &CStr, value: &CStr) {
+    // SAFETY: reads the current user's role, inside a transaction.
     let context = if unsafe { pgrx::pg_sys::superuser() } {
         pgrx::pg_sys::GucContext::PGC_SUSET
     } else {
         pgrx::pg_sys::GucContext::PGC_USERSET
     };
+    // SAFETY: name and value are NUL-terminated; GUC_ACTION_LOCAL inside the caller's transaction,
+    // and a bad value raises an ERROR.
     unsafe {
         pgrx::pg_sys::set_config_option(
             name.as_ptr(),

@@ -20,6 +20,7 @@ pgrx::extension_sql_file!("../sql/api.sql", name = "api", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
+    // SAFETY: backend globals, read while the library is being loaded.
     unsafe {
         if pg_sys::IsBinaryUpgrade {
             return;
@@ -29,6 +30,7 @@ pub extern "C-unwind" fn _PG_init() {
         }
     }
     gucs::init();
+    // SAFETY: called from _PG_init after the settings are defined, as PostgreSQL expects.
     unsafe { pg_sys::MarkGUCPrefixReserved(c"realtime".as_ptr()) };
     queue::init();
     worker::register();

@@ -55,12 +55,16 @@ const WARNING_HINT: &str = "The message was not sent. SET realtime.send_errors =
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn realtime_send(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    // SAFETY: the function manager passes a valid fcinfo with the four arguments declared in
+    // sql/api.sql.
     let Some(payload) = (unsafe { pg_getarg_datum(fcinfo, 0) }) else {
         RealtimeError::SendNullPayload.raise()
     };
+    // SAFETY: a non-null argument 0 of realtime.send is a jsonb datum.
     if let Some(kind) = unsafe { non_object_kind(payload) } {
         RealtimeError::SendPayloadNotObject(kind).raise()
     }
+    // SAFETY: as above; JSON's plan takes a jsonb payload.
     unsafe { send(fcinfo, payload, &JSON) }
 }
 
@@ -73,9 +77,12 @@ pub unsafe extern "C-unwind" fn realtime_send(fcinfo: pg_sys::FunctionCallInfo) 
 pub unsafe extern "C-unwind" fn realtime_send_binary(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pg_sys::Datum {
+    // SAFETY: the function manager passes a valid fcinfo with the four arguments declared in
+    // sql/api.sql.
     let Some(payload) = (unsafe { pg_getarg_datum(fcinfo, 0) }) else {
         RealtimeError::SendBinaryNullPayload.raise()
     };
+    // SAFETY: as above; BINARY's plan takes a bytea payload.
     unsafe { send(fcinfo, payload, &BINARY) }
 }
 
@@ -85,11 +92,15 @@ unsafe fn send(
     payload: pg_sys::Datum,
     insert_with: &KeptInsert,
 ) -> pg_sys::Datum {
+    // SAFETY: the caller vouches for fcinfo; n is below its four arguments.
     let arg = |n| unsafe { pg_getarg_datum(fcinfo, n) };
+    // SAFETY: arguments 1 and 2 are declared text.
     let (topic, topic_text) = unsafe { required_text(arg(2), "topic") };
+    // SAFETY: as above.
     let (event, _) = unsafe { required_text(arg(1), "event") };
     // Lets INSERT policies decide with realtime.topic(), as in Supabase; it stays set for the
     // rest of the transaction, as set_config(..., true) does.
+    // SAFETY: text_to_cstring returned a NUL-terminated palloc'd string.
     gucs::set_local(c"realtime.topic", unsafe { CStr::from_ptr(topic_text) });
 
     let private = arg(3);
@@ -108,7 +119,10 @@ unsafe fn send(
         if private.is_some() { b' ' } else { b'n' },
     ];
     match gucs::send_errors() {
+        // SAFETY: values and nulls match the kept plan's five parameters, and this backend is in
+        // a transaction (a SQL function is running).
         SendErrors::Error => unsafe { insert(insert_with, &mut values, &nulls) },
+        // SAFETY: as above.
         SendErrors::Warning => unsafe { insert_or_warn(insert_with, &mut values, &nulls) },
     }
     pg_return_void()
@@ -131,7 +145,9 @@ pub extern "C" fn pg_finfo_realtime_send_binary() -> &'static pg_sys::Pg_finfo_r
 /// `None` for a JSON object, else what `jsonb_typeof` calls it.
 unsafe fn non_object_kind(payload: pg_sys::Datum) -> Option<String> {
     // A Jsonb is a 4-byte varlena header followed by its root container's header word.
+    // SAFETY: payload is a non-null jsonb datum; detoasting yields a complete varlena.
     let jsonb = unsafe { pg_sys::pg_detoast_datum(payload.cast_mut_ptr()) };
+    // SAFETY: a detoasted Jsonb has at least its varlena header and root header word.
     let root = unsafe {
         jsonb
             .cast::<u8>()
@@ -143,6 +159,7 @@ unsafe fn non_object_kind(payload: pg_sys::Datum) -> Option<String> {
         return None;
     }
     let kind =
+        // SAFETY: jsonb_typeof takes one non-null jsonb, which payload is.
         unsafe { pgrx::direct_function_call::<String>(pg_sys::jsonb_typeof, &[Some(payload)]) };
     Some(kind.unwrap_or_else(|| "unknown".into()))
 }
@@ -155,7 +172,9 @@ unsafe fn required_text(
     let Some(value) = value else {
         RealtimeError::SendNullArgument(what).raise()
     };
+    // SAFETY: the caller passes a non-null text datum.
     let text = unsafe { pg_sys::text_to_cstring(value.cast_mut_ptr()) };
+    // SAFETY: text_to_cstring returns a NUL-terminated string, so its first byte is readable.
     if unsafe { *text } == 0 {
         RealtimeError::SendEmptyArgument(what).raise()
     }
@@ -165,6 +184,7 @@ unsafe fn required_text(
 /// A version 4 UUID from the same source as `gen_random_uuid()`.
 fn random_uuid() -> pg_sys::Datum {
     let mut bytes = [0u8; 16];
+    // SAFETY: writes at most bytes.len() bytes into bytes.
     if !unsafe { pg_sys::pg_strong_random(bytes.as_mut_ptr().cast(), bytes.len()) } {
         RealtimeError::Internal("could not generate random values".into()).raise()
     }
@@ -177,6 +197,8 @@ fn random_uuid() -> pg_sys::Datum {
 
 /// Runs the kept INSERT; any error propagates.
 unsafe fn insert(insert_with: &KeptInsert, values: &mut [pg_sys::Datum; 5], nulls: &[u8; 5]) {
+    // SAFETY: called by send inside a transaction; SPI_connect/SPI_finish bracket the plan's use,
+    // and values and nulls have the plan's five parameters.
     unsafe {
         if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
             RealtimeError::Internal("SPI_connect failed".into()).raise()
@@ -204,6 +226,8 @@ unsafe fn kept_plan(insert_with: &KeptInsert) -> pg_sys::SPIPlanPtr {
         pg_sys::TEXTOID,
         pg_sys::BOOLOID,
     ];
+    // SAFETY: the caller is connected to SPI; types has as many entries as the statement has
+    // parameters, and the kept plan lives as long as the backend.
     unsafe {
         let plan = pg_sys::SPI_prepare(
             insert_with.sql.as_ptr(),
@@ -226,7 +250,10 @@ unsafe fn insert_or_warn(
     values: &mut [pg_sys::Datum; 5],
     nulls: &[u8; 5],
 ) {
+    // SAFETY: plain reads of backend globals.
     let (context, owner) = unsafe { (pg_sys::CurrentMemoryContext, pg_sys::CurrentResourceOwner) };
+    // SAFETY: inside a transaction (a SQL function is running); the caller's memory context is
+    // restored at once, as PL/pgSQL does around an exception block.
     unsafe {
         pg_sys::BeginInternalSubTransaction(ptr::null());
         pg_sys::MemoryContextSwitchTo(context);
@@ -234,11 +261,14 @@ unsafe fn insert_or_warn(
     let values = std::panic::AssertUnwindSafe(values);
     let outcome = PgTryBuilder::new(move || {
         let values = values;
+        // SAFETY: inside the subtransaction just begun; the caller vouches for values and nulls.
         unsafe { insert(insert_with, values.0, nulls) };
         Ok(())
     })
     .catch_others(|caught| Err(Box::new(caught)))
     .execute();
+    // SAFETY: ends the subtransaction begun above, then restores the caller's memory context and
+    // resource owner, which the subtransaction's end switched away from.
     unsafe {
         match outcome {
             Ok(()) => pg_sys::ReleaseCurrentSubTransaction(),

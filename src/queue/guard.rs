@@ -26,10 +26,12 @@ thread_local! {
 
 /// The OIDs of schema `realtime` and of `realtime.<table>`, or None if either is missing.
 fn realtime_table(table: &CStr) -> Option<(pg_sys::Oid, pg_sys::Oid)> {
+    // SAFETY: a catalog lookup with missing_ok, inside the trigger's transaction.
     let schema = unsafe { pg_sys::get_namespace_oid(c"realtime".as_ptr(), true) };
     if schema == pg_sys::InvalidOid {
         return None;
     }
+    // SAFETY: a syscache lookup; table is NUL-terminated.
     let relid = unsafe { pg_sys::get_relname_relid(table.as_ptr(), schema) };
     (relid != pg_sys::InvalidOid).then_some((schema, relid))
 }
@@ -42,10 +44,13 @@ fn is_partition_of(relid: pg_sys::Oid, root: pg_sys::Oid) -> bool {
     let mut current = relid;
     // Partition trees of realtime.messages are one level deep; the bound only guards the loop.
     for _ in 0..8 {
+        // SAFETY: a syscache lookup that returns false for a missing relation.
         if !unsafe { pg_sys::get_rel_relispartition(current) } {
             return false;
         }
         current =
+            // SAFETY: current is a partition (checked above); an ERROR is turned into a Rust panic
+            // by the guard.
             unsafe { pg_sys::ffi::pg_guard_ffi_boundary(|| get_partition_parent(current, true)) };
         if current == root {
             PARTITIONS.with_borrow_mut(|known| known.insert(relid));

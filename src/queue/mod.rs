@@ -1,7 +1,7 @@
-//! The commit queue (DESIGN.md principle 2): messages are staged per transaction and per
-//! savepoint by a trigger on `realtime.messages`, reserved as one record of a shared-memory ring
-//! at pre-commit, stamped with the commit LSN by the commit callback, and read back by the
-//! background worker in commit-LSN order, only once committed.
+//! The commit queue: only committed messages reach sockets, and in commit order. Messages are
+//! staged per transaction and per savepoint by a trigger on `realtime.messages`, reserved as
+//! one record of a shared-memory ring at pre-commit, stamped with the commit LSN by the commit
+//! callback, and read back by the background worker in commit-LSN order, only once committed.
 
 pub mod guard;
 pub mod shmem;

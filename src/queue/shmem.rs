@@ -57,6 +57,8 @@ pub fn capacity() -> usize {
 }
 
 pub(super) fn init() {
+    // SAFETY: called once from _PG_init in the postmaster, before any backend exists; the previous
+    // hooks are chained.
     unsafe {
         PREV_REQUEST_HOOK = pg_sys::shmem_request_hook;
         pg_sys::shmem_request_hook = Some(request_shmem);
@@ -67,6 +69,7 @@ pub(super) fn init() {
 
 #[pg_guard]
 unsafe extern "C-unwind" fn request_shmem() {
+    // SAFETY: the shmem request hook runs in the postmaster at the time PostgreSQL allows requests.
     unsafe {
         if let Some(prev) = PREV_REQUEST_HOOK {
             prev();
@@ -78,6 +81,8 @@ unsafe extern "C-unwind" fn request_shmem() {
 
 #[pg_guard]
 unsafe extern "C-unwind" fn startup_shmem() {
+    // SAFETY: the startup hook runs in the postmaster; AddinShmemInitLock (main LWLock 21)
+    // serialises segment creation, and the segment is as large as requested.
     unsafe {
         if let Some(prev) = PREV_STARTUP_HOOK {
             prev();
@@ -110,6 +115,8 @@ fn shared() -> &'static Shared {
 
 /// Runs `f` on the ring while holding its lock exclusively.
 fn with_ring<R>(f: impl FnOnce(&mut RingHeader, &mut [u8]) -> R) -> R {
+    // SAFETY: SHARED points at a segment of data_offset() + capacity bytes, set before any backend
+    // forks; its lock guards the ring header and buffer.
     unsafe {
         let shared = SHARED;
         pg_sys::LWLockAcquire((*shared).lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
@@ -153,6 +160,7 @@ pub fn settle(pending: &commit_ring::Pending, commit_lsn: Option<u64>) {
 /// under the ring's lock so that floors grow in ring order.
 pub fn reserve(xid: u32, database: u32, bodies: &[&[u8]]) -> Result<Reservation, Full> {
     let position = with_ring(|ring, buf| {
+        // SAFETY: reads the WAL insert position under its own spinlock.
         let floor = unsafe { pg_sys::GetXLogInsertRecPtr() };
         ring.reserve(buf, xid, database, floor, bodies)
     })?;
@@ -173,6 +181,8 @@ pub fn take_ready<R>(max: usize, f: impl FnOnce(Ready<'_>, &[u8]) -> R) -> R {
 
 /// The ring's buffer, for the lock-free state words only.
 fn buffer() -> &'static [u8] {
+    // SAFETY: as for with_ring; only the atomically written state words are read through this
+    // slice.
     unsafe {
         let shared = SHARED;
         let data = (shared as *const u8).add(data_offset());
@@ -207,6 +217,8 @@ pub fn wake_worker() {
     }
     let latch = shared().worker_latch.load(Ordering::Acquire);
     if !latch.is_null() {
+        // SAFETY: the latch is the worker's, in shared memory; setting a latch of a process that
+        // exited is harmless.
         unsafe { pg_sys::SetLatch(latch) };
     }
 }

@@ -36,6 +36,8 @@ thread_local! {
 }
 
 pub(super) fn init() {
+    // SAFETY: called once from _PG_init; the callbacks are extern C functions that live as long as
+    // the library.
     unsafe {
         pg_sys::RegisterXactCallback(Some(on_xact), std::ptr::null_mut());
         pg_sys::RegisterSubXactCallback(Some(on_subxact), std::ptr::null_mut());
@@ -43,6 +45,7 @@ pub(super) fn init() {
 }
 
 fn nest_level() -> i32 {
+    // SAFETY: reads the backend's transaction state.
     unsafe { pg_sys::GetCurrentTransactionNestLevel() }
 }
 
@@ -56,6 +59,7 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
         }
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
             // The end of this transaction's commit record, set by RecordTransactionCommit.
+            // SAFETY: a backend global, set by RecordTransactionCommit before this callback.
             finish(Some(unsafe { pg_sys::XactLastCommitEnd }));
         }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => finish(None),
@@ -109,7 +113,9 @@ fn pre_commit() {
         return;
     }
     // Assigns the xid now if the transaction has none, so that it writes a commit record.
+    // SAFETY: called at pre-commit, inside the transaction, which may still be given an xid.
     let xid = unsafe { pg_sys::GetTopTransactionId() };
+    // SAFETY: a backend global set at connection.
     let database = unsafe { pg_sys::MyDatabaseId };
     let slices: Vec<&[u8]> = bodies.iter().map(Vec::as_slice).collect();
     match shmem::reserve(u32::from(xid), u32::from(database), &slices) {
@@ -163,6 +169,8 @@ fn stage(message: &Message<'_>) -> Result<(), RealtimeError> {
 /// JSON value, since the text is all the sockets need.
 fn payload_text(trigger: &PgTrigger<'_>) -> Result<Option<Vec<u8>>, RealtimeError> {
     let data = trigger.trigger_data();
+    // SAFETY: a trigger's relation and its tuple descriptor are valid while it runs; natts bounds
+    // attrs; the datum is read only after its type is checked to be jsonb.
     unsafe {
         let tupdesc = (*data.tg_relation).rd_att;
         let natts = (*tupdesc).natts as usize;
@@ -213,15 +221,19 @@ pub fn stage_presence_sync(topic: &str, private: bool) -> Result<(), RealtimeErr
 /// insert any topic: no policy constrained them anyway.
 fn require_checked_topic(topic: &str, messages: pg_sys::Oid) -> Result<(), RealtimeError> {
     // Read in place, not through `GucSetting::get`, which copies it: this runs for every row.
+    // SAFETY: the setting's storage is a C string pointer that only this backend's GUC machinery
+    // writes.
     let raw = unsafe { *gucs::TOPIC.as_ptr() };
     let checked = if raw.is_null() {
         &[][..]
     } else {
+        // SAFETY: a non-null GUC string value is NUL-terminated.
         unsafe { std::ffi::CStr::from_ptr(raw) }.to_bytes()
     };
     if checked == topic.as_bytes() {
         return Ok(());
     }
+    // SAFETY: messages is the OID of an existing table; noError is set.
     let rls = unsafe { pg_sys::check_enable_rls(messages, pg_sys::InvalidOid, true) };
     if rls != pg_sys::CheckEnableRlsResult::RLS_ENABLED as i32 {
         return Ok(());

@@ -48,20 +48,24 @@ pub extern "C-unwind" fn pg_realtime_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let database = gucs::database();
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    // SAFETY: MyLatch is this process's latch, set up before the worker's main runs.
     shmem::register_worker_latch(unsafe { pg_sys::MyLatch });
     if let Err(e) = transaction::run(settle_session) {
         // Never run as a superuser with a search_path someone else chose.
         log!("pg_realtime: cannot set up the worker's session: {e}");
+        // SAFETY: the worker's main thread, outside any transaction.
         unsafe { pg_sys::proc_exit(1) };
     }
 
     if !wait_for_extension(&database) {
+        // SAFETY: as above.
         unsafe { pg_sys::proc_exit(1) };
     }
     main_loop::run(&database);
     // Exit code 1, not 0: a worker that exits with 0 is never restarted, and a terminated
     // worker (pg_terminate_backend) must come back. At server shutdown nothing is restarted.
     log!("pg_realtime: worker stopped");
+    // SAFETY: as above.
     unsafe { pg_sys::proc_exit(1) };
 }
 
@@ -100,6 +104,7 @@ fn extension_exists() -> bool {
 fn exit_if_extension_dropped() {
     if !extension_exists() {
         log!("pg_realtime: the extension was dropped; restarting the worker to wait for it");
+        // SAFETY: as above.
         unsafe { pg_sys::proc_exit(1) };
     }
 }
@@ -124,6 +129,7 @@ fn wait_for_extension(database: &str) -> bool {
             return false;
         }
         if BackgroundWorker::sighup_received() {
+            // SAFETY: the worker's main thread, between transactions.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
     }

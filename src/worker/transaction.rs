@@ -8,6 +8,8 @@ use std::time::Duration;
 
 /// Starts a transaction and pushes a snapshot for it.
 fn begin() {
+    // SAFETY: the worker's main thread, between transactions: what a background worker does to
+    // start one.
     unsafe {
         pg_sys::SetCurrentStatementStartTimestamp();
         pg_sys::StartTransactionCommand();
@@ -17,6 +19,7 @@ fn begin() {
 
 /// Arms the statement timeout (the worker runs no client loop that would).
 fn arm_timeout(timeout: Duration) {
+    // SAFETY: STATEMENT_TIMEOUT's handler is registered by InitPostgres in every backend.
     unsafe {
         enable_timeout_after(
             STATEMENT_TIMEOUT,
@@ -30,6 +33,7 @@ fn arm_timeout(timeout: Duration) {
 pub fn run<R>(body: impl FnOnce() -> R) -> R {
     begin();
     let result = body();
+    // SAFETY: ends the transaction begun above, whose snapshot was pushed by begin().
     unsafe {
         pg_sys::PopActiveSnapshot();
         pg_sys::CommitTransactionCommand();
@@ -48,6 +52,7 @@ pub fn try_run<R>(
     arm_timeout(timeout);
     PgTryBuilder::new(|| {
         let result = body();
+        // SAFETY: as in run; the timeout was armed above.
         unsafe {
             disable_timeout(STATEMENT_TIMEOUT, false);
             pg_sys::PopActiveSnapshot();
@@ -56,6 +61,7 @@ pub fn try_run<R>(
         Ok(result)
     })
     .catch_others(|caught| {
+        // SAFETY: aborting the transaction begun above releases its snapshot and locks.
         unsafe {
             disable_timeout(STATEMENT_TIMEOUT, false);
             pg_sys::AbortCurrentTransaction();
@@ -108,6 +114,7 @@ pub fn rolled_back<R>(
     })
     .catch_others(|caught| Err(caught_message(caught)))
     .execute();
+    // SAFETY: as in try_run.
     unsafe {
         disable_timeout(STATEMENT_TIMEOUT, false);
         pg_sys::AbortCurrentTransaction();
@@ -135,7 +142,9 @@ pub fn rolled_back_each<T, R>(
         // What the subtransaction's start and rollback switch away from, as plpgsql restores
         // around each BEGIN ... EXCEPTION block.
         let (context, owner) =
+            // SAFETY: plain reads of backend globals.
             unsafe { (pg_sys::CurrentMemoryContext, pg_sys::CurrentResourceOwner) };
+        // SAFETY: inside the transaction begun above.
         unsafe { pg_sys::BeginInternalSubTransaction(std::ptr::null()) };
         arm_timeout(timeout);
         let run = std::panic::AssertUnwindSafe(|| body(item));
@@ -145,6 +154,8 @@ pub fn rolled_back_each<T, R>(
         })
         .catch_others(|caught| Err(caught_message(caught)))
         .execute();
+        // SAFETY: ends the subtransaction begun above and restores what its start switched away
+        // from, as PL/pgSQL does.
         unsafe {
             disable_timeout(STATEMENT_TIMEOUT, false);
             pg_sys::RollbackAndReleaseCurrentSubTransaction();
@@ -153,6 +164,7 @@ pub fn rolled_back_each<T, R>(
         }
         results.push(result);
     }
+    // SAFETY: aborts the transaction begun above.
     unsafe { pg_sys::AbortCurrentTransaction() };
     results
 }
