@@ -8,6 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use realtime_test_client::phoenix;
+/// Frames and messages as the tests see them (decoded by the shared test client).
+pub use realtime_test_client::{Frame, Message};
+
 pub const BIN: &str = "/usr/lib/postgresql/15/bin";
 /// The HS256 secret every test cluster is configured with.
 pub const JWT_SECRET: &str = "integration-test-secret-with-at-least-32-bytes";
@@ -257,41 +261,17 @@ pub fn sqlstate(result: Result<impl Sized, postgres::Error>) -> postgres::error:
     }
 }
 
-/// An HS256 token for the test clusters' secret.
+/// An HS256 token for the test clusters' secret: `{"role": "anon", "iat": now, "exp": now +
+/// 3600}` with `claims` merged over it.
 pub fn jwt(claims: serde_json::Value) -> String {
-    use base64_url as b64;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = realtime_test_client::jwt::now_secs();
     let mut all = serde_json::json!({"role": "anon", "iat": now, "exp": now + 3600});
     if let (Some(all), Some(extra)) = (all.as_object_mut(), claims.as_object()) {
         for (k, v) in extra {
             all.insert(k.clone(), v.clone());
         }
     }
-    let header = b64::encode(br#"{"alg":"HS256","typ":"JWT"}"#);
-    let body = b64::encode(all.to_string().as_bytes());
-    let signing_input = format!("{header}.{body}");
-    let signature = b64::encode(&hmac_sha256(
-        JWT_SECRET.as_bytes(),
-        signing_input.as_bytes(),
-    ));
-    format!("{signing_input}.{signature}")
-}
-
-fn hmac_sha256(key: &[u8], message: &[u8]) -> Vec<u8> {
-    use hmac::{Hmac, Mac};
-    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(key).expect("any key length");
-    mac.update(message);
-    mac.finalize().into_bytes().to_vec()
-}
-
-mod base64_url {
-    use base64::Engine;
-    pub fn encode(bytes: &[u8]) -> String {
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-    }
+    realtime_test_client::jwt::sign_claims(&all, JWT_SECRET)
 }
 
 /// A raw WebSocket client speaking the Phoenix protocol, for frame-level tests.
@@ -299,14 +279,6 @@ pub struct Socket {
     ws: tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<std::net::TcpStream>>,
     pub vsn: &'static str,
     next_ref: u64,
-}
-
-/// One frame from the server.
-#[derive(Debug, Clone)]
-pub enum Frame {
-    Text(serde_json::Value),
-    Binary(Vec<u8>),
-    Close,
 }
 
 impl Socket {
@@ -348,12 +320,7 @@ impl Socket {
         event: &str,
         payload: serde_json::Value,
     ) {
-        let text = if self.vsn == "1.0.0" {
-            serde_json::json!({"topic": topic, "event": event, "payload": payload, "ref": reference, "join_ref": join_ref})
-                .to_string()
-        } else {
-            serde_json::json!([join_ref, reference, topic, event, payload]).to_string()
-        };
+        let text = phoenix::encode(self.vsn, join_ref, reference, topic, event, payload);
         self.send_text(&text);
     }
 
@@ -433,73 +400,6 @@ impl Socket {
             if m.reference.as_deref() == Some(r.as_str()) {
                 return m.payload;
             }
-        }
-    }
-}
-
-/// A decoded server message (text frames; kind-4 binary frames become `broadcast`).
-#[derive(Debug, Clone)]
-pub struct Message {
-    pub join_ref: Option<String>,
-    pub reference: Option<String>,
-    pub topic: String,
-    pub event: String,
-    pub payload: serde_json::Value,
-    /// For kind-4 frames: the user event, the raw payload bytes, whether they are JSON.
-    pub binary: Option<(String, Vec<u8>, bool)>,
-}
-
-impl Message {
-    pub fn from_frame(frame: &Frame, vsn: &str) -> Option<Message> {
-        let text = |v: &serde_json::Value| v.as_str().map(str::to_owned);
-        match frame {
-            Frame::Text(v) if vsn == "1.0.0" => Some(Message {
-                join_ref: v.get("join_ref").and_then(text),
-                reference: v.get("ref").and_then(text),
-                topic: v.get("topic").and_then(text)?,
-                event: v.get("event").and_then(text)?,
-                payload: v.get("payload").cloned().unwrap_or_default(),
-                binary: None,
-            }),
-            Frame::Text(serde_json::Value::Array(a)) if a.len() >= 5 => Some(Message {
-                join_ref: text(&a[0]),
-                reference: text(&a[1]),
-                topic: text(&a[2])?,
-                event: text(&a[3])?,
-                payload: a[4].clone(),
-                binary: None,
-            }),
-            Frame::Binary(b) if b.first() == Some(&4) && b.len() >= 5 => {
-                let (topic_len, event_len, meta_len, encoding) =
-                    (b[1] as usize, b[2] as usize, b[3] as usize, b[4]);
-                let mut at = 5;
-                let mut take = |n: usize| {
-                    let s = b.get(at..at + n).map(<[u8]>::to_vec);
-                    at += n;
-                    s
-                };
-                let topic = String::from_utf8(take(topic_len)?).ok()?;
-                let event = String::from_utf8(take(event_len)?).ok()?;
-                let meta = take(meta_len)?;
-                let data = b.get(at..)?.to_vec();
-                let json = encoding == 1;
-                let mut payload = serde_json::json!({"type": "broadcast", "event": event});
-                if json {
-                    payload["payload"] = serde_json::from_slice(&data).ok()?;
-                }
-                if !meta.is_empty() {
-                    payload["meta"] = serde_json::from_slice(&meta).ok()?;
-                }
-                Some(Message {
-                    join_ref: None,
-                    reference: None,
-                    topic,
-                    event: "broadcast".into(),
-                    payload,
-                    binary: Some((event, data, json)),
-                })
-            }
-            _ => None,
         }
     }
 }

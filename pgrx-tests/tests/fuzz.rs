@@ -10,6 +10,8 @@
 //! in one case also fails the health check of the next.
 
 use realtime_integration_tests::{BIN, Cluster, JWT_SECRET, Message, Socket, eventually, jwt};
+use realtime_test_client::jwt::{b64url, sign_json};
+use realtime_test_client::{binary, phoenix};
 use serde_json::{Value, json};
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -302,11 +304,7 @@ impl Ws {
         event: &str,
         payload: Value,
     ) -> bool {
-        let text = if self.vsn == "1.0.0" {
-            json!({"topic": topic, "event": event, "payload": payload, "ref": reference, "join_ref": join_ref}).to_string()
-        } else {
-            json!([join_ref, reference, topic, event, payload]).to_string()
-        };
+        let text = phoenix::encode(self.vsn, join_ref, reference, topic, event, payload);
         self.text(text)
     }
 
@@ -421,22 +419,9 @@ impl Ws {
     }
 }
 
-/// A kind-3 (client broadcast) binary frame.
+/// A kind-3 (client broadcast) binary frame with a JSON payload.
 fn kind3(join_ref: &str, reference: &str, topic: &str, event: &str, payload: &[u8]) -> Vec<u8> {
-    let mut f = vec![
-        3,
-        join_ref.len() as u8,
-        reference.len() as u8,
-        topic.len() as u8,
-        event.len() as u8,
-        0,
-        1,
-    ];
-    for s in [join_ref, reference, topic, event] {
-        f.extend_from_slice(s.as_bytes());
-    }
-    f.extend_from_slice(payload);
-    f
+    binary::user_broadcast_push(join_ref, reference, topic, event, payload, true)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1487,23 +1472,6 @@ fn a_nul_meta_does_not_hide_other_clients_presence_from_sql() {
 // Tokens
 // ---------------------------------------------------------------------------------------------
 
-fn b64(bytes: &[u8]) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-}
-
-fn sign(header: &Value, claims: &Value, secret: &str) -> String {
-    use hmac::{Hmac, Mac};
-    let input = format!(
-        "{}.{}",
-        b64(header.to_string().as_bytes()),
-        b64(claims.to_string().as_bytes())
-    );
-    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("any key");
-    mac.update(input.as_bytes());
-    format!("{input}.{}", b64(&mac.finalize().into_bytes()))
-}
-
 fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -1530,11 +1498,11 @@ fn connect_refusal(token: &str) -> Option<(u16, String)> {
 fn bad_tokens_are_refused() {
     let hs = json!({"alg": "HS256", "typ": "JWT"});
     let exp = now() + 3600;
-    let header_only = b64(hs.to_string().as_bytes());
+    let header_only = b64url(hs.to_string().as_bytes());
     let none_token = format!(
         "{}.{}.",
-        b64(br#"{"alg":"none","typ":"JWT"}"#),
-        b64(json!({"role": "anon", "exp": exp}).to_string().as_bytes())
+        b64url(br#"{"alg":"none","typ":"JWT"}"#),
+        b64url(json!({"role": "anon", "exp": exp}).to_string().as_bytes())
     );
     let malformed = "The token provided is not a valid JWT";
     let cases: Vec<(String, &str)> = vec![
@@ -1544,11 +1512,11 @@ fn bad_tokens_are_refused() {
         ("🙂.🙂.🙂".into(), malformed),
         (none_token.clone(), malformed),
         (
-            sign(&hs, &json!({"role": "anon", "exp": exp}), "wrong-secret"),
+            sign_json(&hs, &json!({"role": "anon", "exp": exp}), "wrong-secret"),
             "Failed to validate JWT signature",
         ),
         (
-            sign(
+            sign_json(
                 &json!({"alg": "HS512", "typ": "JWT"}),
                 &json!({"role": "anon", "exp": exp}),
                 JWT_SECRET,
@@ -1556,26 +1524,26 @@ fn bad_tokens_are_refused() {
             "Failed to validate JWT signature",
         ),
         (
-            sign(&hs, &json!({"role": "anon", "exp": now() - 10}), JWT_SECRET),
+            sign_json(&hs, &json!({"role": "anon", "exp": now() - 10}), JWT_SECRET),
             "Token has expired",
         ),
         (
-            sign(&hs, &json!({"role": "anon"}), JWT_SECRET),
+            sign_json(&hs, &json!({"role": "anon"}), JWT_SECRET),
             "Fields `role` and `exp` are required in JWT",
         ),
         (
-            sign(&hs, &json!({"role": "", "exp": exp}), JWT_SECRET),
+            sign_json(&hs, &json!({"role": "", "exp": exp}), JWT_SECRET),
             "Fields `role` and `exp` are required in JWT",
         ),
         (
-            sign(&hs, &json!({"role": 5, "exp": exp}), JWT_SECRET),
+            sign_json(&hs, &json!({"role": 5, "exp": exp}), JWT_SECRET),
             "Fields `role` and `exp` are required in JWT",
         ),
         (
-            sign(&hs, &json!({"role": "anon", "exp": "soon"}), JWT_SECRET),
+            sign_json(&hs, &json!({"role": "anon", "exp": "soon"}), JWT_SECRET),
             malformed,
         ),
-        (sign(&hs, &json!([1, 2]), JWT_SECRET), malformed),
+        (sign_json(&hs, &json!([1, 2]), JWT_SECRET), malformed),
     ];
     // A valid header with nothing after it: either refusal text is fair.
     let refusal = connect_refusal(&format!("{header_only}.."));
@@ -1633,7 +1601,7 @@ fn bad_tokens_are_refused() {
                 let token = if i % 2 == 0 {
                     format!("garbage-{i}")
                 } else {
-                    sign(
+                    sign_json(
                         &json!({"alg": "HS256", "typ": "JWT"}),
                         &json!({"role": "anon", "exp": now() + 60}),
                         "wrong-secret",
@@ -1658,15 +1626,15 @@ fn bad_tokens_are_refused() {
             "The token provided is not a valid JWT",
         ),
         (
-            sign(&hs, &json!({"role": "anon", "exp": exp}), "wrong-secret"),
+            sign_json(&hs, &json!({"role": "anon", "exp": exp}), "wrong-secret"),
             "Failed to validate JWT signature",
         ),
         (
-            sign(&hs, &json!({"role": "anon", "exp": now() - 10}), JWT_SECRET),
+            sign_json(&hs, &json!({"role": "anon", "exp": now() - 10}), JWT_SECRET),
             "Token has expired",
         ),
         (
-            sign(&hs, &json!({"role": "anon"}), JWT_SECRET),
+            sign_json(&hs, &json!({"role": "anon"}), JWT_SECRET),
             "Fields `role` and `exp` are required in JWT",
         ),
     ];
@@ -1724,7 +1692,7 @@ fn bad_tokens_are_refused() {
     // Roles Postgres does not know or that mean something else: connect works, private
     // joins with no policies on realtime.messages are refused, and nothing breaks.
     for role in ODD_ROLES {
-        let token = sign(&hs, &json!({"role": role, "exp": exp}), JWT_SECRET);
+        let token = sign_json(&hs, &json!({"role": role, "exp": exp}), JWT_SECRET);
         let mut s = Ws::open_with(&token, "2.0.0").expect("connects");
         let reply = s.join("realtime:role-check", json!({"private": true}));
         assert_eq!(reply["status"], "error", "role {role:?}: {reply}");
@@ -1746,7 +1714,7 @@ const ODD_ROLES: [&str; 4] = ["nosuchrole", "anon; DROP TABLE x", "\u{0000}", "A
 fn unknown_roles_get_a_reason_naming_the_role() {
     let hs = json!({"alg": "HS256", "typ": "JWT"});
     for role in ODD_ROLES {
-        let token = sign(&hs, &json!({"role": role, "exp": now() + 3600}), JWT_SECRET);
+        let token = sign_json(&hs, &json!({"role": role, "exp": now() + 3600}), JWT_SECRET);
         let mut s = Ws::open_with(&token, "2.0.0").expect("connects");
         let reply = s.join("realtime:role-check", json!({"private": true}));
         let reason = reply["response"]["reason"].as_str().unwrap_or_default();
@@ -1765,7 +1733,7 @@ fn roles_that_mean_superuser_are_refused_private_access() {
     let exp = now() + 3600;
     let hs = json!({"alg": "HS256", "typ": "JWT"});
     for role in ["none", "postgres"] {
-        let token = sign(&hs, &json!({"role": role, "exp": exp}), JWT_SECRET);
+        let token = sign_json(&hs, &json!({"role": role, "exp": exp}), JWT_SECRET);
         // Refused at connect (`none` is never a role) or at join (a superuser).
         let Ok(mut s) = Ws::open_with(&token, "2.0.0") else {
             continue;

@@ -3,35 +3,11 @@
 //! neither the connection nor the worker goes down.
 
 use realtime_integration_tests::{Cluster, Frame, Message, Socket, jwt};
+use realtime_test_client::binary;
 use serde_json::json;
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(10);
-
-/// A kind-3 (user broadcast push) frame as realtime-js builds it.
-fn kind3(
-    join_ref: &str,
-    reference: &str,
-    topic: &str,
-    event: &str,
-    payload: &[u8],
-    json: bool,
-) -> Vec<u8> {
-    let mut f = vec![
-        3,
-        join_ref.len() as u8,
-        reference.len() as u8,
-        topic.len() as u8,
-        event.len() as u8,
-        0,
-        json as u8,
-    ];
-    for s in [join_ref, reference, topic, event] {
-        f.extend_from_slice(s.as_bytes());
-    }
-    f.extend_from_slice(payload);
-    f
-}
 
 #[test]
 fn heartbeat_join_broadcast_and_leave_in_both_serializers() {
@@ -57,7 +33,7 @@ fn heartbeat_join_broadcast_and_leave_in_both_serializers() {
 
     // A kind-3 binary push from vsn 2.0.0 reaches the vsn 1.0.0 socket as JSON and comes back
     // to the sender (self) as a kind-4 frame; ack gives an ok reply.
-    v2.send_binary(kind3(
+    v2.send_binary(binary::user_broadcast_push(
         "1",
         "7",
         "realtime:room",
@@ -167,7 +143,14 @@ fn bad_frames_get_documented_answers_and_nothing_goes_down() {
         "ok"
     );
     let big = format!("{{\"x\":\"{}\"}}", "a".repeat(2000));
-    s.send_binary(kind3("1", "8", "realtime:big", "e", big.as_bytes(), true));
+    s.send_binary(binary::user_broadcast_push(
+        "1",
+        "8",
+        "realtime:big",
+        "e",
+        big.as_bytes(),
+        true,
+    ));
     let reply = s.recv_event("phx_reply", WAIT).expect("size reply");
     assert_eq!(
         reply.payload,

@@ -256,18 +256,10 @@ fn the_jwt_secret_is_not_readable_by_monitoring_roles() {
     ));
     cluster.execute("SELECT pg_reload_conf()");
     let signed_with = |secret: &str| {
-        use base64::Engine;
-        use hmac::{Hmac, Mac};
-        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
-        let body = json!({"role": "anon", "exp": 4_000_000_000u64}).to_string();
-        let input = format!(
-            "{}.{}",
-            b64(br#"{"alg":"HS256","typ":"JWT"}"#),
-            b64(body.as_bytes())
-        );
-        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
-        mac.update(input.as_bytes());
-        format!("{input}.{}", b64(&mac.finalize().into_bytes()))
+        realtime_test_client::jwt::sign_claims(
+            &json!({"role": "anon", "exp": 4_000_000_000u64}),
+            secret,
+        )
     };
     let accepted = eventually(WAIT, || {
         Socket::try_connect(&cluster, &signed_with(file_secret), "1.0.0").is_ok()

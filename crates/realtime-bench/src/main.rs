@@ -13,14 +13,22 @@
 //! Each scenario prints a table and, with `--json`, writes the same figures as JSON.
 //! `realtime-bench ratio --ours A.json --peer B.json --key deliveries_per_sec` compares two.
 
-#[path = "../bench/mod.rs"]
-mod bench;
+mod args;
+mod client;
+mod common;
+mod connections;
+mod database;
+mod fanout;
+mod presence;
+mod private_joins;
+mod ratio;
+mod stats;
 
-use bench::args::Args;
+use args::Args;
 
 const USAGE: &str = "usage: realtime-bench <fanout|database|connections|presence|private-joins|ratio> \
                      [--option value ...]\n\
-                     (see the top of src/bin/realtime-bench.rs and BENCHMARKS.md)";
+                     (see the top of crates/realtime-bench/src/main.rs and BENCHMARKS.md)";
 
 fn main() {
     if let Err(e) = run() {
@@ -43,14 +51,14 @@ fn run() -> Result<(), String> {
         .map_err(|e| format!("tokio runtime: {e}"))?;
     runtime.block_on(async {
         let report = match scenario.as_str() {
-            "fanout" => bench::fanout::run(&args).await?,
-            "database" => bench::database::run(&args).await?,
-            "connections" => bench::connections::run(&args).await?,
-            "connections-child" => return bench::connections::child(&args).await,
-            "presence" => bench::presence::run(&args).await?,
-            "presence-child" => return bench::presence::child(&args).await,
-            "private-joins" => bench::private_joins::run(&args).await?,
-            "ratio" => return bench::ratio::run(&args),
+            "fanout" => fanout::run(&args).await?,
+            "database" => database::run(&args).await?,
+            "connections" => connections::run(&args).await?,
+            "connections-child" => return connections::child(&args).await,
+            "presence" => presence::run(&args).await?,
+            "presence-child" => return presence::child(&args).await,
+            "private-joins" => private_joins::run(&args).await?,
+            "ratio" => return ratio::run(&args),
             _ => return Err(USAGE.to_owned()),
         };
         report.emit(json.as_deref())

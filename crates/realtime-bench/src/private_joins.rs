@@ -21,8 +21,8 @@ use tokio_tungstenite::tungstenite::Message;
 use super::args::Args;
 use super::client::{self, JoinOptions, Protocol, Role, SETUP_TIMEOUT, Ws};
 use super::common::{self, Common, Report};
-use super::jwt;
 use super::stats::{self, Recorder, histogram, latency_json, now_us, proc_delta_json, round2};
+use realtime_test_client::jwt;
 
 /// Read access to broadcast on `room-*` topics for any signed-in user: the shape of the
 /// policies in Supabase's authorization guide.

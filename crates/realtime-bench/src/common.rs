@@ -11,8 +11,8 @@ use tokio_tungstenite::tungstenite::Message;
 
 use super::args::Args;
 use super::client::{self, HEARTBEAT, HEARTBEAT_EVERY, Incoming, JoinOptions, Protocol, Role, Ws};
-use super::jwt;
 use super::stats::{self, ProcSample, Recorder, Window, latency_json, proc_delta_json, round2};
+use realtime_test_client::jwt;
 
 pub struct Common {
     pub protocol: Protocol,

@@ -10,6 +10,7 @@ use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use realtime_test_client::{binary, phoenix};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -167,18 +168,21 @@ pub fn join_frame(
         Some(key) => serde_json::json!({"enabled": true, "key": key}),
         None => serde_json::json!({"enabled": false}),
     };
-    serde_json::json!([
-        join_ref, join_ref, format!("realtime:{topic}"), "phx_join",
-        {
+    phoenix::encode(
+        phoenix::V2,
+        Some(join_ref),
+        join_ref,
+        &format!("realtime:{topic}"),
+        "phx_join",
+        serde_json::json!({
             "config": {
                 "broadcast": {"self": false, "ack": false},
                 "presence": presence,
                 "private": options.private
             },
             "access_token": options.access_token.as_deref().unwrap_or(connect_token)
-        }
-    ])
-    .to_string()
+        }),
+    )
 }
 
 /// The reply to the frame whose ref is `reference`: `Ok(None)` if `text` is something else,
@@ -263,30 +267,14 @@ pub fn broadcast(
         Frames::Text => Message::text(format!(
             r#"["1","{reference}","{full_topic}","broadcast",{{"type":"broadcast","event":"e","payload":{body}}}]"#
         )),
-        Frames::Binary => {
-            let (join_ref, event) = ("1", "e");
-            let mut b = Vec::with_capacity(7 + reference.len() + full_topic.len() + body.len() + 2);
-            // kind, join_ref_len, ref_len, topic_len, event_len, metadata_len, encoding (JSON)
-            b.extend_from_slice(&[
-                3,
-                join_ref.len() as u8,
-                reference.len() as u8,
-                full_topic.len() as u8,
-                event.len() as u8,
-                0,
-                1,
-            ]);
-            for s in [
-                join_ref,
-                reference.as_str(),
-                full_topic.as_str(),
-                event,
-                body,
-            ] {
-                b.extend_from_slice(s.as_bytes());
-            }
-            Message::binary(b)
-        }
+        Frames::Binary => Message::binary(binary::user_broadcast_push(
+            "1",
+            &reference,
+            &full_topic,
+            "e",
+            body.as_bytes(),
+            true,
+        )),
     }
 }
 
@@ -328,15 +316,9 @@ fn classify_bytes(b: &[u8]) -> Incoming {
     }
 }
 
-/// The user payload of a kind-4 frame: kind, topic_len, event_len, metadata_len, encoding,
-/// then topic, event and metadata, then the payload.
+/// The user payload of a kind-4 frame.
 fn kind4_payload(b: &[u8]) -> Option<&[u8]> {
-    if b.first() != Some(&4) {
-        return None;
-    }
-    let header = b.get(1..5)?;
-    let skip = 5 + header[0] as usize + header[1] as usize + header[2] as usize;
-    b.get(skip..)
+    binary::decode_user_broadcast(b).map(|m| m.payload)
 }
 
 /// The value of `"t": <digits>` — found by scanning rather than parsing the JSON, because the
