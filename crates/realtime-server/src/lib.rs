@@ -463,12 +463,8 @@ impl Server {
         inner
             .authz
             .complete(id, result.map(|a| (a, replay)), |pre, a, replay| {
-                let replayed = (!replay.is_empty())
-                    .then(|| Arc::new(replay.iter().map(|r| r.id.clone()).collect()));
-                let reads = registry::Reads {
-                    broadcast: a.broadcast_read,
-                    presence: a.presence_read,
-                };
+                let replayed = registry::replayed_ids(replay);
+                let reads = registry::Reads::of(a);
                 // Messages wait in a queue of their own, bounded like the connection's, until
                 // the connection takes the subscription over.
                 let (staging, staged) =

@@ -24,6 +24,14 @@ impl Reads {
         broadcast: true,
         presence: true,
     };
+
+    /// A private channel's reads: what its read check allowed.
+    pub(crate) fn of(a: &crate::events::Authorization) -> Reads {
+        Reads {
+            broadcast: a.broadcast_read,
+            presence: a.presence_read,
+        }
+    }
 }
 
 /// Which read right a message needs.
@@ -31,6 +39,12 @@ impl Reads {
 pub(crate) enum Kind {
     Broadcast,
     Presence,
+}
+
+/// The ids a subscriber that got `replay` by Broadcast Replay skips when their live copies
+/// arrive, so each message arrives once; None when nothing was replayed.
+pub(crate) fn replayed_ids(replay: &[crate::events::Replayed]) -> Option<Arc<HashSet<String>>> {
+    (!replay.is_empty()).then(|| Arc::new(replay.iter().map(|r| r.id.clone()).collect()))
 }
 
 /// When a subscriber's token expires (its `exp`, unix seconds); shared with its channel, which

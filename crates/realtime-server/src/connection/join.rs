@@ -1,9 +1,6 @@
 //! `phx_join`: the checks that may refuse it, the authorization of private joins, and the
 //! joined channel's start (reply, presence state, replayed messages, subscription).
 
-use std::collections::HashSet;
-use std::sync::Arc;
-
 use bytes::Bytes;
 use serde_json::json;
 use tokio::time::Instant;
@@ -17,7 +14,7 @@ use crate::events::{Authorization, AuthorizationPurpose, ReplayParams, Replayed}
 use crate::jwt::{Claims, unix_now};
 use crate::protocol::Inbound;
 use crate::refusal::{POSTGRES_CHANGES_UNSUPPORTED, Refusal, ReplyError};
-use crate::registry::{Expiry, PendingSubscription};
+use crate::registry::{Expiry, PendingSubscription, replayed_ids};
 use crate::topic::{self, MAX_SUBTOPIC_BYTES, TopicKey};
 
 /// A join that passed the connection's checks.
@@ -228,9 +225,7 @@ impl Conn {
             subtopic: j.subtopic,
         };
         let reads = super::rights::reads_of(authorization);
-        // Live copies of replayed messages are skipped, so each arrives once.
-        let replayed: Option<Arc<HashSet<String>>> =
-            (!replay.is_empty()).then(|| Arc::new(replay.iter().map(|r| r.id.clone()).collect()));
+        let replayed = replayed_ids(&replay);
         let subscribe_now = subscription.is_none() && (reads.broadcast || reads.presence);
         let mut sub_id = subscribe_now.then(|| {
             self.inner.broker.subscribe(

@@ -12,10 +12,7 @@ use crate::registry::Reads;
 
 /// Public channels (no authorization) read everything.
 pub(super) fn reads_of(authorization: Option<Authorization>) -> Reads {
-    authorization.map_or(Reads::ALL, |a| Reads {
-        broadcast: a.broadcast_read,
-        presence: a.presence_read,
-    })
+    authorization.map_or(Reads::ALL, |a| Reads::of(&a))
 }
 
 impl Conn {
