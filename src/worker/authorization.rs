@@ -13,7 +13,8 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::spi::OwnedPreparedStatement;
 use realtime_server::{
-    Authorization, AuthorizationPurpose, AuthorizationRequest, Payload, ReplayParams, Replayed,
+    Authorization, AuthorizationPurpose, AuthorizationRequest, Payload, Refusal, ReplayParams,
+    Replayed,
 };
 
 const BROADCAST: &str = "broadcast";
@@ -42,23 +43,25 @@ fn set_policy_search_path_local() {
 /// (`none` would even reset to the worker's own superuser session), and, when
 /// `realtime.authenticator` is set, only a role granted to it. Checked before any of the
 /// token's settings are made.
-fn require_allowed_role(role: &str) -> Result<(), String> {
+fn require_allowed_role(role: &str) -> Result<(), Refusal> {
     let shown: String = role.chars().take(64).collect();
     if role.is_empty() || role.eq_ignore_ascii_case("none") {
-        return Err(format!(
+        return Err(Refusal::RoleNotAllowed(format!(
             "a token's role must name a database role, not \"{shown}\""
-        ));
+        )));
     }
     let name = std::ffi::CString::new(role)
-        .map_err(|_| "the token's role contains a NUL byte".to_string())?;
+        .map_err(|_| Refusal::RoleNotAllowed("the token's role contains a NUL byte".to_string()))?;
     let oid = unsafe { pg_sys::get_role_oid(name.as_ptr(), true) };
     if oid == pg_sys::InvalidOid {
-        return Err(format!("role \"{shown}\" does not exist"));
+        return Err(Refusal::RoleNotAllowed(format!(
+            "role \"{shown}\" does not exist"
+        )));
     }
     if unsafe { pg_sys::superuser_arg(oid) } {
-        return Err(format!(
+        return Err(Refusal::RoleNotAllowed(format!(
             "role \"{shown}\" is a superuser; a token may not become one"
-        ));
+        )));
     }
     if let Some(authenticator) = crate::gucs::text(&crate::gucs::AUTHENTICATOR) {
         let granted = std::ffi::CString::new(authenticator.as_str())
@@ -67,9 +70,9 @@ fn require_allowed_role(role: &str) -> Result<(), String> {
                 a != pg_sys::InvalidOid && unsafe { pg_sys::is_member_of_role_nosuper(a, oid) }
             });
         if !granted {
-            return Err(format!(
+            return Err(Refusal::RoleNotAllowed(format!(
                 "role \"{shown}\" is not granted to \"{authenticator}\" (realtime.authenticator)"
-            ));
+            )));
         }
     }
     Ok(())
@@ -235,11 +238,11 @@ fn write_checks(request: &AuthorizationRequest, write: &[&str]) -> Result<Vec<Ve
     })
 }
 
-/// Answers requests of the socket server, in order. A role that does not exist or a policy
-/// that raises becomes a complete `Unauthorized: ...` join reason for that request alone.
+/// Answers requests of the socket server, in order. A role that may not be used or a policy
+/// that raises refuses that request alone ([`Refusal::RoleNotAllowed`], [`Refusal::Policy`]).
 pub fn answer_all(
     requests: &[AuthorizationRequest],
-) -> Vec<(Result<Authorization, String>, Vec<Replayed>)> {
+) -> Vec<(Result<Authorization, Refusal>, Vec<Replayed>)> {
     // The policies' search_path is set once for the batch, not per check: the statements run
     // before the role is switched (the probe inserts, realtime._authorize_writes up to its
     // SET ROLE) name everything with its schema, so no other schema can shadow them.
@@ -247,19 +250,14 @@ pub fn answer_all(
         AUTHORIZATION_TIMEOUT,
         requests,
         set_policy_search_path_local,
-        rights,
+        |request| Ok(rights(request)),
     );
     requests
         .iter()
         .zip(all_rights)
         .map(|(request, rights)| {
-            let rights = rights.map_err(|e| {
-                if e.starts_with("Unauthorized: ") {
-                    e
-                } else {
-                    format!("Unauthorized: {e}")
-                }
-            });
+            // An ERROR raised inside the check (by a policy, say) is caught as its message.
+            let rights = rights.unwrap_or_else(|e| Err(Refusal::raised(e)));
             let replay = replay_for(request, &rights);
             (rights, replay)
         })
@@ -268,7 +266,7 @@ pub fn answer_all(
 
 fn replay_for(
     request: &AuthorizationRequest,
-    rights: &Result<Authorization, String>,
+    rights: &Result<Authorization, Refusal>,
 ) -> Vec<Replayed> {
     match (rights, request.replay) {
         (Ok(r), Some(params)) if r.broadcast_read => match replay(&request.subtopic, params) {
@@ -322,7 +320,7 @@ fn replay(topic: &str, params: ReplayParams) -> Result<Vec<Replayed>, String> {
     })
 }
 
-fn rights(request: &AuthorizationRequest) -> Result<Authorization, String> {
+fn rights(request: &AuthorizationRequest) -> Result<Authorization, Refusal> {
     // Reads at join, writes at the first write (as Supabase): most subscribers never write.
     let extensions = if request.presence {
         vec![BROADCAST, PRESENCE]
@@ -330,13 +328,13 @@ fn rights(request: &AuthorizationRequest) -> Result<Authorization, String> {
         vec![BROADCAST]
     };
     let writes = request.purpose == AuthorizationPurpose::Write;
-    require_allowed_role(&request.claims.role).map_err(|e| format!("Unauthorized: {e}"))?;
+    require_allowed_role(&request.claims.role)?;
     let verdicts = if writes {
         write_checks(request, &extensions)
     } else {
         read_checks(request, &extensions)
     }
-    .map_err(|e| format!("Unauthorized: {e}"))?;
+    .map_err(Refusal::Policy)?;
     let mut answer = Authorization::default();
     for (extension, allowed) in verdicts {
         let (read, write) = match extension.as_deref() {

@@ -3,7 +3,7 @@
 //! waits (asynchronously) for [`crate::Server::complete_authorization`].
 //!
 //! Each request costs the worker's only Postgres thread a subtransaction, so what may wait is
-//! bounded: per connection (see `connection.rs`) and here, over all of them. A request whose
+//! bounded: per connection (see `connection/join.rs`) and here, over all of them. A request whose
 //! asker went away (timed out, left, disconnected) is forgotten at once, so the worker skips it.
 
 use std::collections::HashMap;
@@ -16,19 +16,16 @@ use crate::events::{
     Authorization, AuthorizationPurpose, AuthorizationRequest, EventQueue, ReplayParams, Replayed,
 };
 use crate::jwt::Claims;
+use crate::refusal::Refusal;
 use crate::registry::PendingSubscription;
 
 /// The rights, and the stored messages to replay (empty unless the join asked for replay).
-pub(crate) type Answer = Result<(Authorization, Vec<Replayed>), String>;
-
-/// The join reason when too many authorization requests wait already.
-pub(crate) const TOO_MANY_WAITING: &str =
-    "IncreaseConnectionPool: Too many authorization requests are waiting for the database";
+pub(crate) type Answer = Result<(Authorization, Vec<Replayed>), Refusal>;
 
 /// What a join that asked for replay needs to be subscribed the moment it is answered: see
 /// [`crate::Server::complete_authorization`].
 pub(crate) struct PreSubscribe {
-    pub key: crate::registry::TopicKey,
+    pub key: crate::topic::TopicKey,
     pub vsn: crate::protocol::Vsn,
     pub expires: crate::registry::Expiry,
     pub queue_frames: usize,
@@ -46,8 +43,10 @@ pub(crate) struct Authorizer {
     next_id: AtomicU64,
 }
 
-pub(crate) fn unauthorized_reason(subtopic: &str) -> String {
-    format!("Unauthorized: You do not have permissions to read from this Channel topic: {subtopic}")
+fn read_denied(subtopic: &str) -> Refusal {
+    Refusal::ReadDenied {
+        subtopic: subtopic.to_string(),
+    }
 }
 
 pub(crate) struct Ask<'a> {
@@ -92,7 +91,7 @@ impl Drop for Forget<'_> {
 }
 
 impl Authorizer {
-    /// Asks the worker; `Err` carries a complete join error reason.
+    /// Asks the worker; `Err` says why the join is refused.
     pub(crate) async fn authorize(
         &self,
         enabled: bool,
@@ -103,14 +102,14 @@ impl Authorizer {
     ) -> (Answer, Option<PendingSubscription>) {
         if !enabled {
             // Until the worker answers authorization requests, nothing private is allowed.
-            return (Err(unauthorized_reason(ask.subtopic)), None);
+            return (Err(read_denied(ask.subtopic)), None);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
             if pending.len() >= max_pending.max(1) {
-                return (Err(TOO_MANY_WAITING.into()), None);
+                return (Err(Refusal::TooManyWaiting), None);
             }
             pending.insert(
                 id,
@@ -131,20 +130,17 @@ impl Authorizer {
             replay: ask.replay,
         };
         if !events.push_authorize(request, max_pending, |id| self.is_pending(id)) {
-            return (Err(TOO_MANY_WAITING.into()), None);
+            return (Err(Refusal::TooManyWaiting), None);
         }
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(answered)) => answered,
-            Ok(Err(_)) => (Err(unauthorized_reason(ask.subtopic)), None),
+            Ok(Err(_)) => (Err(read_denied(ask.subtopic)), None),
             Err(_) => {
                 log::warn!(
                     "authorization request {id} for {} timed out",
                     crate::log_excerpt(ask.subtopic)
                 );
-                (
-                    Err("IncreaseConnectionPool: Please increase your connection pool size".into()),
-                    None,
-                )
+                (Err(Refusal::AuthorizationTimeout), None)
             }
         }
     }

@@ -9,7 +9,7 @@ use crate::jwt::Claims;
 use crate::protocol::{Inbound, InboundPayload};
 use crate::registry::TopicKey;
 
-/// What a `phx_join` asked for (reference 2.1). Unknown keys are ignored.
+/// What a `phx_join` payload asked for (its `config` and token). Unknown keys are ignored.
 #[derive(Debug, Default, PartialEq)]
 pub(crate) struct JoinRequest {
     pub private: bool,
@@ -107,6 +107,9 @@ pub(crate) struct Channel {
     pub presence_owner: u64,
     /// Presence calls in the current rate-limit window, and when that window began.
     pub presence_calls: (Instant, u32),
+    /// Changes with each token the channel gets, so late authorization answers for an older
+    /// token (or an earlier join of the topic) are recognised.
+    pub generation: u64,
 }
 
 /// Messages held while a write check runs, per channel; beyond this they are dropped.

@@ -39,12 +39,12 @@ pub enum PresenceChange {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AuthorizationPurpose {
-    /// `phx_join` on a private channel: read checks (reference 5.1).
+    /// `phx_join` on a private channel: the read checks (SELECT policies).
     Join,
     /// A new `access_token` on a joined private channel: read checks again.
     TokenRefresh,
     /// The first broadcast or presence message on a private channel, or a private REST
-    /// broadcast: write checks (reference 5.2), of presence too when `presence` is set.
+    /// broadcast: the write checks (INSERT policies), of presence too when `presence` is set.
     Write,
 }
 
@@ -60,7 +60,7 @@ pub struct AuthorizationRequest {
     /// Presence is enabled on the join, so the presence extension should be probed too.
     pub presence: bool,
     pub purpose: AuthorizationPurpose,
-    /// Broadcast Replay asked by the join (reference 6.8); the worker answers with the stored
+    /// Broadcast Replay asked by the join (Supabase's `config.broadcast.replay`); the worker answers with the stored
     /// messages when the read check passes. `limit` is already clamped to the setting.
     pub replay: Option<ReplayParams>,
 }

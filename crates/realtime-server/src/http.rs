@@ -1,4 +1,4 @@
-//! Routes, CORS and the WebSocket upgrade (reference 1.1, 1.2).
+//! Routes, CORS and the WebSocket upgrade (`/realtime/v1/websocket`, `/socket/websocket`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,6 +19,7 @@ use crate::Inner;
 use crate::connection::{self, ConnectInfo, ConnectionSlot};
 use crate::jwt::{JwtError, unix_now};
 use crate::protocol::Vsn;
+use crate::refusal::HttpRefusal;
 use crate::rest;
 
 /// Per-connection WebSocket buffers (see `upgrade`).
@@ -91,12 +92,12 @@ pub(crate) fn json_response(status: StatusCode, body: serde_json::Value) -> Resp
 }
 
 /// Supabase sleeps before refusing an upgrade, which slows reconnect storms.
-async fn connect_error(inner: &Inner, status: StatusCode, message: &str) -> Response {
+async fn connect_error(inner: &Inner, status: StatusCode, refusal: HttpRefusal) -> Response {
     let delay = inner.config().connect_error_delay;
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-    json_response(status, json!({ "error": message }))
+    json_response(status, json!({ "error": refusal.to_string() }))
 }
 
 /// Only `x-*` headers reach `request.headers` for WebSocket connections, as in Supabase.
@@ -130,7 +131,7 @@ async fn websocket(
         return connect_error(
             &inner,
             StatusCode::BAD_REQUEST,
-            "Unsupported serializer version: use vsn=1.0.0 or vsn=2.0.0",
+            HttpRefusal::UnsupportedSerializer,
         )
         .await;
     };
@@ -138,12 +139,12 @@ async fn websocket(
         return connect_error(
             &inner,
             StatusCode::UNAUTHORIZED,
-            JwtError::Missing.connect_message(),
+            HttpRefusal::Token(JwtError::Missing),
         )
         .await;
     }
     if let Err(e) = inner.jwt().verify(&token, unix_now()) {
-        return connect_error(&inner, StatusCode::UNAUTHORIZED, e.connect_message()).await;
+        return connect_error(&inner, StatusCode::UNAUTHORIZED, HttpRefusal::Token(e)).await;
     }
     let cfg = inner.config();
     let count = inner.active_connections.fetch_add(1, Ordering::AcqRel) + 1;
@@ -153,7 +154,7 @@ async fn websocket(
         return connect_error(
             &inner,
             StatusCode::TOO_MANY_REQUESTS,
-            "Too many connected users",
+            HttpRefusal::TooManyConnections,
         )
         .await;
     }

@@ -1,4 +1,5 @@
-//! JWT verification with Supabase Realtime's rules and error texts (reference section 5.4).
+//! JWT verification with Supabase Realtime's rules. The texts of [`JwtError`] are in
+//! `refusal.rs`, with every other refusal text.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -20,6 +21,7 @@ pub struct Claims {
     pub json: Arc<str>,
 }
 
+/// Why a token is not accepted; see `refusal.rs` for its texts at connect, join and refresh.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum JwtError {
     Missing,
@@ -33,57 +35,6 @@ pub enum JwtError {
     Malformed,
     BadSignature,
     Signer,
-}
-
-impl JwtError {
-    /// The `error` text of the HTTP 401 that refuses a WebSocket upgrade.
-    pub fn connect_message(&self) -> &'static str {
-        match self {
-            JwtError::Missing => "API key is missing",
-            JwtError::Expired { .. } => "Token has expired",
-            JwtError::MissingClaims => "Fields `role` and `exp` are required in JWT",
-            JwtError::RoleNotAllowed => "The `role` claim of the JWT is not allowed",
-            JwtError::Malformed => "The token provided is not a valid JWT",
-            JwtError::BadSignature => "Failed to validate JWT signature",
-            JwtError::Signer => {
-                "Failed to generate JWT signer, check your JWT secret or JWKS configuration"
-            }
-        }
-    }
-
-    /// The `reason` of a refused `phx_join`.
-    pub fn join_reason(&self) -> String {
-        match self {
-            JwtError::Missing | JwtError::Malformed => {
-                "MalformedJWT: The token provided is not a valid JWT".to_string()
-            }
-            JwtError::Expired { seconds_ago } => {
-                format!("InvalidJWTToken: Token has expired {seconds_ago} seconds ago")
-            }
-            JwtError::MissingClaims => {
-                "InvalidJWTToken: Fields `role` and `exp` are required in JWT".to_string()
-            }
-            JwtError::RoleNotAllowed => {
-                "InvalidJWTToken: The `role` claim of the JWT is not allowed".to_string()
-            }
-            JwtError::BadSignature => {
-                "JwtSignatureError: Failed to validate JWT signature".to_string()
-            }
-            JwtError::Signer => "JwtSignerError: Failed to generate JWT signer, check your JWT \
-                                 secret or JWKS configuration"
-                .to_string(),
-        }
-    }
-
-    /// The message of the `system` error that shuts a channel down after a bad token refresh.
-    pub fn system_message(&self) -> String {
-        match self {
-            JwtError::Expired { seconds_ago } => {
-                format!("Token has expired {seconds_ago} seconds ago")
-            }
-            other => other.connect_message().to_string(),
-        }
-    }
 }
 
 struct KeyEntry {

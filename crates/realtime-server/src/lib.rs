@@ -6,6 +6,7 @@
 
 mod authz;
 mod broadcast;
+mod broker;
 mod channel;
 mod config;
 mod connection;
@@ -17,9 +18,11 @@ mod outbound;
 mod presence;
 mod presence_diffs;
 pub mod protocol;
+mod refusal;
 mod registry;
 mod rest;
 mod signals;
+mod topic;
 mod wake;
 
 use std::net::SocketAddr;
@@ -40,11 +43,13 @@ pub use events::{
 };
 pub use jwt::Claims;
 pub use protocol::Payload;
+pub use refusal::Refusal;
 
 use broadcast::{Body, Outgoing, id_meta};
+use broker::Broker;
 use events::EventQueue;
 use jwt::JwtVerifier;
-use registry::{Kind, Registry, TopicKey};
+use topic::TopicKey;
 
 /// Client strings can be megabytes long; logs get at most this many bytes of one.
 const LOG_EXCERPT_BYTES: usize = 120;
@@ -61,7 +66,6 @@ pub(crate) fn log_excerpt(s: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(format!("{}... ({} bytes)", &s[..end], s.len()))
 }
 
-/// A committed database message (`realtime.send`, `realtime.broadcast_changes`, ...).
 #[cfg(test)]
 mod tests {
     use super::log_excerpt;
@@ -91,6 +95,7 @@ mod tests {
     }
 }
 
+/// A committed database message (`realtime.send`, `realtime.broadcast_changes`, ...).
 #[derive(Clone, Debug)]
 pub struct DbBroadcast {
     /// Sub-topic, without the `realtime:` prefix.
@@ -106,11 +111,10 @@ pub struct DbBroadcast {
 pub(crate) struct Inner {
     config: RwLock<Arc<Config>>,
     jwt: RwLock<Arc<JwtVerifier>>,
-    pub(crate) registry: Registry,
+    /// Every message and presence change goes through it; see `broker.rs`.
+    pub(crate) broker: Arc<dyn Broker>,
     pub(crate) events: Arc<EventQueue>,
     pub(crate) authz: authz::Authorizer,
-    pub(crate) presence: presence::Presence,
-    pub(crate) presence_diffs: presence_diffs::PresenceDiffs,
     pub(crate) active_connections: AtomicUsize,
     pub(crate) shutdown: watch::Receiver<bool>,
     /// Fixed at start: the WebSocket limits are set per upgrade but the REST body limit is
@@ -301,14 +305,13 @@ impl Server {
         let max_frame_bytes = config.max_frame_bytes;
         let jwt = JwtVerifier::new(config.jwt_secret.as_deref(), config.jwt_jwks.as_deref());
         let events = Arc::new(EventQueue::new(wake));
+        let broker = Arc::new(broker::memory::MemoryBroker::new(events.clone()));
         let inner = Arc::new(Inner {
             config: RwLock::new(Arc::new(config)),
             jwt: RwLock::new(Arc::new(jwt)),
-            registry: Registry::default(),
-            events: events.clone(),
+            broker: broker.clone(),
+            events,
             authz: authz::Authorizer::default(),
-            presence: presence::Presence::mirrored(events),
-            presence_diffs: presence_diffs::PresenceDiffs::default(),
             active_connections: AtomicUsize::new(0),
             shutdown: shutdown_rx,
             max_frame_bytes,
@@ -349,7 +352,7 @@ impl Server {
             publish_budget.clone(),
             inner.clone(),
         ));
-        runtime.spawn(presence_diffs::flush_loop(inner.clone()));
+        runtime.spawn(broker.flush_presence_diffs(inner.shutdown.clone()));
         Ok(Server {
             runtime: Some(runtime),
             inner,
@@ -439,9 +442,9 @@ impl Server {
         *self.inner.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
     }
 
-    /// Answers an [`Event::Authorize`]. `Err` carries the complete join error reason (e.g.
-    /// `"IncreaseConnectionPool: Please increase your connection pool size"`). Returns false if
-    /// nobody waits any more (timed out, connection gone).
+    /// Answers an [`Event::Authorize`]. `Err` says why the join is refused (its text is the
+    /// join reply's reason, e.g. `Refusal::Policy(e)` → `"Unauthorized: <e>"`). Returns false
+    /// if nobody waits any more (timed out, connection gone).
     /// `replay` holds the stored messages for a join that asked for Broadcast Replay, oldest
     /// first; they are sent after the join reply with `meta.replayed`.
     ///
@@ -453,26 +456,28 @@ impl Server {
     pub fn complete_authorization(
         &self,
         id: u64,
-        result: Result<Authorization, String>,
+        result: Result<Authorization, Refusal>,
         replay: Vec<Replayed>,
     ) -> bool {
         let inner = &self.inner;
         inner
             .authz
             .complete(id, result.map(|a| (a, replay)), |pre, a, replay| {
-                let replayed = (!replay.is_empty())
-                    .then(|| Arc::new(replay.iter().map(|r| r.id.clone()).collect()));
-                let reads = registry::Reads {
-                    broadcast: a.broadcast_read,
-                    presence: a.presence_read,
-                };
-                let (sub, staged) = inner.registry.subscribe_buffered(
+                let replayed = registry::replayed_ids(replay);
+                let reads = registry::Reads::of(a);
+                // Messages wait in a queue of their own, bounded like the connection's, until
+                // the connection takes the subscription over.
+                let (staging, staged) =
+                    outbound::ConnHandle::new(pre.queue_frames, pre.queue_bytes);
+                let sub = inner.broker.subscribe(
                     pre.key.clone(),
-                    pre.vsn,
-                    reads,
-                    replayed,
-                    pre.expires.clone(),
-                    (pre.queue_frames, pre.queue_bytes),
+                    broker::Subscriber {
+                        vsn: pre.vsn,
+                        expires: pre.expires.clone(),
+                        conn: Arc::new(staging),
+                        reads,
+                        replayed,
+                    },
                 );
                 registry::PendingSubscription::new(inner.clone(), pre.key.clone(), sub, staged)
             })
@@ -495,11 +500,7 @@ impl Server {
             private,
             subtopic: topic.to_string(),
         };
-        if let Some(diff) = self.inner.presence.sync_sql(&key, members) {
-            self.inner
-                .presence_diffs
-                .add(&format!("realtime:{topic}"), &key, &diff);
-        }
+        self.inner.broker.sync_sql_presence(&key, members);
     }
 
     /// Number of open WebSocket connections (including upgrades in progress).
@@ -564,7 +565,7 @@ async fn dispatch_db_messages(
             subtopic: msg.topic,
         };
         let out = Outgoing::new(
-            format!("realtime:{}", key.subtopic),
+            key.full_topic(),
             Body::User {
                 event: msg.event,
                 payload: msg.payload,
@@ -572,6 +573,6 @@ async fn dispatch_db_messages(
             },
         )
         .with_origin_id(msg.id);
-        inner.registry.fanout(&key, &out, None, Kind::Broadcast);
+        inner.broker.publish(&key, &out, None);
     }
 }

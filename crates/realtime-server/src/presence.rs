@@ -1,4 +1,4 @@
-//! Phoenix Presence semantics per topic (reference section 4): one meta per tracking channel,
+//! Phoenix Presence semantics per topic: one meta per tracking channel,
 //! grouped by presence key, each meta carrying a unique `phx_ref`.
 
 use std::collections::HashMap;
@@ -54,22 +54,12 @@ impl Limits {
     }
 }
 
-/// Why a track was refused; the text is the error reply's reason.
+/// Why a track was refused; its text is [`crate::refusal::ReplyError`]'s.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum TrackError {
     TooManyMetas,
     TooManyKeys,
     TopicFull,
-}
-
-impl TrackError {
-    pub(crate) fn reason(self) -> &'static str {
-        match self {
-            TrackError::TooManyMetas => "Too many presences for this key",
-            TrackError::TooManyKeys => "Too many presence keys in this topic",
-            TrackError::TopicFull => "Too much presence data in this topic",
-        }
-    }
 }
 
 #[derive(Default)]

@@ -4,24 +4,22 @@
 //! leaves, a join replaces a meta with the same ref, and a leave of an unknown ref is ignored.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
-use bytes::Bytes;
 use serde_json::{Map, Value};
 use tokio::sync::Notify;
 
-use crate::Inner;
-use crate::broadcast::{Body, Outgoing};
-use crate::registry::{Kind, TopicKey};
+use crate::topic::TopicKey;
 
 /// Long enough to merge a burst, short enough that nobody notices.
 pub(crate) const WINDOW: Duration = Duration::from_millis(20);
 
-struct Pending {
-    topic: String,
-    joins: Map<String, Value>,
-    leaves: Map<String, Value>,
+pub(crate) struct Pending {
+    /// The client topic the diff goes out on.
+    pub topic: String,
+    pub joins: Map<String, Value>,
+    pub leaves: Map<String, Value>,
 }
 
 #[derive(Default)]
@@ -50,10 +48,10 @@ fn merge(into: &mut Map<String, Value>, from: Option<&Value>) {
 
 impl PresenceDiffs {
     /// Queues one diff (`{"joins": .., "leaves": ..}`) for the subscribers of `key`.
-    pub(crate) fn add(&self, topic: &str, key: &TopicKey, diff: &Value) {
+    pub(crate) fn add(&self, key: &TopicKey, diff: &Value) {
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         let entry = pending.entry(key.clone()).or_insert_with(|| Pending {
-            topic: topic.to_string(),
+            topic: key.full_topic(),
             joins: Map::new(),
             leaves: Map::new(),
         });
@@ -63,31 +61,14 @@ impl PresenceDiffs {
         self.ready.notify_one();
     }
 
-    fn take(&self) -> HashMap<TopicKey, Pending> {
-        std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()))
+    /// Resolves when a diff was added since the last call.
+    pub(crate) async fn ready(&self) {
+        self.ready.notified().await;
     }
-}
 
-/// Sends the merged diffs once per window while there are any.
-pub(crate) async fn flush_loop(inner: Arc<Inner>) {
-    let mut stop = inner.shutdown.clone();
-    loop {
-        tokio::select! {
-            _ = inner.presence_diffs.ready.notified() => {}
-            _ = stop.wait_for(|s| *s) => return,
-        }
-        tokio::time::sleep(WINDOW).await;
-        for (key, p) in inner.presence_diffs.take() {
-            let payload = serde_json::json!({"joins": p.joins, "leaves": p.leaves});
-            let out = Outgoing::new(
-                p.topic,
-                Body::Event {
-                    event: "presence_diff",
-                    payload: Bytes::from(payload.to_string()),
-                },
-            );
-            inner.registry.fanout(&key, &out, None, Kind::Presence);
-        }
+    /// The merged diffs so far, per topic.
+    pub(crate) fn take(&self) -> HashMap<TopicKey, Pending> {
+        std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()))
     }
 }
 
@@ -104,12 +85,10 @@ mod tests {
             subtopic: "room".into(),
         };
         d.add(
-            "realtime:room",
             &key,
             &json!({"joins": {"a": {"metas": [{"phx_ref": "1"}]}}, "leaves": {}}),
         );
         d.add(
-            "realtime:room",
             &key,
             &json!({"joins": {"a": {"metas": [{"phx_ref": "2", "phx_ref_prev": "1"}]},
                               "b": {"metas": [{"phx_ref": "3"}]}},

@@ -1,5 +1,6 @@
-//! Topic → subscribers. Public and private channels with the same name are separate
-//! namespaces, as in Supabase.
+//! Topic → local subscribers, and the fan-out of one message to them (the in-process
+//! broker's core, see `broker/memory.rs`). Public and private channels with the same name are
+//! separate namespaces, as in Supabase.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -9,11 +10,7 @@ use crate::broadcast::Outgoing;
 use crate::outbound::{ConnHandle, Outbound};
 use crate::protocol::Vsn;
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub(crate) struct TopicKey {
-    pub private: bool,
-    pub subtopic: String,
-}
+pub(crate) use crate::topic::TopicKey;
 
 /// What a subscriber may read (private channels: its RLS read check; public: everything).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,6 +24,14 @@ impl Reads {
         broadcast: true,
         presence: true,
     };
+
+    /// A private channel's reads: what its read check allowed.
+    pub(crate) fn of(a: &crate::events::Authorization) -> Reads {
+        Reads {
+            broadcast: a.broadcast_read,
+            presence: a.presence_read,
+        }
+    }
 }
 
 /// Which read right a message needs.
@@ -34,6 +39,12 @@ impl Reads {
 pub(crate) enum Kind {
     Broadcast,
     Presence,
+}
+
+/// The ids a subscriber that got `replay` by Broadcast Replay skips when their live copies
+/// arrive, so each message arrives once; None when nothing was replayed.
+pub(crate) fn replayed_ids(replay: &[crate::events::Replayed]) -> Option<Arc<HashSet<String>>> {
+    (!replay.is_empty()).then(|| Arc::new(replay.iter().map(|r| r.id.clone()).collect()))
 }
 
 /// When a subscriber's token expires (its `exp`, unix seconds); shared with its channel, which
@@ -44,15 +55,16 @@ pub(crate) fn expiry(exp: i64) -> Expiry {
     Arc::new(AtomicI64::new(exp))
 }
 
-struct Subscriber {
-    vsn: Vsn,
+/// One subscription: where its messages go and what it may read.
+pub(crate) struct Subscriber {
+    pub vsn: Vsn,
     /// Fan-out skips a subscriber whose token has expired, even before its connection gets to
     /// close the channel (it may be busy, or stuck writing).
-    expires: Expiry,
-    conn: Arc<ConnHandle>,
-    reads: Reads,
+    pub expires: Expiry,
+    pub conn: Arc<ConnHandle>,
+    pub reads: Reads,
     /// Ids of database messages this subscriber already got by Broadcast Replay.
-    replayed: Option<Arc<HashSet<String>>>,
+    pub replayed: Option<Arc<HashSet<String>>>,
 }
 
 #[derive(Default)]
@@ -75,6 +87,7 @@ impl Registry {
 
     /// Subscribes until the token expires at `expires`; database messages whose id is in
     /// `replayed` are skipped.
+    #[cfg(test)]
     pub(crate) fn subscribe_skipping(
         &self,
         key: TopicKey,
@@ -84,10 +97,8 @@ impl Registry {
         replayed: Option<Arc<HashSet<String>>>,
         expires: Expiry,
     ) -> u64 {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
-        topics.entry(key).or_default().insert(
-            id,
+        self.insert(
+            key,
             Subscriber {
                 vsn,
                 expires,
@@ -95,12 +106,20 @@ impl Registry {
                 reads,
                 replayed,
             },
-        );
+        )
+    }
+
+    /// Adds a subscriber of `key`; returns its id.
+    pub(crate) fn insert(&self, key: TopicKey, sub: Subscriber) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
+        topics.entry(key).or_default().insert(id, sub);
         id
     }
 
     /// Subscribes a channel whose connection has not taken it over yet: messages wait in a
     /// queue of their own (bounded like the connection's) until [`Registry::activate`].
+    #[cfg(test)]
     pub(crate) fn subscribe_buffered(
         &self,
         key: TopicKey,
@@ -226,8 +245,8 @@ impl PendingSubscription {
     pub(crate) fn activate(mut self, conn: Arc<ConnHandle>) -> u64 {
         if let Some(staged) = self.staged.take() {
             self.inner
-                .registry
-                .activate(&self.key, self.id, staged, conn);
+                .broker
+                .hand_over(&self.key, self.id, staged, conn);
         }
         self.id
     }
@@ -236,7 +255,7 @@ impl PendingSubscription {
 impl Drop for PendingSubscription {
     fn drop(&mut self) {
         if self.staged.is_some() {
-            self.inner.registry.unsubscribe(&self.key, self.id);
+            self.inner.broker.unsubscribe(&self.key, self.id);
         }
     }
 }

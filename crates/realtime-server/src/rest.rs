@@ -1,4 +1,5 @@
-//! REST broadcast endpoints (reference 3.5, 3.6).
+//! REST broadcast endpoints: `POST /api/broadcast` (a batch of JSON messages) and
+//! `POST /api/broadcast/{topic}/events/{event}` (one message, JSON or binary).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,18 +14,22 @@ use serde_json::{Map, Value, json};
 
 use crate::Inner;
 use crate::authz::Ask;
-use crate::broadcast::{Body, Outgoing, id_meta};
-use crate::connection::MAX_SUBTOPIC_BYTES;
+use crate::broadcast::{Body, Outgoing, id_meta, json_object};
 use crate::events::AuthorizationPurpose;
 use crate::http::json_response;
 use crate::jwt::{Claims, unix_now};
 use crate::protocol::Payload;
-use crate::registry::{Kind, TopicKey};
+use crate::refusal::{FieldError, HttpRefusal};
+use crate::topic::{self, MAX_SUBTOPIC_BYTES, TopicKey};
 
-const TOO_LARGE: &str = "Payload size exceeds tenant limit";
+/// `{"message": <refusal>}` with `status`.
+fn refused(status: StatusCode, refusal: HttpRefusal) -> Response {
+    json_response(status, json!({"message": refusal.to_string()}))
+}
 
-fn unauthorized(status: StatusCode) -> Response {
-    json_response(status, json!({"message": "Unauthorized"}))
+/// A field's errors as the 422 answer lists them.
+fn field_errors(e: FieldError) -> Value {
+    json!([e.to_string()])
 }
 
 /// `Authorization: Bearer` wins over the `apikey` header, then the `apikey` query parameter.
@@ -110,8 +115,8 @@ const MAX_REPORTED_ERRORS: usize = 10;
 
 fn validate(m: &RawValue, max_payload: usize) -> Result<BatchMessage, Map<String, Value>> {
     let mut errors = Map::new();
-    let blank = || json!(["can't be blank"]);
-    let invalid = || json!(["is invalid"]);
+    let blank = || field_errors(FieldError::Blank);
+    let invalid = || field_errors(FieldError::Invalid);
     let Ok(fields) = serde_json::from_str::<RawMessage>(m.get()) else {
         errors.insert("message".into(), invalid());
         return Err(errors);
@@ -138,17 +143,14 @@ fn validate(m: &RawValue, max_payload: usize) -> Result<BatchMessage, Map<String
     };
     let mut topic = required("topic", fields.topic, &mut errors);
     if topic.as_ref().is_some_and(|t| t.len() > MAX_SUBTOPIC_BYTES) {
-        errors.insert(
-            "topic".into(),
-            json!([format!("should be at most {MAX_SUBTOPIC_BYTES} byte(s)")]),
-        );
+        errors.insert("topic".into(), field_errors(FieldError::TopicTooLong));
         topic = None;
     }
     let event = required("event", fields.event, &mut errors);
     let payload = match fields.payload {
         Some(p) if p.get().starts_with('{') => {
             if p.get().len() > max_payload {
-                errors.insert("payload".into(), json!([TOO_LARGE]));
+                errors.insert("payload".into(), field_errors(FieldError::PayloadTooLarge));
                 None
             } else {
                 Some(p.get().to_string())
@@ -319,17 +321,14 @@ pub(crate) async fn within_budget(
     let Ok(Ok(_share)) =
         tokio::time::timeout(REST_BUDGET_WAIT, inner.rest_budget.acquire_many(kib)).await
     else {
-        return json_response(
+        return refused(
             StatusCode::TOO_MANY_REQUESTS,
-            json!({"message": "Too many concurrent requests"}),
+            HttpRefusal::TooManyConcurrentRequests,
         );
     };
     match tokio::time::timeout(REST_ANSWER_TIMEOUT, next.run(request)).await {
         Ok(response) => response,
-        Err(_) => json_response(
-            StatusCode::REQUEST_TIMEOUT,
-            json!({"message": "The request body did not arrive in time"}),
-        ),
+        Err(_) => refused(StatusCode::REQUEST_TIMEOUT, HttpRefusal::BodyTimeout),
     }
 }
 
@@ -340,17 +339,18 @@ pub(crate) async fn batch(
     body: Bytes,
 ) -> Response {
     let Some(claims) = authenticate(&inner, &headers, &query) else {
-        return unauthorized(StatusCode::UNAUTHORIZED);
+        return refused(StatusCode::UNAUTHORIZED, HttpRefusal::Unauthorized);
     };
     let cfg = inner.config();
     let max_messages = cfg.max_batch_messages.max(1);
     let messages = match parse_batch(&body, max_messages) {
         Messages::List(list) => list,
-        Messages::Missing => return validation_error(json!({"messages": ["can't be blank"]})),
+        Messages::Missing => {
+            return validation_error(json!({"messages": field_errors(FieldError::Blank)}));
+        }
         Messages::TooMany => {
-            return validation_error(
-                json!({"messages": [format!("should have at most {max_messages} item(s)")]}),
-            );
+            let too_many = FieldError::TooManyItems(max_messages);
+            return validation_error(json!({"messages": field_errors(too_many)}));
         }
     };
     let max_payload = cfg.max_payload_bytes;
@@ -393,25 +393,18 @@ pub(crate) async fn batch(
                 continue;
             }
         }
-        let mut obj = format!(
-            "{{\"type\":\"broadcast\",\"event\":{},\"payload\":{}",
-            crate::protocol::json_string(&m.event),
-            m.payload
-        );
-        if let Some(id) = &m.id {
-            obj.push_str(",\"meta\":");
-            obj.push_str(std::str::from_utf8(&id_meta(id)).unwrap_or("{}"));
-        }
-        obj.push('}');
+        let meta = m.id.as_deref().map(id_meta);
+        let payload = Payload::Json(Bytes::from(m.payload));
+        // Always Some: the payload is JSON text.
+        let Some(obj) = json_object(&m.event, &payload, meta.as_deref()) else {
+            continue;
+        };
+        let out = Outgoing::new(topic::full(&m.topic), Body::JsonObject(Bytes::from(obj)));
         let key = TopicKey {
             private: m.private,
-            subtopic: m.topic.clone(),
+            subtopic: m.topic,
         };
-        let out = Outgoing::new(
-            format!("realtime:{}", m.topic),
-            Body::JsonObject(Bytes::from(obj)),
-        );
-        inner.registry.fanout(&key, &out, None, Kind::Broadcast);
+        inner.broker.publish(&key, &out, None);
     }
     StatusCode::ACCEPTED.into_response()
 }
@@ -431,7 +424,7 @@ pub(crate) async fn single(
     body: Bytes,
 ) -> Response {
     let Some(claims) = authenticate(&inner, &headers, &query) else {
-        return unauthorized(StatusCode::UNAUTHORIZED);
+        return refused(StatusCode::UNAUTHORIZED, HttpRefusal::Unauthorized);
     };
     let content_type = headers
         .get(header::CONTENT_TYPE)
@@ -442,54 +435,55 @@ pub(crate) async fn single(
     let payload = match content_type.as_str() {
         "application/json" => {
             if serde_json::from_slice::<&RawValue>(&body).is_err() {
-                return validation_error(json!({"payload": ["is invalid"]}));
+                return validation_error(json!({"payload": field_errors(FieldError::Invalid)}));
             }
             Payload::Json(body)
         }
         "application/octet-stream" => Payload::Binary(body),
         _ => {
+            let refusal = HttpRefusal::UnsupportedMediaType;
             return json_response(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                json!({"error": "Unsupported Media Type. Use application/json or application/octet-stream"}),
+                json!({"error": refusal.to_string()}),
             );
         }
     };
     if topic.is_empty() || event.is_empty() {
-        return validation_error(json!({"topic": ["can't be blank"]}));
+        return validation_error(json!({"topic": field_errors(FieldError::Blank)}));
     }
     if topic.len() > MAX_SUBTOPIC_BYTES {
-        return validation_error(
-            json!({"topic": [format!("should be at most {MAX_SUBTOPIC_BYTES} byte(s)")]}),
-        );
+        return validation_error(json!({"topic": field_errors(FieldError::TopicTooLong)}));
     }
     if payload.len() > inner.config().max_payload_bytes {
-        return validation_error(json!({"payload": [TOO_LARGE]}));
+        return validation_error(json!({"payload": field_errors(FieldError::PayloadTooLarge)}));
     }
     let private = query
         .get("private")
         .is_some_and(|p| p.eq_ignore_ascii_case("true"));
     if private && !may_write(&inner, &topic, &claims, &all_headers_json(&headers)).await {
-        return unauthorized(StatusCode::FORBIDDEN);
+        return refused(StatusCode::FORBIDDEN, HttpRefusal::Unauthorized);
     }
-    let key = TopicKey {
-        private,
-        subtopic: topic.clone(),
-    };
     let out = Outgoing::new(
-        format!("realtime:{topic}"),
+        topic::full(&topic),
         Body::User {
             event,
             payload,
             meta: None,
         },
     );
-    inner.registry.fanout(&key, &out, None, Kind::Broadcast);
+    let key = TopicKey {
+        private,
+        subtopic: topic,
+    };
+    inner.broker.publish(&key, &out, None);
     StatusCode::ACCEPTED.into_response()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const TOO_LARGE: &str = "Payload size exceeds tenant limit";
 
     fn check(v: Value, max: usize) -> Result<BatchMessage, Map<String, Value>> {
         validate(&RawValue::from_string(v.to_string()).unwrap(), max)

@@ -45,6 +45,7 @@ mod tests {
     use super::*;
 
     fn sigterm_blocked() -> bool {
+        // SAFETY: a null new set only reads this thread's mask into a local, zeroed sigset_t.
         unsafe {
             let mut current: libc::sigset_t = std::mem::zeroed();
             libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut current);

@@ -14,8 +14,8 @@ impl WakeFd {
         if fd < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        // SAFETY: fd is a freshly created descriptor owned by nobody else.
         Ok(WakeFd {
+            // SAFETY: fd is a freshly created descriptor owned by nobody else.
             fd: unsafe { OwnedFd::from_raw_fd(fd) },
         })
     }

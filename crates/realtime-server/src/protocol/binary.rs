@@ -246,15 +246,15 @@ pub fn decode_user_broadcast(frame: &Bytes) -> Result<UserBroadcastOut, DecodeEr
 mod tests {
     use super::*;
 
-    fn reference_example() -> Bytes {
+    fn kind3_example() -> Bytes {
         let mut v = vec![0x03, 0x01, 0x02, 0x0F, 0x06, 0x00, 0x01];
         v.extend_from_slice(b"312realtime:room-1cursor{\"x\":1}");
         Bytes::from(v)
     }
 
     #[test]
-    fn decodes_reference_kind3_example() {
-        let m = decode(&reference_example()).unwrap();
+    fn decodes_the_kind3_example() {
+        let m = decode(&kind3_example()).unwrap();
         assert_eq!(m.join_ref.as_deref(), Some("3"));
         assert_eq!(m.msg_ref.as_deref(), Some("12"));
         assert_eq!(m.topic, "realtime:room-1");
@@ -306,7 +306,7 @@ mod tests {
     }
 
     #[test]
-    fn kind4_matches_reference_layout() {
+    fn kind4_matches_the_documented_layout() {
         let f = encode_user_broadcast(
             "realtime:room-1",
             "new",
@@ -351,7 +351,7 @@ mod tests {
 
     #[test]
     fn every_truncation_of_a_valid_frame_is_rejected_without_panic() {
-        let f = reference_example();
+        let f = kind3_example();
         // Cutting into the header or strings is an error; cutting only the payload makes it
         // invalid JSON, also an error.
         for cut in 0..f.len() {

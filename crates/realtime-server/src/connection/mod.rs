@@ -1,0 +1,275 @@
+//! One WebSocket connection. `socket.rs` runs the socket (frames in, the outbound queue out,
+//! timers, the close); this module routes what the client sends to the module of its concern:
+//!
+//! - `join`: `phx_join`, its refusals and the join's authorization answer;
+//! - `rights`: authorization answers of joined channels (token refresh, write checks);
+//! - `broadcast`: broadcasts from the client;
+//! - `presence`: `track` / `untrack`;
+//! - `token`: `access_token` refreshes and token expiry;
+//! - `reply`: every frame shape the connection answers with.
+//!
+//! Everything a client sends is untrusted: bad frames are logged and ignored, never unwrapped.
+
+mod broadcast;
+mod join;
+mod presence;
+mod reply;
+mod rights;
+mod socket;
+mod token;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::Inner;
+use crate::channel::Channel;
+use crate::events::Authorization;
+use crate::outbound::ConnHandle;
+use crate::protocol::{self, Inbound, Vsn};
+use crate::refusal::{Refusal, ReplyError};
+use crate::registry::PendingSubscription;
+
+pub(crate) use socket::{ConnectInfo, ConnectionSlot, run};
+
+/// What the connection knows of one topic it joined or is joining.
+enum TopicState {
+    /// A private join waiting for its authorization.
+    Joining(PendingJoin),
+    /// Boxed: a connection's map holds many, most of them joined.
+    Joined(Box<Channel>),
+}
+
+struct PendingJoin {
+    id: u64,
+    /// The task waiting for the worker: aborting it forgets the request, so the worker skips it.
+    task: tokio::task::AbortHandle,
+}
+
+impl Drop for PendingJoin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Answers of background tasks, handled on the connection's loop.
+enum Internal {
+    JoinAuthorized {
+        pending_id: u64,
+        joining: Box<join::Joining>,
+        answer: crate::authz::Answer,
+        /// A replaying join that may read was subscribed when answered; dropping this undoes it.
+        subscription: Option<PendingSubscription>,
+    },
+    RefreshAuthorized {
+        topic: String,
+        generation: u64,
+        answer: Result<Authorization, Refusal>,
+    },
+    WriteRights {
+        topic: String,
+        generation: u64,
+        answer: Result<Authorization, Refusal>,
+    },
+}
+
+struct Conn {
+    inner: Arc<Inner>,
+    vsn: Vsn,
+    connect_token: String,
+    headers_json: Arc<str>,
+    handle: Arc<ConnHandle>,
+    /// Keyed by the client's topic (`realtime:<subtopic>`).
+    topics: HashMap<String, TopicState>,
+    /// Ids of pending joins and channel generations: each value is used once per connection,
+    /// so a late answer (for a left channel, an older token) never matches.
+    next_id: u64,
+    internal_tx: mpsc::UnboundedSender<Internal>,
+    /// Join error replies waiting for `join_error_delay`.
+    delayed_join_errors: Arc<AtomicUsize>,
+    /// Join rate limit (token bucket): joins left, and when it was last refilled.
+    join_tokens: f64,
+    join_refilled: Instant,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        for (_, state) in std::mem::take(&mut self.topics) {
+            if let TopicState::Joined(ch) = state {
+                self.leave_broker(&ch);
+            }
+        }
+    }
+}
+
+impl Conn {
+    fn new(
+        inner: Arc<Inner>,
+        info: ConnectInfo,
+        handle: Arc<ConnHandle>,
+        internal_tx: mpsc::UnboundedSender<Internal>,
+    ) -> Conn {
+        let join_tokens = f64::from(inner.config().join_burst.max(1));
+        Conn {
+            inner,
+            vsn: info.vsn,
+            connect_token: info.token,
+            headers_json: info.headers_json,
+            handle,
+            topics: HashMap::new(),
+            next_id: 0,
+            internal_tx,
+            delayed_join_errors: Arc::new(AtomicUsize::new(0)),
+            join_tokens,
+            join_refilled: Instant::now(),
+        }
+    }
+
+    fn next_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    fn channel(&self, topic: &str) -> Option<&Channel> {
+        match self.topics.get(topic) {
+            Some(TopicState::Joined(ch)) => Some(ch),
+            _ => None,
+        }
+    }
+
+    fn channel_mut(&mut self, topic: &str) -> Option<&mut Channel> {
+        match self.topics.get_mut(topic) {
+            Some(TopicState::Joined(ch)) => Some(ch),
+            _ => None,
+        }
+    }
+
+    fn channels(&self) -> impl Iterator<Item = (&String, &Channel)> {
+        self.topics.iter().filter_map(|(topic, state)| match state {
+            TopicState::Joined(ch) => Some((topic, &**ch)),
+            TopicState::Joining(_) => None,
+        })
+    }
+
+    /// Removes a joined channel (not a pending join) from the connection.
+    fn take_channel(&mut self, topic: &str) -> Option<Channel> {
+        self.channel(topic)?;
+        match self.topics.remove(topic) {
+            Some(TopicState::Joined(ch)) => Some(*ch),
+            _ => None,
+        }
+    }
+
+    fn on_text(&mut self, text: &str) {
+        match protocol::decode_text(self.vsn, text) {
+            Ok(m) => self.dispatch(m),
+            Err(e) => {
+                log::debug!("ignoring realtime text frame: {e}");
+            }
+        }
+    }
+
+    fn on_binary(&mut self, frame: Bytes) {
+        match protocol::decode_binary(self.vsn, &frame) {
+            Ok(m) => self.dispatch(m),
+            Err(e) => log::debug!(
+                "ignoring realtime binary frame ({} bytes): {e}",
+                frame.len()
+            ),
+        }
+    }
+
+    fn dispatch(&mut self, m: Inbound) {
+        if m.topic == "phoenix" {
+            if m.event == "heartbeat" {
+                self.reply_heartbeat(&m);
+            } else {
+                log::debug!(
+                    "ignoring event {:?} on the phoenix topic",
+                    crate::log_excerpt(&m.event)
+                );
+            }
+            return;
+        }
+        if m.event == "phx_join" {
+            return self.join(m);
+        }
+        match self.topics.get(&m.topic) {
+            Some(TopicState::Joined(_)) => {}
+            Some(TopicState::Joining(_)) if m.event == "phx_leave" => {
+                self.topics.remove(&m.topic);
+                return self.reply_ok(&m);
+            }
+            _ => return self.reply_error(&m, ReplyError::UnmatchedTopic),
+        }
+        match m.event.as_str() {
+            "phx_leave" => {
+                self.reply_ok(&m);
+                if let Some(ch) = self.take_channel(&m.topic) {
+                    self.close_channel(&m.topic, ch);
+                }
+            }
+            "broadcast" => self.broadcast(m),
+            "access_token" => self.access_token(m),
+            "presence" => self.presence(m),
+            other => {
+                let e = ReplyError::UnsupportedEvent(other.to_string());
+                self.reply_error(&m, e);
+            }
+        }
+    }
+
+    fn on_internal(&mut self, internal: Internal) {
+        match internal {
+            Internal::JoinAuthorized {
+                pending_id,
+                joining,
+                answer,
+                subscription,
+            } => self.join_authorized(pending_id, *joining, answer, subscription),
+            Internal::WriteRights {
+                topic,
+                generation,
+                answer,
+            } => self.writes_authorized(topic, generation, answer),
+            Internal::RefreshAuthorized {
+                topic,
+                generation,
+                answer,
+            } => self.refresh_authorized(&topic, generation, answer),
+        }
+    }
+
+    /// The channel's subscription and presence go away (its leave diff goes out).
+    fn leave_broker(&self, ch: &Channel) {
+        if let Some(id) = ch.sub_id {
+            self.inner.broker.unsubscribe(&ch.key, id);
+        }
+        self.inner.broker.untrack(&ch.key, ch.presence_owner);
+    }
+
+    /// Leaves the broker and tells the client with `phx_close`.
+    fn close_channel(&self, topic: &str, ch: Channel) {
+        self.leave_broker(&ch);
+        self.push_close(topic, ch.join_ref.as_deref());
+    }
+
+    /// `system` error followed by `phx_close`, as Supabase's channel shutdown does.
+    fn shutdown_channel(&mut self, topic: &str, why: crate::refusal::ChannelClosed) {
+        let Some(ch) = self.take_channel(topic) else {
+            return;
+        };
+        self.push_system_error(
+            ch.join_ref.as_deref(),
+            topic,
+            "system",
+            &why.to_string(),
+            &ch.key.subtopic,
+        );
+        self.close_channel(topic, ch);
+    }
+}

@@ -1,0 +1,210 @@
+//! The socket loop: frames in, the connection's outbound queue out (batched per write), the
+//! idle timeout and token expiry timer, shutdown, and the closing handshake.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::stream::SplitStream;
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::Conn;
+use crate::Inner;
+use crate::broadcast::Frame;
+use crate::outbound::ConnHandle;
+use crate::protocol::Vsn;
+use crate::refusal::Close;
+
+/// How long a closing handshake may take before the TCP connection is just dropped.
+const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+const SLOW_CLOSE_WRITE_TIMEOUT: Duration = Duration::from_millis(200);
+
+/// What the upgrade request established.
+pub(crate) struct ConnectInfo {
+    pub vsn: Vsn,
+    pub token: String,
+    pub headers_json: Arc<str>,
+}
+
+/// Decrements the live-connection count however the connection ends (even by panic).
+pub(crate) struct ConnectionSlot(pub Arc<Inner>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.active_connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+enum Exit {
+    Shutdown,
+    SlowConsumer,
+    Idle,
+    Gone,
+}
+
+pub(crate) async fn run(socket: WebSocket, info: ConnectInfo, inner: Arc<Inner>) {
+    let cfg = inner.config();
+    let (handle, mut rx) = ConnHandle::new(cfg.outbound_queue, cfg.outbound_queue_bytes);
+    let handle = Arc::new(handle);
+    let (internal_tx, mut internal_rx) = mpsc::unbounded_channel();
+    let mut conn = Conn::new(inner.clone(), info, handle.clone(), internal_tx);
+    let (mut sink, mut stream) = socket.split();
+    let mut shutdown = inner.shutdown.clone();
+    let mut last_inbound = Instant::now();
+    // The loop runs once per delivered frame, so it sets nothing up per turn: these futures
+    // live as long as the connection. One timer serves the idle timeout and the channels' token
+    // expiry; traffic only moves `last_inbound`, and the timer is re-armed when it fires or when
+    // a token expires sooner (a reloaded idle timeout applies from the next firing).
+    let timer = tokio::time::sleep_until(last_inbound + cfg.idle_timeout);
+    tokio::pin!(timer);
+    let overflowed = handle.overflowed();
+    tokio::pin!(overflowed);
+    let stop = stopped(&mut shutdown);
+    tokio::pin!(stop);
+
+    let exit = 'conn: loop {
+        if let Some(expiry) = conn.next_expiry()
+            && expiry < timer.deadline()
+        {
+            timer.as_mut().reset(expiry);
+        }
+        tokio::select! {
+            biased;
+            _ = &mut stop => break Exit::Shutdown,
+            _ = &mut overflowed => break Exit::SlowConsumer,
+            // Before traffic: a client that keeps the loop busy must not delay its idle close
+            // or its channels' token expiry.
+            _ = &mut timer => {
+                if let Some(exit) = on_timer(&mut conn, timer.as_mut(), last_inbound, &inner) {
+                    break exit;
+                }
+            }
+            Some(frame) = rx.recv() => {
+                // Whatever else is already queued goes out with it in one write (one system
+                // call instead of one per frame).
+                let write = async {
+                    sink.feed(ws_message(frame)).await?;
+                    for _ in 1..WRITE_BATCH {
+                        match rx.try_recv() {
+                            Some(frame) => sink.feed(ws_message(frame)).await?,
+                            None => break,
+                        }
+                    }
+                    sink.flush().await
+                };
+                tokio::pin!(write);
+                // A stuck write must not hide a shutdown, an overflow or an expired token.
+                loop {
+                    tokio::select! {
+                        biased;
+                        sent = &mut write => {
+                            if sent.is_err() {
+                                break 'conn Exit::Gone;
+                            }
+                            break;
+                        }
+                        _ = &mut overflowed => break 'conn Exit::SlowConsumer,
+                        _ = &mut stop => break 'conn Exit::Shutdown,
+                        _ = &mut timer => {
+                            if let Some(exit) =
+                                on_timer(&mut conn, timer.as_mut(), last_inbound, &inner)
+                            {
+                                break 'conn exit;
+                            }
+                        }
+                    }
+                }
+            }
+            Some(internal) = internal_rx.recv() => conn.on_internal(internal),
+            incoming = stream.next() => {
+                last_inbound = Instant::now();
+                match incoming {
+                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break Exit::Gone,
+                    Some(Ok(Message::Text(t))) => conn.on_text(t.as_str()),
+                    Some(Ok(Message::Binary(b))) => conn.on_binary(b),
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                }
+            }
+        }
+    };
+    let close = match exit {
+        Exit::Shutdown => Some(Close::Shutdown),
+        Exit::SlowConsumer => {
+            let reason = Close::SlowConsumer.reason();
+            log::info!("closing a realtime connection: {reason}");
+            Some(Close::SlowConsumer)
+        }
+        Exit::Idle => Some(Close::Idle),
+        Exit::Gone => None,
+    };
+    drop(conn);
+    // A slow consumer is not reading: its close frame probably cannot even be written, so it
+    // gets a short try and no wait for the client's half of the handshake.
+    let write_timeout = match exit {
+        Exit::SlowConsumer => SLOW_CLOSE_WRITE_TIMEOUT,
+        _ => CLOSE_WRITE_TIMEOUT,
+    };
+    if let Some(close) = close {
+        let frame = Message::Close(Some(CloseFrame {
+            code: close.code(),
+            reason: Utf8Bytes::from_static(close.reason()),
+        }));
+        let written = tokio::time::timeout(write_timeout, async {
+            sink.send(frame).await?;
+            sink.flush().await
+        })
+        .await;
+        if matches!(written, Ok(Ok(()))) && !matches!(exit, Exit::SlowConsumer) {
+            // Give the client a moment to answer the close handshake.
+            let _ =
+                tokio::time::timeout(CLOSE_WRITE_TIMEOUT, drain_until_closed(&mut stream)).await;
+        }
+    }
+    let _ = tokio::time::timeout(write_timeout, sink.close()).await;
+}
+
+/// The idle timeout or a channel's token expiry is due: closes what expired and re-arms the
+/// timer, or says the connection is idle.
+fn on_timer(
+    conn: &mut Conn,
+    timer: std::pin::Pin<&mut tokio::time::Sleep>,
+    last_inbound: Instant,
+    inner: &Inner,
+) -> Option<Exit> {
+    let idle_deadline = last_inbound + inner.config().idle_timeout;
+    if idle_deadline <= Instant::now() {
+        return Some(Exit::Idle);
+    }
+    conn.expire_tokens();
+    let next = conn
+        .next_expiry()
+        .map_or(idle_deadline, |e| e.min(idle_deadline));
+    timer.reset(next);
+    None
+}
+
+/// Frames written per flush at most, so one busy connection cannot hog its thread.
+const WRITE_BATCH: usize = 64;
+
+fn ws_message(frame: Frame) -> Message {
+    match frame {
+        Frame::Text(t) => Message::Text(t),
+        Frame::Binary(b) => Message::Binary(b),
+    }
+}
+
+/// Resolves once the server shuts down (immediately if it already has).
+async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+async fn drain_until_closed(stream: &mut SplitStream<WebSocket>) {
+    while let Some(Ok(m)) = stream.next().await {
+        if matches!(m, Message::Close(_)) {
+            break;
+        }
+    }
+}
