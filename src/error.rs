@@ -3,9 +3,8 @@
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 
-/// The longest topic: a full Phoenix topic (`realtime:` + topic) must fit the one-byte
-/// length prefix of the binary wire format.
-pub const MAX_TOPIC_BYTES: usize = 255 - "realtime:".len();
+/// The longest topic `realtime.send` and the trigger accept.
+pub const MAX_TOPIC_BYTES: usize = realtime_server::MAX_STORED_TOPIC_BYTES;
 /// The longest event name, for the same reason.
 pub const MAX_EVENT_BYTES: usize = 255;
 

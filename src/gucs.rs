@@ -32,7 +32,7 @@ static JWT_SECRET_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CStrin
 
 /// When set, a token's `role` must be a role this one is a member of (PostgREST's
 /// authenticator rule); superusers are refused whatever it says.
-pub static AUTHENTICATOR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static AUTHENTICATOR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 /// A JWKS document (`{"keys": [...]}`) for RS*, ES* and EdDSA tokens, keys chosen by `kid`.
 static JWT_JWKS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
@@ -437,7 +437,7 @@ pub fn init() {
 }
 
 /// A string setting as Rust text; unset and empty are the same.
-pub fn text(setting: &GucSetting<Option<CString>>) -> Option<String> {
+fn text(setting: &GucSetting<Option<CString>>) -> Option<String> {
     setting
         .get()
         .map(|s| s.to_string_lossy().into_owned())
@@ -480,6 +480,11 @@ fn jwt_secret() -> Option<String> {
 /// The database the worker serves.
 pub fn database() -> String {
     text(&DATABASE).unwrap_or_else(|| "postgres".into())
+}
+
+/// The role whose members tokens may become, when set.
+pub fn authenticator() -> Option<String> {
+    text(&AUTHENTICATOR)
 }
 
 /// How long stored messages are kept.

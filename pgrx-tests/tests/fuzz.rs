@@ -1033,7 +1033,7 @@ fn join_storms() {
                     .is_some_and(|r| r.starts_with("ClientJoinRateLimitReached"))
             })
             .count();
-        limited.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        limited.fetch_add(n, Ordering::Relaxed);
     };
     for i in 0..400 {
         let private = i % 4 == 3;
@@ -1064,7 +1064,7 @@ fn join_storms() {
         .filter(|m| m.event == "phx_reply" && m.payload["status"] == "ok")
         .count();
     assert!(
-        limited.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        limited.load(Ordering::Relaxed) > 0,
         "a storm of joins was never rate-limited"
     );
     // The burst of joins (50) goes through: every public pair gives two ok replies; private

@@ -177,7 +177,7 @@ fn payload_text(trigger: &PgTrigger<'_>) -> Result<Option<Vec<u8>>, RealtimeErro
         let attrs = (*tupdesc).attrs.as_slice(natts);
         let Some(index) = attrs
             .iter()
-            .position(|a| !a.attisdropped && pgrx::name_data_to_str(&a.attname) == "payload")
+            .position(|a| !a.attisdropped && name_data_to_str(&a.attname) == "payload")
         else {
             return Err(RealtimeError::Internal(
                 "realtime.messages has no payload column".into(),

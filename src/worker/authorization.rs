@@ -52,21 +52,26 @@ fn require_allowed_role(role: &str) -> Result<(), Refusal> {
     }
     let name = std::ffi::CString::new(role)
         .map_err(|_| Refusal::RoleNotAllowed("the token's role contains a NUL byte".to_string()))?;
+    // SAFETY: a catalog lookup with missing_ok, inside the authorization transaction; name is
+    // NUL-terminated.
     let oid = unsafe { pg_sys::get_role_oid(name.as_ptr(), true) };
     if oid == pg_sys::InvalidOid {
         return Err(Refusal::RoleNotAllowed(format!(
             "role \"{shown}\" does not exist"
         )));
     }
+    // SAFETY: a syscache lookup of a role that exists.
     if unsafe { pg_sys::superuser_arg(oid) } {
         return Err(Refusal::RoleNotAllowed(format!(
             "role \"{shown}\" is a superuser; a token may not become one"
         )));
     }
-    if let Some(authenticator) = crate::gucs::text(&crate::gucs::AUTHENTICATOR) {
+    if let Some(authenticator) = crate::gucs::authenticator() {
         let granted = std::ffi::CString::new(authenticator.as_str())
+            // SAFETY: as above.
             .map(|a| unsafe { pg_sys::get_role_oid(a.as_ptr(), true) })
             .is_ok_and(|a| {
+                // SAFETY: both roles exist; membership is read from the catalog.
                 a != pg_sys::InvalidOid && unsafe { pg_sys::is_member_of_role_nosuper(a, oid) }
             });
         if !granted {
@@ -102,7 +107,7 @@ const PROBE_READ: &str = "SELECT 1 FROM realtime.messages AS m \
 /// Runs `f` with the statement kept in `cell`, preparing it on first use.
 fn with_plan<R>(
     cell: &'static std::thread::LocalKey<KeptPlan>,
-    client: &pgrx::spi::SpiClient<'_>,
+    client: &spi::SpiClient<'_>,
     sql: &str,
     types: &[PgOid],
     f: impl FnOnce(&OwnedPreparedStatement) -> Result<R, String>,
@@ -144,7 +149,7 @@ fn set_local(name: &std::ffi::CStr, value: &str) -> Result<(), String> {
 /// for the token, and the probe read back through the SELECT policies. Inside a
 /// (sub)transaction that is rolled back.
 fn read_checks(request: &AuthorizationRequest, read: &[&str]) -> Result<Vec<Verdict>, String> {
-    let error = |e: pgrx::spi::SpiError| e.to_string();
+    let error = |e: spi::SpiError| e.to_string();
     let text = PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTOID);
     let uuid = PgOid::BuiltIn(pg_sys::BuiltinOid::UUIDOID);
     Spi::connect(|client| {
@@ -201,7 +206,7 @@ type Verdict = (Option<String>, bool);
 /// Runs `realtime._authorize_writes` for one request; inside a (sub)transaction that is rolled
 /// back.
 fn write_checks(request: &AuthorizationRequest, write: &[&str]) -> Result<Vec<Verdict>, String> {
-    let error = |e: pgrx::spi::SpiError| e.to_string();
+    let error = |e: spi::SpiError| e.to_string();
     let text = PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTOID);
     let texts = PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTARRAYOID);
     Spi::connect(|client| {

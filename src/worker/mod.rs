@@ -76,7 +76,7 @@ pub extern "C-unwind" fn pg_realtime_worker_main(_arg: pg_sys::Datum) {
 /// - it never waits long for a lock: a long reader must not stall delivery for everyone;
 /// - its statements (authorization, replay, presence) run thousands of times with new
 ///   parameters: they are planned once (partitions are pruned at run time).
-fn settle_session() -> Result<(), pgrx::spi::SpiError> {
+fn settle_session() -> Result<(), spi::SpiError> {
     let original = Spi::get_one::<String>("SELECT pg_catalog.current_setting('search_path')")?;
     authorization::set_policy_search_path(original.unwrap_or_default());
     Spi::run("SET search_path = pg_catalog, pg_temp")?;

@@ -130,37 +130,34 @@ pub fn mirror(changes: Vec<PresenceChange>) {
             PresenceChange::Untracked { owner, .. } => gone.push(owner as i64),
         }
     }
-    let result = transaction::try_spi(
-        PRESENCE_TIMEOUT,
-        move || -> Result<(), pgrx::spi::SpiError> {
-            if !gone.is_empty() {
-                Spi::run_with_args(
-                    "DELETE FROM realtime.presence_sockets WHERE connection_id = ANY ($1)",
-                    &[gone.into()],
-                )?;
-            }
-            if !ids.is_empty() {
-                Spi::run_with_args(
-                    "INSERT INTO realtime.presence_sockets
+    let result = transaction::try_spi(PRESENCE_TIMEOUT, move || -> Result<(), spi::SpiError> {
+        if !gone.is_empty() {
+            Spi::run_with_args(
+                "DELETE FROM realtime.presence_sockets WHERE connection_id = ANY ($1)",
+                &[gone.into()],
+            )?;
+        }
+        if !ids.is_empty() {
+            Spi::run_with_args(
+                "INSERT INTO realtime.presence_sockets
                         (connection_id, topic, private, key, presence_ref, payload)
                  SELECT * FROM unnest($1::bigint[], $2::text[], $3::boolean[], $4::text[],
                                       $5::text[], $6::jsonb[])
                  ON CONFLICT (connection_id) DO UPDATE
                     SET key = excluded.key, presence_ref = excluded.presence_ref,
                         payload = excluded.payload, updated_at = now()",
-                    &[
-                        ids.into(),
-                        topics.into(),
-                        privates.into(),
-                        keys.into(),
-                        refs.into(),
-                        metas.into(),
-                    ],
-                )?;
-            }
-            Ok(())
-        },
-    );
+                &[
+                    ids.into(),
+                    topics.into(),
+                    privates.into(),
+                    keys.into(),
+                    refs.into(),
+                    metas.into(),
+                ],
+            )?;
+        }
+        Ok(())
+    });
     if let Err(e) = result {
         log!("pg_realtime: cannot mirror socket presence: {e}");
     }

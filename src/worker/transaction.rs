@@ -85,9 +85,7 @@ unsafe extern "C" {
 /// [`try_run`] for a body that returns an SPI result: either kind of failure as one message.
 pub fn try_spi<R>(
     timeout: Duration,
-    body: impl FnOnce() -> Result<R, pgrx::spi::SpiError>
-    + std::panic::UnwindSafe
-    + std::panic::RefUnwindSafe,
+    body: impl FnOnce() -> Result<R, spi::SpiError> + std::panic::UnwindSafe + std::panic::RefUnwindSafe,
 ) -> Result<R, String> {
     try_run(timeout, body)?.map_err(|e| e.to_string())
 }

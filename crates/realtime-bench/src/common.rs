@@ -91,7 +91,7 @@ impl Common {
 
     /// A window that opens after the warm-up.
     pub fn window(&self) -> Window {
-        let start_us = super::stats::now_us() + self.warmup.as_micros() as u64;
+        let start_us = stats::now_us() + self.warmup.as_micros() as u64;
         Window {
             start_us,
             end_us: start_us + self.duration.as_micros() as u64,

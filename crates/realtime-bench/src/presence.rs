@@ -568,7 +568,7 @@ impl Room {
 
     /// Joins, then leaves, as phoenix.js `syncDiff` does. Returns how many joined keys were
     /// not of this run.
-    fn apply(&mut self, refs: &Refs, joins: &[Meta], leaves: &[Meta]) -> usize {
+    fn apply(&mut self, refs: &Refs, joins: &[Meta<'_>], leaves: &[Meta<'_>]) -> usize {
         let mut refs = refs.lock().unwrap_or_else(PoisonError::into_inner);
         let mut unexpected = 0;
         for (key, phx_ref) in joins {

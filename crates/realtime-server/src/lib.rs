@@ -44,6 +44,7 @@ pub use events::{
 pub use jwt::Claims;
 pub use protocol::Payload;
 pub use refusal::Refusal;
+pub use topic::MAX_STORED_TOPIC_BYTES;
 
 use broadcast::{Body, Outgoing, id_meta};
 use broker::Broker;
@@ -197,8 +198,8 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
                     s.as_raw_fd(),
                     libc::IPPROTO_IPV6,
                     libc::IPV6_V6ONLY,
-                    (&one as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                    std::ptr::from_ref::<libc::c_int>(&one).cast(),
+                    size_of::<libc::c_int>() as libc::socklen_t,
                 )
             };
             if rc != 0 {

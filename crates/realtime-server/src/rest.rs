@@ -117,7 +117,7 @@ fn validate(m: &RawValue, max_payload: usize) -> Result<BatchMessage, Map<String
     let mut errors = Map::new();
     let blank = || field_errors(FieldError::Blank);
     let invalid = || field_errors(FieldError::Invalid);
-    let Ok(fields) = serde_json::from_str::<RawMessage>(m.get()) else {
+    let Ok(fields) = serde_json::from_str::<RawMessage<'_>>(m.get()) else {
         errors.insert("message".into(), invalid());
         return Err(errors);
     };
@@ -223,7 +223,7 @@ fn parse_batch(body: &[u8], max: usize) -> Messages<'_> {
     }
     impl<'de> Visitor<'de> for List<'_> {
         type Value = Vec<&'de RawValue>;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             f.write_str("an array")
         }
         fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
@@ -250,7 +250,7 @@ fn parse_batch(body: &[u8], max: usize) -> Messages<'_> {
     }
     impl<'de> Visitor<'de> for Body<'_> {
         type Value = Option<Vec<&'de RawValue>>;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             f.write_str("an object")
         }
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {

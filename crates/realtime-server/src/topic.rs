@@ -4,8 +4,12 @@
 /// What every client topic starts with.
 const PREFIX: &str = "realtime:";
 
+/// Longest topic `realtime.messages` stores: with the prefix, a full topic must fit the
+/// one-byte length field of the binary wire format.
+pub const MAX_STORED_TOPIC_BYTES: usize = 255 - PREFIX.len();
+
 /// Longest subtopic a join or REST send may name; longer ones are refused before anything
-/// copies them. The database keeps topics of up to 246 bytes, so no topic it can store is
+/// copies them. It is above [`MAX_STORED_TOPIC_BYTES`], so no topic the database can store is
 /// refused here.
 pub(crate) const MAX_SUBTOPIC_BYTES: usize = 255;
 

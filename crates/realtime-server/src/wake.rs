@@ -30,7 +30,11 @@ impl WakeFd {
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a live u64.
         unsafe {
-            libc::write(self.fd.as_raw_fd(), (&one as *const u64).cast(), 8);
+            libc::write(
+                self.fd.as_raw_fd(),
+                std::ptr::from_ref::<u64>(&one).cast(),
+                8,
+            );
         }
     }
 
@@ -39,7 +43,11 @@ impl WakeFd {
         let mut value: u64 = 0;
         // SAFETY: reads at most 8 bytes into a live u64; EAGAIN just means it was not set.
         unsafe {
-            libc::read(self.fd.as_raw_fd(), (&mut value as *mut u64).cast(), 8);
+            libc::read(
+                self.fd.as_raw_fd(),
+                std::ptr::from_mut::<u64>(&mut value).cast(),
+                8,
+            );
         }
     }
 }

@@ -126,7 +126,7 @@ async fn topics_longer_than_255_bytes_are_refused() {
     .await;
     assert_eq!(s, 422);
     assert_eq!(
-        serde_json::from_slice::<serde_json::Value>(&body).unwrap(),
+        serde_json::from_slice::<Value>(&body).unwrap(),
         json!({"errors": {"messages": [{"topic": ["should be at most 255 byte(s)"]}]}})
     );
     let (s, _, _) = http(
@@ -161,7 +161,7 @@ async fn rest_batches_are_bounded_and_answered_briefly() {
     let (s, _, answer) = http(addr, "POST", "/api/broadcast", &headers, body.as_bytes()).await;
     assert_eq!(s, 422);
     assert_eq!(
-        serde_json::from_slice::<serde_json::Value>(&answer).unwrap(),
+        serde_json::from_slice::<Value>(&answer).unwrap(),
         json!({"errors": {"messages": ["should have at most 1000 item(s)"]}})
     );
 
@@ -169,7 +169,7 @@ async fn rest_batches_are_bounded_and_answered_briefly() {
     let body = json!({"messages": vec![1; 1000]}).to_string();
     let (s, _, answer) = http(addr, "POST", "/api/broadcast", &headers, body.as_bytes()).await;
     assert_eq!(s, 422);
-    let answer: serde_json::Value = serde_json::from_slice(&answer).unwrap();
+    let answer: Value = serde_json::from_slice(&answer).unwrap();
     let reported = answer["errors"]["messages"].as_array().unwrap();
     assert_eq!(reported.len(), 10);
     assert_eq!(reported[9], json!({"message": ["is invalid"]}));

@@ -1016,7 +1016,7 @@ fn runtime_threads_block_signals() {
         if checked >= 2 {
             break;
         }
-        std::thread::sleep(std::time::Duration::from_millis(25));
+        std::thread::sleep(Duration::from_millis(25));
     }
     assert!(checked >= 2, "found {checked} runtime threads");
     // The calling thread's own mask is left as it was.

@@ -40,7 +40,7 @@ impl Conn {
             #[serde(borrow, default)]
             payload: Option<&'a serde_json::value::RawValue>,
         }
-        let push: Option<Push> = m
+        let push: Option<Push<'_>> = m
             .json_payload()
             .and_then(|raw| serde_json::from_str(raw.get()).ok());
         let kind = push
