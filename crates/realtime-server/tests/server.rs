@@ -15,7 +15,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 #[tokio::test]
-async fn connect_refusals_use_reference_texts() {
+async fn connect_refusals_use_supabase_texts() {
     let (server, addr) = start(test_config());
     let base = format!("ws://{addr}/realtime/v1/websocket");
     let cases = [
