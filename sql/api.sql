@@ -183,7 +183,10 @@ COMMENT ON FUNCTION realtime.setup_api_roles() IS
     'schema realtime and SELECT, INSERT, UPDATE on realtime.messages, as Supabase does. RLS policies still decide.';
 COMMENT ON FUNCTION realtime.stats() IS
     'Counters since the cluster started (failed sends, queued, delivered, discarded: aborted, dropped: the socket '
-    'server could not keep up) and the commit queue''s fill.';
+    'server could not keep up), the commit queue''s fill, and the worker''s usage as of usage_updated_at (taken '
+    'about once a second; NULL before the first): its private memory (worker_memory_bytes) and what holds it: '
+    'sockets, channels, bytes queued for sockets, pending authorization requests, presence keys and bytes, '
+    'writes held for write checks, database messages waiting for the network threads.';
 COMMENT ON FUNCTION realtime._authorize_writes(text, text, text, text, text, text[]) IS
     'Internal: the RLS write checks of a private channel, run by the worker at its first write in a transaction it rolls back.';
 COMMENT ON FUNCTION realtime.queue_broadcast_row() IS

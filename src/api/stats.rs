@@ -1,14 +1,17 @@
-//! `realtime.stats()`: what the commit queue has done, so lost messages are never invisible.
+//! `realtime.stats()`: what the commit queue has done, so lost messages are never invisible,
+//! and what the worker holds (its memory, and the sockets, channels, queues and presence that
+//! hold it), so an operator can tell from SQL why the worker is large.
 
 use crate::queue::shmem;
 use pgrx::prelude::*;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 fn counter(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
 
-/// Counters since the cluster started, and the queue's current fill.
+/// Counters since the cluster started, the queue's current fill, and the worker's last usage
+/// snapshot (NULL until the worker took one).
 #[pg_extern(volatile, parallel_safe)]
 fn stats() -> TableIterator<
     'static,
@@ -20,10 +23,25 @@ fn stats() -> TableIterator<
         name!(dropped, i64),
         name!(queue_used_bytes, i64),
         name!(queue_size_bytes, i64),
+        name!(worker_memory_bytes, Option<i64>),
+        name!(sockets, Option<i64>),
+        name!(channels, Option<i64>),
+        name!(socket_queued_bytes, Option<i64>),
+        name!(pending_authorizations, Option<i64>),
+        name!(presence_keys, Option<i64>),
+        name!(presence_bytes, Option<i64>),
+        name!(held_write_bytes, Option<i64>),
+        name!(publish_queue_bytes, Option<i64>),
+        name!(usage_updated_at, Option<TimestampWithTimeZone>),
     ),
 > {
     let s = shmem::stats();
     let (used, size) = shmem::usage();
+    let u = &s.usage;
+    let updated_at = u.updated_at.load(Ordering::Acquire);
+    let known = updated_at != 0;
+    let gauge = |g: &AtomicU64| known.then(|| counter(g.load(Ordering::Relaxed)));
+    let memory = u.worker_memory_bytes.load(Ordering::Relaxed);
     TableIterator::once((
         counter(s.failed_sends.load(Ordering::Relaxed)),
         counter(s.queued.load(Ordering::Relaxed)),
@@ -32,6 +50,18 @@ fn stats() -> TableIterator<
         counter(s.dropped.load(Ordering::Relaxed)),
         counter(used),
         counter(size),
+        (known && memory >= 0).then_some(memory),
+        gauge(&u.sockets),
+        gauge(&u.channels),
+        gauge(&u.socket_queued_bytes),
+        gauge(&u.pending_authorizations),
+        gauge(&u.presence_keys),
+        gauge(&u.presence_bytes),
+        gauge(&u.held_write_bytes),
+        gauge(&u.publish_queue_bytes),
+        known
+            .then(|| TimestampWithTimeZone::try_from(updated_at).ok())
+            .flatten(),
     ))
 }
 

@@ -9,7 +9,7 @@ use commit_ring::{Full, Ready, RingHeader};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::ptr::null_mut;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering, fence};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicPtr, AtomicU64, Ordering, fence};
 
 const TRANCHE: &std::ffi::CStr = c"pg_realtime";
 const SEGMENT: &std::ffi::CStr = c"pg_realtime commit queue";
@@ -29,6 +29,28 @@ pub struct Stats {
     /// Committed messages the socket server dropped because its dispatch queue stayed full
     /// (the network threads could not keep up at all).
     pub dropped: AtomicU64,
+    /// What the worker holds, as of its last snapshot.
+    pub usage: UsageGauges,
+}
+
+/// Gauges of the worker's memory and of what holds it, published by the worker about once a
+/// second (`worker/usage.rs`); read by `realtime.stats()`. Each is written on its own, so a
+/// reader may mix two consecutive snapshots, which is fine for gauges.
+#[repr(C)]
+#[derive(Default)]
+pub struct UsageGauges {
+    /// When the last snapshot was taken (a `TimestampTz`); 0 before the first one.
+    pub updated_at: AtomicI64,
+    /// The worker's private memory in bytes (`Anonymous:` of its smaps_rollup); -1 when unknown.
+    pub worker_memory_bytes: AtomicI64,
+    pub sockets: AtomicU64,
+    pub channels: AtomicU64,
+    pub socket_queued_bytes: AtomicU64,
+    pub pending_authorizations: AtomicU64,
+    pub presence_keys: AtomicU64,
+    pub presence_bytes: AtomicU64,
+    pub held_write_bytes: AtomicU64,
+    pub publish_queue_bytes: AtomicU64,
 }
 
 #[repr(C)]

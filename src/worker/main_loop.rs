@@ -154,6 +154,7 @@ impl MainLoop {
     /// Answers the server and expires SQL presence whose ttl ran out.
     fn handle_server_events(&mut self) {
         self.link.handle_events();
+        super::usage::publish_every_second(|| self.link.usage());
         if self.last_expiry.elapsed() >= PRESENCE_EXPIRY_INTERVAL {
             self.last_expiry = Instant::now();
             match presence::expire() {

@@ -9,7 +9,8 @@
 //! - `presence`: the SQL mirror of socket presence and SQL-tracked presence;
 //! - `maintenance`: daily partitions and retention;
 //! - `transaction`: the worker's own transactions, with timeouts and savepoints;
-//! - `logging`: log records from the network threads, written by the main thread.
+//! - `logging`: log records from the network threads, written by the main thread;
+//! - `usage`: the worker's memory and what holds it, published for `realtime.stats()`.
 
 mod authorization;
 mod logging;
@@ -19,6 +20,7 @@ mod presence;
 mod queue_reader;
 mod server_link;
 mod transaction;
+mod usage;
 
 use crate::gucs;
 use crate::queue::shmem;

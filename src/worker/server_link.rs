@@ -134,6 +134,11 @@ impl ServerLink {
         dropped
     }
 
+    /// What the socket server holds now.
+    pub fn usage(&self) -> realtime_server::Usage {
+        self.server.usage()
+    }
+
     /// Applies changed settings (after SIGHUP).
     pub fn reload(&mut self) {
         self.server.reload(gucs::server_config());

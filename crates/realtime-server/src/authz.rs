@@ -145,6 +145,11 @@ impl Authorizer {
         }
     }
 
+    /// Requests somebody waits for (queued for the worker, or taken by it and not answered).
+    pub(crate) fn pending_count(&self) -> usize {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
     /// Whether somebody still waits for request `id`.
     pub(crate) fn is_pending(&self, id: u64) -> bool {
         self.pending

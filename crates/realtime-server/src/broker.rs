@@ -68,4 +68,8 @@ pub(crate) trait Broker: Send + Sync {
 
     /// The `presence_state` payload of `key`.
     fn presence_state(&self, key: &TopicKey) -> Arc<str>;
+
+    /// Fills in the broker's share of [`crate::Usage`]: channels, topics, presence. Called
+    /// about once a second; walks its maps, so it may take a few milliseconds with many topics.
+    fn usage(&self, usage: &mut crate::Usage);
 }

@@ -1,5 +1,8 @@
 //! Per-joined-channel state and the parsing of `phx_join` payloads.
 
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
 use serde_json::Value;
 use serde_json::value::RawValue;
 use tokio::time::Instant;
@@ -8,6 +11,7 @@ use crate::events::{Authorization, ReplayParams};
 use crate::jwt::Claims;
 use crate::protocol::{Inbound, InboundPayload};
 use crate::registry::TopicKey;
+use crate::usage::ConnUsage;
 
 /// What a `phx_join` payload asked for (its `config` and token). Unknown keys are ignored.
 #[derive(Debug, Default, PartialEq)]
@@ -110,17 +114,85 @@ pub(crate) struct Channel {
     /// Changes with each token the channel gets, so late authorization answers for an older
     /// token (or an earlier join of the topic) are recognised.
     pub generation: u64,
+    /// The read check of the latest token refresh, if it runs: a newer refresh replaces it
+    /// (its answer would be for an older token), so a flood of tokens keeps one request
+    /// waiting per channel, not one per token.
+    pub refresh_check: Option<Check>,
+    /// The write check, if it runs.
+    pub write_check: Option<Check>,
+}
+
+/// A task waiting for the worker on a channel's behalf; dropping it (with its channel, or
+/// when a newer check replaces it) aborts the task, which forgets its request, so the worker
+/// skips it.
+pub(crate) struct Check(pub tokio::task::AbortHandle);
+
+impl Drop for Check {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Messages held while a write check runs, per channel; beyond this they are dropped.
 pub(crate) const MAX_HELD_WRITES: usize = 256;
 
+/// Messages one channel holds while its write check runs, in order. Their bytes count in the
+/// connection's total (`max_held_write_bytes` bounds it over all the connection's channels, so
+/// joining more channels does not hold more) until they are taken or dropped.
+pub(crate) struct HeldWrites {
+    messages: Vec<Inbound>,
+    bytes: usize,
+    conn: Arc<ConnUsage>,
+}
+
+impl HeldWrites {
+    pub(crate) fn new(conn: Arc<ConnUsage>) -> HeldWrites {
+        HeldWrites {
+            messages: Vec::new(),
+            bytes: 0,
+            conn,
+        }
+    }
+
+    /// Holds `m` if the channel holds fewer than [`MAX_HELD_WRITES`] and the connection's held
+    /// bytes stay within `max_bytes` (a message still fits when the connection holds nothing
+    /// else); gives it back otherwise.
+    pub(crate) fn hold(&mut self, m: Inbound, max_bytes: usize) -> Result<(), Inbound> {
+        let size = held_size(&m);
+        let total = self.conn.held_write_bytes.load(Ordering::Relaxed);
+        if self.messages.len() >= MAX_HELD_WRITES
+            || (total > 0 && total.saturating_add(size) > max_bytes)
+        {
+            return Err(m);
+        }
+        self.conn
+            .held_write_bytes
+            .fetch_add(size, Ordering::Relaxed);
+        self.bytes += size;
+        self.messages.push(m);
+        Ok(())
+    }
+
+    /// The held messages, in order; their bytes no longer count.
+    pub(crate) fn take(mut self) -> Vec<Inbound> {
+        std::mem::take(&mut self.messages)
+    }
+}
+
+impl Drop for HeldWrites {
+    fn drop(&mut self) {
+        self.conn
+            .held_write_bytes
+            .fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
 /// Where a channel's write check stands.
 pub(crate) enum WriteCheck {
     /// Private channel, nothing written yet.
     Unchecked,
-    /// The worker is checking; the messages wait here, in order, with their total size.
-    Running(Vec<Inbound>, usize),
+    /// The worker is checking; the messages wait here.
+    Running(HeldWrites),
     Known {
         broadcast: bool,
         presence: bool,

@@ -163,6 +163,15 @@ impl EventQueue {
         q.events.drain(..).collect()
     }
 
+    /// Events not drained yet.
+    pub(crate) fn len(&self) -> usize {
+        self.queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .events
+            .len()
+    }
+
     pub(crate) fn wake_fd(&self) -> std::os::fd::RawFd {
         self.wake.raw()
     }

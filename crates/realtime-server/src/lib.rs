@@ -23,6 +23,7 @@ mod registry;
 mod rest;
 mod signals;
 mod topic;
+mod usage;
 mod wake;
 
 use std::net::SocketAddr;
@@ -45,6 +46,7 @@ pub use jwt::Claims;
 pub use protocol::Payload;
 pub use refusal::Refusal;
 pub use topic::MAX_STORED_TOPIC_BYTES;
+pub use usage::Usage;
 
 use broadcast::{Body, Outgoing, id_meta};
 use broker::Broker;
@@ -126,6 +128,8 @@ pub(crate) struct Inner {
     pub(crate) socket_cap: usize,
     /// KiB of REST bodies being read and answered; see [`rest::REST_BODY_BUDGET`].
     pub(crate) rest_budget: tokio::sync::Semaphore,
+    /// Every live connection's counters, for [`Server::usage`].
+    pub(crate) conns: usage::ConnTable,
 }
 
 impl Inner {
@@ -319,6 +323,7 @@ impl Server {
             socket_cap: usize::try_from(open_files.saturating_sub(RESERVED_FILES))
                 .unwrap_or(usize::MAX),
             rest_budget: rest::body_budget(),
+            conns: usage::ConnTable::default(),
         });
         let app = http::router(inner.clone(), max_frame_bytes);
         for listener in listeners {
@@ -502,6 +507,26 @@ impl Server {
             subtopic: topic.to_string(),
         };
         self.inner.broker.sync_sql_presence(&key, members);
+    }
+
+    /// What the server holds now: connections, channels, queued bytes, waiting authorizations,
+    /// presence, held writes, queued database messages. Sums counters the connections, the
+    /// broker and the queues keep anyway (walking the connections and topics once, nothing on
+    /// the fan-out path), so calling it once a second is cheap even with many thousands of
+    /// sockets.
+    pub fn usage(&self) -> Usage {
+        let inner = &self.inner;
+        let mut usage = Usage::default();
+        inner.broker.usage(&mut usage);
+        let (queued, held) = inner.conns.sum();
+        usage.connections = inner.active_connections.load(Ordering::Acquire) as u64;
+        usage.queued_bytes = queued;
+        usage.held_write_bytes = held;
+        usage.pending_authorizations = inner.authz.pending_count() as u64;
+        usage.queued_events = inner.events.len() as u64;
+        usage.publish_queue_bytes = self.publish_budget.bytes.load(Ordering::Acquire) as u64;
+        usage.rest_body_bytes = rest::body_budget_used(&inner.rest_budget) as u64;
+        usage
     }
 
     /// Number of open WebSocket connections (including upgrades in progress).

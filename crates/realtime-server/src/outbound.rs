@@ -99,7 +99,7 @@ impl ConnHandle {
         self.overflow.notified().await
     }
 
-    #[cfg(test)]
+    /// Bytes queued and not yet taken by the connection's task (for [`crate::Usage`]).
     pub(crate) fn queued_bytes(&self) -> usize {
         self.bytes.load(Ordering::Acquire)
     }

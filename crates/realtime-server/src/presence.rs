@@ -157,6 +157,14 @@ impl Presence {
         }
     }
 
+    /// Keys, and key and meta bytes, over all topics.
+    pub(crate) fn totals(&self) -> (usize, usize) {
+        let topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
+        topics.values().fold((0, 0), |(keys, bytes), t| {
+            (keys + t.keys.len(), bytes + t.bytes)
+        })
+    }
+
     fn report(&self, change: PresenceChange) {
         if let Some(events) = &self.mirror {
             events.push(Event::Presence(change));

@@ -215,6 +215,12 @@ impl Registry {
         delivered
     }
 
+    /// Topics, and subscriptions over all of them.
+    pub(crate) fn counts(&self) -> (usize, usize) {
+        let topics = self.topics.read().unwrap_or_else(|p| p.into_inner());
+        (topics.len(), topics.values().map(HashMap::len).sum())
+    }
+
     #[cfg(test)]
     pub(crate) fn subscriber_count(&self, key: &TopicKey) -> usize {
         let topics = self.topics.read().unwrap_or_else(|p| p.into_inner());

@@ -302,6 +302,11 @@ pub(crate) fn body_budget() -> tokio::sync::Semaphore {
     tokio::sync::Semaphore::new(REST_BODY_BUDGET / 1024)
 }
 
+/// Bytes of the budget in use.
+pub(crate) fn body_budget_used(budget: &tokio::sync::Semaphore) -> usize {
+    (REST_BODY_BUDGET / 1024).saturating_sub(budget.available_permits()) * 1024
+}
+
 /// Runs the request within [`REST_BODY_BUDGET`] and [`REST_ANSWER_TIMEOUT`], or answers 429 or
 /// 408.
 pub(crate) async fn within_budget(

@@ -116,4 +116,13 @@ impl Broker for MemoryBroker {
     fn presence_state(&self, key: &TopicKey) -> Arc<str> {
         self.presence.state(key)
     }
+
+    fn usage(&self, usage: &mut crate::Usage) {
+        let (topics, channels) = self.registry.counts();
+        let (keys, bytes) = self.presence.totals();
+        usage.topics = topics as u64;
+        usage.channels = channels as u64;
+        usage.presence_keys = keys as u64;
+        usage.presence_bytes = bytes as u64;
+    }
 }

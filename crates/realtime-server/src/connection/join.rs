@@ -297,6 +297,8 @@ impl Conn {
             presence_calls: (Instant::now(), 0),
             writes: WriteCheck::for_channel(private),
             generation: self.next_id(),
+            refresh_check: None,
+            write_check: None,
         };
         self.topics
             .insert(j.topic, TopicState::Joined(Box::new(channel)));

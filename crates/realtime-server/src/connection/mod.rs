@@ -33,6 +33,7 @@ use crate::outbound::ConnHandle;
 use crate::protocol::{self, Inbound, Vsn};
 use crate::refusal::{Refusal, ReplyError};
 use crate::registry::PendingSubscription;
+use crate::usage::ConnUsage;
 
 pub(crate) use socket::{ConnectInfo, ConnectionSlot, run};
 
@@ -83,6 +84,8 @@ struct Conn {
     connect_token: String,
     headers_json: Arc<str>,
     handle: Arc<ConnHandle>,
+    /// The counters [`crate::Server::usage`] reads: held write bytes live here.
+    usage: Arc<ConnUsage>,
     /// Keyed by the client's topic (`realtime:<subtopic>`).
     topics: HashMap<String, TopicState>,
     /// Ids of pending joins and channel generations: each value is used once per connection,
@@ -110,7 +113,7 @@ impl Conn {
     fn new(
         inner: Arc<Inner>,
         info: ConnectInfo,
-        handle: Arc<ConnHandle>,
+        usage: Arc<ConnUsage>,
         internal_tx: mpsc::UnboundedSender<Internal>,
     ) -> Conn {
         let join_tokens = f64::from(inner.config().join_burst.max(1));
@@ -119,7 +122,8 @@ impl Conn {
             vsn: info.vsn,
             connect_token: info.token,
             headers_json: info.headers_json,
-            handle,
+            handle: usage.handle.clone(),
+            usage,
             topics: HashMap::new(),
             next_id: 0,
             internal_tx,

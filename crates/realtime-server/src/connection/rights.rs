@@ -3,7 +3,7 @@
 
 use super::{Conn, Internal};
 use crate::broker::Subscriber;
-use crate::channel::{MAX_HELD_WRITES, WriteCheck, held_size};
+use crate::channel::{Check, HeldWrites, MAX_HELD_WRITES, WriteCheck};
 use crate::events::{Authorization, AuthorizationPurpose};
 use crate::jwt::Claims;
 use crate::protocol::Inbound;
@@ -25,11 +25,11 @@ impl Conn {
         presence: bool,
         purpose: AuthorizationPurpose,
         reply: impl FnOnce(Result<Authorization, Refusal>) -> Internal + Send + 'static,
-    ) {
+    ) -> Check {
         let inner = self.inner.clone();
         let tx = self.internal_tx.clone();
         let headers = self.headers_json.clone();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let answer = inner
                 .authorize(crate::authz::Ask {
                     subtopic: &subtopic,
@@ -45,6 +45,7 @@ impl Conn {
                 .map(|(a, _)| a);
             let _ = tx.send(reply(answer));
         });
+        Check(task.abort_handle())
     }
 
     /// The read check after a token refresh: new read rights, or the channel is closed.
@@ -101,55 +102,66 @@ impl Conn {
     /// worker for them once; the messages go on, in order, when the answer comes.
     pub(super) fn hold_for_write_check(&mut self, m: Inbound) {
         let max_bytes = self.inner.config().max_held_write_bytes;
+        let usage = self.usage.clone();
         let Some(ch) = self.channel_mut(&m.topic) else {
             return;
         };
-        match &mut ch.writes {
-            WriteCheck::Running(held, bytes)
-                if held.len() < MAX_HELD_WRITES && *bytes + held_size(&m) <= max_bytes =>
-            {
-                *bytes += held_size(&m);
-                held.push(m);
-            }
-            WriteCheck::Running(..) => {
-                // Not kept, so not silently: an acking sender learns at once, and the log says
-                // which channel is writing faster than its database can authorize.
-                log::info!(
-                    "dropping a write on {}: {MAX_HELD_WRITES} messages or {max_bytes} bytes already wait for the channel's write check",
-                    crate::log_excerpt(&m.topic)
-                );
-                if ch.broadcast_ack && m.event == "broadcast" {
-                    self.reply_error(&m, ReplyError::TooManyHeldWrites);
+        let refused = match &mut ch.writes {
+            WriteCheck::Running(held) => held.hold(m, max_bytes).err(),
+            WriteCheck::Unchecked => {
+                let topic = m.topic.clone();
+                let mut held = HeldWrites::new(usage);
+                match held.hold(m, max_bytes) {
+                    Ok(()) => {
+                        ch.writes = WriteCheck::Running(held);
+                        self.ask_writes(topic);
+                        None
+                    }
+                    // Nothing held, so nothing asked: the next write asks.
+                    Err(m) => Some(m),
                 }
             }
-            WriteCheck::Unchecked => {
-                let size = held_size(&m);
-                let topic = m.topic.clone();
-                ch.writes = WriteCheck::Running(vec![m], size);
-                self.ask_writes(topic);
-            }
             // Not reached: callers hold only while the rights are unknown.
-            WriteCheck::Known { .. } => {}
+            WriteCheck::Known { .. } => None,
+        };
+        let Some(m) = refused else {
+            return;
+        };
+        // Not kept, so not silently: an acking sender learns at once, and the log says which
+        // channel is writing faster than its database can authorize.
+        log::info!(
+            "dropping a write on {}: {MAX_HELD_WRITES} messages on the channel or {max_bytes} bytes on the connection already wait for write checks",
+            crate::log_excerpt(&m.topic)
+        );
+        let ack = self.channel(&m.topic).is_some_and(|ch| ch.broadcast_ack);
+        if ack && m.event == "broadcast" {
+            self.reply_error(&m, ReplyError::TooManyHeldWrites);
         }
     }
 
     /// Asks for the write rights of the channel's current token.
-    fn ask_writes(&self, topic: String) {
+    fn ask_writes(&mut self, topic: String) {
         let Some(ch) = self.channel(&topic) else {
             return;
         };
         let generation = ch.generation;
-        self.ask_in_background(
+        let check = self.ask_in_background(
             ch.key.subtopic.clone(),
             ch.claims.clone(),
             ch.presence_enabled,
             AuthorizationPurpose::Write,
-            move |answer| Internal::WriteRights {
-                topic,
-                generation,
-                answer,
+            {
+                let topic = topic.clone();
+                move |answer| Internal::WriteRights {
+                    topic,
+                    generation,
+                    answer,
+                }
             },
         );
+        if let Some(ch) = self.channel_mut(&topic) {
+            ch.write_check = Some(check);
+        }
     }
 
     pub(super) fn writes_authorized(
@@ -173,10 +185,10 @@ impl Conn {
             broadcast: a.broadcast_write,
             presence: a.presence_write,
         };
-        let WriteCheck::Running(held, _) = std::mem::replace(&mut ch.writes, known) else {
+        let WriteCheck::Running(held) = std::mem::replace(&mut ch.writes, known) else {
             return;
         };
-        for m in held {
+        for m in held.take() {
             match m.event.as_str() {
                 "broadcast" => self.broadcast(m),
                 _ => self.presence(m),

@@ -17,6 +17,7 @@ use crate::broadcast::Frame;
 use crate::outbound::ConnHandle;
 use crate::protocol::Vsn;
 use crate::refusal::Close;
+use crate::usage::ConnUsage;
 
 /// How long a closing handshake may take before the TCP connection is just dropped.
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -49,8 +50,15 @@ pub(crate) async fn run(socket: WebSocket, info: ConnectInfo, inner: Arc<Inner>)
     let cfg = inner.config();
     let (handle, mut rx) = ConnHandle::new(cfg.outbound_queue, cfg.outbound_queue_bytes);
     let handle = Arc::new(handle);
+    let usage = Arc::new(ConnUsage {
+        handle: handle.clone(),
+        held_write_bytes: Default::default(),
+    });
+    let _registered = inner.conns.register(usage.clone());
+    // Unbounded, but each message answers a task the connection started, and those are
+    // bounded: pending joins, one refresh and one write check per channel.
     let (internal_tx, mut internal_rx) = mpsc::unbounded_channel();
-    let mut conn = Conn::new(inner.clone(), info, handle.clone(), internal_tx);
+    let mut conn = Conn::new(inner.clone(), info, usage, internal_tx);
     let (mut sink, mut stream) = socket.split();
     let mut shutdown = inner.shutdown.clone();
     let mut last_inbound = Instant::now();

@@ -53,19 +53,27 @@ impl Conn {
             ch.writes = WriteCheck::Unchecked;
         }
         ch.generation = generation;
+        // The check of an older token is no longer wanted: its request is forgotten now.
+        ch.refresh_check = None;
         let (subtopic, presence) = (ch.key.subtopic.clone(), ch.presence_enabled);
         let topic = m.topic;
-        self.ask_in_background(
+        let check = self.ask_in_background(
             subtopic,
             claims,
             presence,
             AuthorizationPurpose::TokenRefresh,
-            move |answer| Internal::RefreshAuthorized {
-                topic,
-                generation,
-                answer,
+            {
+                let topic = topic.clone();
+                move |answer| Internal::RefreshAuthorized {
+                    topic,
+                    generation,
+                    answer,
+                }
             },
         );
+        if let Some(ch) = self.channel_mut(&topic) {
+            ch.refresh_check = Some(check);
+        }
     }
 
     /// When the first of the channels' tokens expires.
