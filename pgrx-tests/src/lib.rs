@@ -364,6 +364,29 @@ impl Socket {
         }
     }
 
+    /// Reads and discards whatever has arrived, without waiting; false once the server closed
+    /// the socket.
+    pub fn discard_arrived(&mut self) -> bool {
+        let tungstenite::stream::MaybeTlsStream::Plain(s) = self.ws.get_ref() else {
+            return true;
+        };
+        s.set_nonblocking(true).ok();
+        let open = loop {
+            match self.ws.read() {
+                Ok(tungstenite::Message::Close(_)) => break false,
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    break true;
+                }
+                Err(_) => break false,
+            }
+        };
+        if let tungstenite::stream::MaybeTlsStream::Plain(s) = self.ws.get_ref() {
+            s.set_nonblocking(false).ok();
+        }
+        open
+    }
+
     /// Skips frames until one whose (topic, event) matches; None if none within `limit`.
     pub fn recv_event(&mut self, event: &str, limit: Duration) -> Option<Message> {
         let deadline = Instant::now() + limit;
