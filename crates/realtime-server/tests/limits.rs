@@ -743,3 +743,299 @@ async fn a_flood_of_refused_joins_is_not_held_for_the_error_delay() {
     }
     stop(server).await;
 }
+
+// One client flooding one frame type: what the server holds for it (by `Server::usage`) stays
+// under a bound, and another client is still served.
+
+/// Bytes the server holds in its bounded queues and stores.
+fn held_bytes(u: &realtime_server::Usage) -> u64 {
+    u.queued_bytes
+        + u.held_write_bytes
+        + u.presence_bytes
+        + u.publish_queue_bytes
+        + u.rest_body_bytes
+}
+
+/// Another client still connects, joins and gets its heartbeat answered.
+async fn others_are_served(addr: std::net::SocketAddr) {
+    let mut other = connect(addr, "2.0.0").await;
+    assert_eq!(
+        join_v2(&mut other, "bystander", "1", json!({})).await["status"],
+        "ok"
+    );
+    sync(&mut other, "b").await;
+}
+
+/// Sends `frames` without reading anything back, until all are sent or the server closes the
+/// socket (as a slow consumer); returns the highest usage seen meanwhile.
+async fn flood_without_reading(
+    server: &Server,
+    ws: &mut Ws,
+    frames: impl Iterator<Item = Value>,
+) -> realtime_server::Usage {
+    use futures_util::SinkExt;
+    let mut peak = server.usage();
+    for (i, frame) in frames.enumerate() {
+        if ws.send(Message::text(frame.to_string())).await.is_err() {
+            break;
+        }
+        if i % 64 == 0 {
+            let u = server.usage();
+            if held_bytes(&u) > held_bytes(&peak) {
+                peak = u;
+            }
+        }
+    }
+    peak
+}
+
+#[tokio::test]
+async fn a_heartbeat_or_reply_flood_is_bounded_by_the_outbound_queue() {
+    let max_queue = 256 * 1024;
+    let (server, addr) = start(Config {
+        outbound_queue_bytes: max_queue,
+        // A write to a client that does not read stops the server reading from it, so the
+        // flood ends stuck in TCP; the idle timeout then closes it.
+        idle_timeout: Duration::from_secs(2),
+        ..test_config()
+    });
+    let mut ws = connect_small_rcvbuf(addr, "2.0.0").await;
+    join_v2(&mut ws, "room", "1", json!({"broadcast": {"ack": true}})).await;
+    let big = "x".repeat(2000);
+    // About 20 MB of replies, far more than the queue and the kernel's buffers hold.
+    let frames = (0..20_000u32).map(|i| match i % 4 {
+        0 => json!([null, i.to_string(), "phoenix", "heartbeat", {}]),
+        // Unknown events and unjoined topics get error replies.
+        1 => json!(["1", i.to_string(), format!("realtime:{big}"), "nope", {}]),
+        2 => json!([
+            "1",
+            i.to_string(),
+            format!("realtime:{big}"),
+            "phx_leave",
+            {}
+        ]),
+        _ => json!(["1", i.to_string(), "realtime:room", "broadcast",
+            {"type": "broadcast", "event": "e", "payload": {"n": i}}]),
+    });
+    let peak = flood_without_reading(&server, &mut ws, frames).await;
+    assert!(
+        peak.queued_bytes <= max_queue as u64 + 64 * 1024,
+        "{peak:?}"
+    );
+    // Closed (as a slow consumer, or idle while stuck): nothing of it is left.
+    eventually(|| server.connection_count() == 0).await;
+    eventually(|| server.usage() == Default::default()).await;
+    others_are_served(addr).await;
+    stop(server).await;
+}
+
+#[tokio::test]
+async fn a_join_leave_flood_holds_no_channels_or_requests() {
+    let (server, addr) = start(Config {
+        authorize_private: true,
+        ..test_config()
+    });
+    let server = Arc::new(server);
+    let mut ws = connect(addr, "2.0.0").await;
+    let mut peak_pending = 0;
+    for i in 0..3000u32 {
+        let r = i.to_string();
+        let topic = format!("flood-{}", i % 8);
+        let private = i % 2 == 0;
+        send_text(
+            &mut ws,
+            json!([r, r, format!("realtime:{topic}"), "phx_join",
+                {"config": {"private": private, "presence": {"enabled": true}}}]),
+        )
+        .await;
+        send_text(
+            &mut ws,
+            json!([r, r, format!("realtime:{topic}"), "phx_leave", {}]),
+        )
+        .await;
+        if i % 100 == 0 {
+            peak_pending = peak_pending.max(server.usage().pending_authorizations);
+            // Read the replies, as a client that wants to stay connected does.
+            sync(&mut ws, &format!("h{i}")).await;
+        }
+    }
+    sync(&mut ws, "end").await;
+    assert!(peak_pending <= 16, "{peak_pending} pending at once");
+    eventually(|| {
+        let u = server.usage();
+        u.pending_authorizations == 0 && u.channels == 0 && u.presence_keys == 0
+    })
+    .await;
+    assert!(authorizations_now(&server).await.is_empty());
+    others_are_served(addr).await;
+    stop(unwrap_arc(server)).await;
+}
+
+#[tokio::test]
+async fn an_access_token_flood_keeps_one_refresh_check_per_channel() {
+    let (server, addr) = start(Config {
+        authorize_private: true,
+        ..test_config()
+    });
+    let server = Arc::new(server);
+    let mut ws = connect(addr, "2.0.0").await;
+    send_text(&mut ws, private_join("1", "vip")).await;
+    let join = next_authorization(&server).await;
+    assert!(server.complete_authorization(join.id, Ok(read_only()), Vec::new()));
+    assert_eq!(next_json(&mut ws).await[4]["status"], "ok");
+    for i in 0..2000 {
+        let t = token_with(json!({"role": "anon", "exp": now() + 3600, "n": i}));
+        send_text(
+            &mut ws,
+            json!(["1", format!("t{i}"), "realtime:vip", "access_token", {"access_token": t}]),
+        )
+        .await;
+    }
+    sync(&mut ws, "h").await;
+    // Each new token forgets the previous token's check (its task is aborted, and the runtime
+    // drops it on its next turn).
+    eventually(|| server.usage().pending_authorizations <= 1).await;
+    let asked = authorizations_now(&server).await;
+    assert!(asked.len() <= 1, "{} requests for the worker", asked.len());
+    // The last token's check is answered, and the channel stays.
+    if let Some(last) = asked.last() {
+        assert!(server.complete_authorization(last.id, Ok(read_only()), Vec::new()));
+    }
+    sync(&mut ws, "h2").await;
+    assert_eq!(server.usage().channels, 1);
+    others_are_served(addr).await;
+    stop(unwrap_arc(server)).await;
+}
+
+#[tokio::test]
+async fn writes_held_for_write_checks_are_bounded_per_connection() {
+    let (server, addr) = start(Config {
+        authorize_private: true,
+        max_held_write_bytes: 1_000_000,
+        ..test_config()
+    });
+    let server = Arc::new(server);
+    let mut ws = connect(addr, "2.0.0").await;
+    for c in 0..4 {
+        send_text(
+            &mut ws,
+            json!([c.to_string(), c.to_string(), format!("realtime:vip{c}"), "phx_join",
+            {"config": {"private": true, "broadcast": {"ack": true}}, "access_token": token()}]),
+        )
+        .await;
+        let join = next_authorization(&server).await;
+        assert!(server.complete_authorization(join.id, Ok(read_only()), Vec::new()));
+        assert_eq!(next_json(&mut ws).await[4]["status"], "ok");
+    }
+    // Three channels' first writes fit the connection's bound; the fourth does not, however
+    // many channels the writes are spread over.
+    let big = "x".repeat(300_000);
+    for c in 0..4 {
+        send_text(
+            &mut ws,
+            json!([c.to_string(), format!("m{c}"), format!("realtime:vip{c}"), "broadcast",
+            {"type": "broadcast", "event": "e", "payload": {"big": big}}]),
+        )
+        .await;
+    }
+    let refused = next_json(&mut ws).await;
+    assert_eq!(refused[1], "m3");
+    assert_eq!(
+        refused[4],
+        json!({"status": "error", "response": {"reason": "Too many messages per second"}})
+    );
+    let u = server.usage();
+    assert!(
+        u.held_write_bytes > 900_000 && u.held_write_bytes <= 1_000_000,
+        "{u:?}"
+    );
+    let asked = authorizations_now(&server).await;
+    assert_eq!(asked.len(), 3, "the refused write asked nothing");
+    // Closing a channel gives its held bytes back.
+    send_text(&mut ws, json!(["0", "l", "realtime:vip0", "phx_leave", {}])).await;
+    sync(&mut ws, "h").await;
+    let u = server.usage();
+    assert!(u.held_write_bytes <= 700_000, "{u:?}");
+    let writes = Authorization {
+        broadcast_write: true,
+        ..read_only()
+    };
+    for a in &asked {
+        server.complete_authorization(a.id, Ok(writes), Vec::new());
+    }
+    eventually(|| server.usage().held_write_bytes == 0).await;
+    others_are_served(addr).await;
+    stop(unwrap_arc(server)).await;
+}
+
+#[tokio::test]
+async fn a_presence_flood_holds_one_meta_per_channel() {
+    let (server, addr) = start(test_config());
+    let mut ws = connect(addr, "2.0.0").await;
+    join_v2(
+        &mut ws,
+        "room",
+        "1",
+        json!({"presence": {"enabled": true, "key": "k"}}),
+    )
+    .await;
+    let meta = json!({"blob": "y".repeat(10_000)});
+    let frames = (0..5000u32).map(|i| {
+        let event = if i % 2 == 0 { "track" } else { "untrack" };
+        json!(["1", i.to_string(), "realtime:room", "presence",
+            {"type": "presence", "event": event, "payload": meta}])
+    });
+    let peak = flood_without_reading(&server, &mut ws, frames).await;
+    assert!(
+        peak.presence_keys <= 1 && peak.presence_bytes <= 11_000,
+        "{peak:?}"
+    );
+    sync(&mut ws, "h").await;
+    // Past the per-channel call limit the channel was closed: nothing of it is left.
+    let u = server.usage();
+    assert_eq!((u.presence_keys, u.presence_bytes), (0, 0), "{u:?}");
+    others_are_served(addr).await;
+    stop(server).await;
+}
+
+#[tokio::test]
+async fn a_rest_batch_flood_is_bounded_by_the_body_budget() {
+    let (server, addr) = start(test_config());
+    let server = Arc::new(server);
+    let watcher = {
+        let server = server.clone();
+        tokio::spawn(async move {
+            let mut peak = 0;
+            for _ in 0..200 {
+                peak = peak.max(server.usage().rest_body_bytes);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            peak
+        })
+    };
+    let messages: Vec<Value> = (0..1000)
+        .map(|i| json!({"topic": "room", "event": "e", "payload": {"n": i, "pad": "z".repeat(1000)}}))
+        .collect();
+    let body = json!({"messages": messages}).to_string();
+    let mut requests = Vec::new();
+    for _ in 0..16 {
+        let body = body.clone();
+        requests.push(tokio::spawn(async move {
+            let auth = format!("Bearer {}", token());
+            let headers = [
+                ("authorization", auth.as_str()),
+                ("content-type", "application/json"),
+            ];
+            http(addr, "POST", "/api/broadcast", &headers, body.as_bytes()).await
+        }));
+    }
+    for r in requests {
+        let (status, _, _) = r.await.unwrap();
+        assert!(status == 202 || status == 429, "{status}");
+    }
+    let peak = watcher.await.unwrap();
+    assert!(peak <= 64 * 1024 * 1024, "{peak}");
+    assert_eq!(server.usage().rest_body_bytes, 0);
+    others_are_served(addr).await;
+    stop(unwrap_arc(server)).await;
+}
