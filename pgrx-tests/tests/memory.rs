@@ -119,7 +119,7 @@ fn a_private_join_leave_flood_does_not_grow_the_worker() {
             flood.push(Some(&r), &r, &topic, "phx_leave", json!({}));
         }
         assert!(flood.discard_arrived(), "the flooding socket stays open");
-        if i % 2000 == 0 {
+        if i.is_multiple_of(2000) {
             peak = peak.max(usage(&mut c, "worker_memory_bytes").unwrap_or(0));
         }
     }

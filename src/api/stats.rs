@@ -12,6 +12,8 @@ fn counter(value: u64) -> i64 {
 
 /// Counters since the cluster started, the queue's current fill, and the worker's last usage
 /// snapshot (NULL until the worker took one).
+// pgrx takes the column names from the signature itself, so the type cannot be aliased.
+#[allow(clippy::type_complexity)]
 #[pg_extern(volatile, parallel_safe)]
 fn stats() -> TableIterator<
     'static,

@@ -157,20 +157,20 @@ impl HeldWrites {
     /// Holds `m` if the channel holds fewer than [`MAX_HELD_WRITES`] and the connection's held
     /// bytes stay within `max_bytes` (a message still fits when the connection holds nothing
     /// else); gives it back otherwise.
-    pub(crate) fn hold(&mut self, m: Inbound, max_bytes: usize) -> Result<(), Inbound> {
+    pub(crate) fn hold(&mut self, m: Inbound, max_bytes: usize) -> Option<Inbound> {
         let size = held_size(&m);
         let total = self.conn.held_write_bytes.load(Ordering::Relaxed);
         if self.messages.len() >= MAX_HELD_WRITES
             || (total > 0 && total.saturating_add(size) > max_bytes)
         {
-            return Err(m);
+            return Some(m);
         }
         self.conn
             .held_write_bytes
             .fetch_add(size, Ordering::Relaxed);
         self.bytes += size;
         self.messages.push(m);
-        Ok(())
+        None
     }
 
     /// The held messages, in order; their bytes no longer count.

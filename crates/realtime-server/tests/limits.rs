@@ -779,7 +779,7 @@ async fn flood_without_reading(
         if ws.send(Message::text(frame.to_string())).await.is_err() {
             break;
         }
-        if i % 64 == 0 {
+        if i.is_multiple_of(64) {
             let u = server.usage();
             if held_bytes(&u) > held_bytes(&peak) {
                 peak = u;
@@ -853,7 +853,7 @@ async fn a_join_leave_flood_holds_no_channels_or_requests() {
             json!([r, r, format!("realtime:{topic}"), "phx_leave", {}]),
         )
         .await;
-        if i % 100 == 0 {
+        if i.is_multiple_of(100) {
             peak_pending = peak_pending.max(server.usage().pending_authorizations);
             // Read the replies, as a client that wants to stay connected does.
             sync(&mut ws, &format!("h{i}")).await;

@@ -107,18 +107,18 @@ impl Conn {
             return;
         };
         let refused = match &mut ch.writes {
-            WriteCheck::Running(held) => held.hold(m, max_bytes).err(),
+            WriteCheck::Running(held) => held.hold(m, max_bytes),
             WriteCheck::Unchecked => {
                 let topic = m.topic.clone();
                 let mut held = HeldWrites::new(usage);
                 match held.hold(m, max_bytes) {
-                    Ok(()) => {
+                    None => {
                         ch.writes = WriteCheck::Running(held);
                         self.ask_writes(topic);
                         None
                     }
                     // Nothing held, so nothing asked: the next write asks.
-                    Err(m) => Some(m),
+                    Some(m) => Some(m),
                 }
             }
             // Not reached: callers hold only while the rights are unknown.
