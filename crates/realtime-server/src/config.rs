@@ -41,8 +41,9 @@ pub struct Config {
     /// Per-connection outbound queue, in bytes of queued frames; past it the connection is
     /// closed as a slow consumer, like past `outbound_queue` frames.
     pub outbound_queue_bytes: usize,
-    /// Bytes of messages one private channel may hold while its write check runs; past it
-    /// (or past 256 messages) further writes are refused.
+    /// Bytes of messages one connection may hold, over all its private channels, while their
+    /// write checks run; past it (or past 256 messages on one channel) further writes are
+    /// refused.
     pub max_held_write_bytes: usize,
     /// Private joins of one connection that may wait for authorization at once.
     pub max_pending_joins_per_connection: usize,
