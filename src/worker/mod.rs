@@ -9,8 +9,10 @@
 //! - `presence`: the SQL mirror of socket presence and SQL-tracked presence;
 //! - `maintenance`: daily partitions and retention;
 //! - `transaction`: the worker's own transactions, with timeouts and savepoints;
-//! - `logging`: log records from the network threads, written by the main thread.
+//! - `logging`: log records from the network threads, written by the main thread;
+//! - `allocator`: gives memory freed after a burst back to the operating system.
 
+mod allocator;
 mod authorization;
 mod logging;
 mod main_loop;
