@@ -51,6 +51,7 @@ pub fn run(database_name: &str) {
             next_maintenance = next_maintenance.min(Instant::now() + maintenance::interval());
         }
         main_loop.deliver();
+        super::allocator::give_back_when_idle();
         if Instant::now() >= next_maintenance {
             next_maintenance = Instant::now() + maintenance::run();
         }

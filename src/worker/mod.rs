@@ -10,8 +10,10 @@
 //! - `maintenance`: daily partitions and retention;
 //! - `transaction`: the worker's own transactions, with timeouts and savepoints;
 //! - `logging`: log records from the network threads, written by the main thread;
-//! - `usage`: the worker's memory and what holds it, published for `realtime.stats()`.
+//! - `usage`: the worker's memory and what holds it, published for `realtime.stats()`;
+//! - `allocator`: gives memory freed after a burst back to the operating system.
 
+mod allocator;
 mod authorization;
 mod logging;
 mod main_loop;

@@ -185,6 +185,18 @@ pub fn join_frame(
     )
 }
 
+/// The `phx_leave` frame of the channel joined with `join_ref`.
+pub fn leave_frame(join_ref: &str, msg_ref: &str, topic: &str) -> String {
+    phoenix::encode(
+        phoenix::V2,
+        Some(join_ref),
+        msg_ref,
+        &format!("realtime:{topic}"),
+        "phx_leave",
+        serde_json::json!({}),
+    )
+}
+
 /// The reply to the frame whose ref is `reference`: `Ok(None)` if `text` is something else,
 /// `Ok(Some(()))` for an ok, `Err(reason)` for a refusal.
 pub fn reply_to(text: &str, reference: &str) -> Result<Option<()>, String> {

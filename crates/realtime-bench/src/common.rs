@@ -14,6 +14,7 @@ use super::client::{self, HEARTBEAT, HEARTBEAT_EVERY, Incoming, JoinOptions, Pro
 use super::stats::{self, ProcSample, Recorder, Window, latency_json, proc_delta_json, round2};
 use realtime_test_client::jwt;
 
+#[derive(Clone)]
 pub struct Common {
     pub protocol: Protocol,
     /// The cluster's `realtime.jwt_secret` (Phoenix only), for scenarios that sign user tokens.
@@ -325,6 +326,8 @@ fn human(v: &Value) -> String {
         );
     }
     match v {
+        // Time series (the memory scenario's readings) are for the JSON file.
+        Value::Array(a) if a.len() > 8 => format!("{} readings (see the JSON)", a.len()),
         Value::Number(n) => match n.as_f64() {
             Some(f) if f.fract() != 0.0 => format!("{f:.2}"),
             _ => n.to_string(),

@@ -28,22 +28,66 @@ struct Published {
     errors: Recorder,
 }
 
+/// The shape of a fan-out run: who publishes how much to whom.
+#[derive(Clone, Debug)]
+pub struct Shape {
+    pub pubs: usize,
+    pub topics: usize,
+    pub subs: usize,
+    /// Messages/s, all publishers together.
+    pub rate: f64,
+    pub size: usize,
+    pub frames: Frames,
+}
+
+impl Shape {
+    /// Reads `--pubs --topics --subs --rate --payload --frames`, with the given defaults.
+    pub fn from_args(args: &Args, defaults: Shape) -> Result<Shape, String> {
+        let shape = Shape {
+            pubs: args.get("pubs", defaults.pubs)?,
+            topics: args.get("topics", defaults.topics)?,
+            subs: args.get("subs", defaults.subs)?,
+            rate: args.get("rate", defaults.rate)?,
+            size: args.get("payload", defaults.size)?,
+            frames: match args.opt("frames").as_deref() {
+                None => defaults.frames,
+                Some("text") => Frames::Text,
+                Some("binary") => Frames::Binary,
+                Some(other) => return Err(format!("--frames: text or binary, not {other:?}")),
+            },
+        };
+        if shape.pubs == 0 || shape.topics == 0 {
+            return Err("--pubs and --topics must be at least 1".into());
+        }
+        Ok(shape)
+    }
+}
+
 pub async fn run(args: &Args) -> Result<Report, String> {
     let common = Common::from_args(args)?;
-    let pubs: usize = args.get("pubs", 4)?;
-    let topics: usize = args.get("topics", 4)?;
-    let subs: usize = args.get("subs", 25)?;
-    let rate: f64 = args.get("rate", 10_000.0)?;
-    let size: usize = args.get("payload", 100)?;
-    let frames = match args.string("frames", "text").as_str() {
-        "text" => Frames::Text,
-        "binary" => Frames::Binary,
-        other => return Err(format!("--frames: text or binary, not {other:?}")),
+    let defaults = Shape {
+        pubs: 4,
+        topics: 4,
+        subs: 25,
+        rate: 10_000.0,
+        size: 100,
+        frames: Frames::Text,
     };
+    let shape = Shape::from_args(args, defaults)?;
     args.finish()?;
-    if pubs == 0 || topics == 0 {
-        return Err("--pubs and --topics must be at least 1".into());
-    }
+    run_shape(&common, &shape).await
+}
+
+/// One fan-out run of `shape`, timed by `common`'s warm-up, window and drain.
+pub async fn run_shape(common: &Common, shape: &Shape) -> Result<Report, String> {
+    let &Shape {
+        pubs,
+        topics,
+        subs,
+        rate,
+        size,
+        frames,
+    } = shape;
     let pid = common.watched_pid();
 
     let mut specs: Vec<(String, Role)> = Vec::new();

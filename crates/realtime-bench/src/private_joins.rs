@@ -230,14 +230,8 @@ async fn joiner(
                 out.ok += 1;
                 out.latency
                     .saturating_record(now_us().saturating_sub(t).max(1));
-                let leave = json!([
-                    join_ref,
-                    (2 * n + 2).to_string(),
-                    format!("realtime:{topic}"),
-                    "phx_leave",
-                    {}
-                ]);
-                if let Err(e) = ws.send(Message::text(leave.to_string())).await {
+                let leave = client::leave_frame(&join_ref, &(2 * n + 2).to_string(), topic);
+                if let Err(e) = ws.send(Message::text(leave)).await {
                     out.errors.error(format!("leave: {e}"));
                     break;
                 }
