@@ -179,15 +179,9 @@ pub async fn run(args: &Args) -> Result<Report, String> {
         .collect();
 
     sleep_until_us(window.start_us).await;
-    let (worker0, me0) = (
-        pid.and_then(stats::sample),
-        stats::sample(std::process::id() as i32),
-    );
+    let (worker0, me0) = stats::sample_worker_and_self(pid);
     sleep_until_us(window.end_us).await;
-    let (worker1, me1) = (
-        pid.and_then(stats::sample),
-        stats::sample(std::process::id() as i32),
-    );
+    let (worker1, me1) = stats::sample_worker_and_self(pid);
 
     // The senders stop at the window's end; joining them blocks this runtime thread only
     // briefly, while the receivers keep running on the other workers.

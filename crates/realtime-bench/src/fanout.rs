@@ -141,15 +141,9 @@ pub async fn run_shape(common: &Common, shape: &Shape) -> Result<Report, String>
 
     // Sample the watched process exactly over the window.
     sleep_until_us(window.start_us).await;
-    let (worker0, me0) = (
-        pid.and_then(stats::sample),
-        stats::sample(std::process::id() as i32),
-    );
+    let (worker0, me0) = stats::sample_worker_and_self(pid);
     sleep_until_us(window.end_us).await;
-    let (worker1, me1) = (
-        pid.and_then(stats::sample),
-        stats::sample(std::process::id() as i32),
-    );
+    let (worker1, me1) = stats::sample_worker_and_self(pid);
 
     let mut published = Published::default();
     for p in publishers {

@@ -135,10 +135,7 @@ pub async fn run(args: &Args) -> Result<Report, String> {
         )));
     }
 
-    let (worker0, me0) = (
-        pid.and_then(stats::sample),
-        stats::sample(std::process::id() as i32),
-    );
+    let (worker0, me0) = stats::sample_worker_and_self(pid);
     let started = Instant::now();
     let _ = go_tx.send(true);
     let mut all = Joined {
@@ -153,10 +150,7 @@ pub async fn run(args: &Args) -> Result<Report, String> {
         all.errors.merge(j.errors);
     }
     let secs = started.elapsed().as_secs_f64();
-    let (worker1, me1) = (
-        pid.and_then(stats::sample),
-        stats::sample(std::process::id() as i32),
-    );
+    let (worker1, me1) = stats::sample_worker_and_self(pid);
     // Refusals are answered after realtime.join_error_delay (5 s by default), so this one is
     // awaited after the clock stopped.
     let refused_as_expected = match denied {

@@ -116,6 +116,11 @@ pub struct ProcSample {
     pub at_us: u64,
 }
 
+/// The watched process (if any) and this generator, read at the same moment.
+pub fn sample_worker_and_self(worker: Option<i32>) -> (Option<ProcSample>, Option<ProcSample>) {
+    (worker.and_then(sample), sample(std::process::id() as i32))
+}
+
 pub fn sample(pid: i32) -> Option<ProcSample> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let rss_kib = status
