@@ -37,9 +37,8 @@ thread_local! {
     static IDLE: Cell<Option<Idle>> = const { Cell::new(None) };
 }
 
-/// Trims the C heap once the process has gone idle after work. Cheap when called often (one
-/// clock read; a `getrusage` call once a second); call it from every iteration of the main
-/// loop, which runs at least once a second.
+/// Trims the C heap once the process has gone idle after work. The main loop calls it once a
+/// second; it reads the process's CPU time (`getrusage`) and trims only after a busy stretch.
 pub fn give_back_when_idle() {
     let now = Instant::now();
     IDLE.with(|cell| {

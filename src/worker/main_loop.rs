@@ -26,8 +26,9 @@ const BUSY_LINGER: Duration = Duration::from_millis(50);
 /// Messages per [`RATE_WINDOW`] from which the worker polls (2,000 messages/s).
 const BUSY_RATE: u64 = 20;
 const RATE_WINDOW: Duration = Duration::from_millis(10);
-/// How often presence tracked from SQL with a ttl is checked for expiry.
-const PRESENCE_EXPIRY_INTERVAL: Duration = Duration::from_secs(1);
+/// How often presence tracked from SQL with a ttl is checked for expiry, `realtime.stats()`'s
+/// gauges are published and the allocator is asked whether to give memory back.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Runs until SIGTERM, serving `database_name` (the extension exists there).
 pub fn run(database_name: &str) {
@@ -51,7 +52,6 @@ pub fn run(database_name: &str) {
             next_maintenance = next_maintenance.min(Instant::now() + maintenance::interval());
         }
         main_loop.deliver();
-        super::allocator::give_back_when_idle();
         if Instant::now() >= next_maintenance {
             next_maintenance = Instant::now() + maintenance::run();
         }
@@ -72,7 +72,7 @@ struct MainLoop {
     /// build and tear down an epoll set on every wait.
     waits: *mut pg_sys::WaitEventSet,
     stall: Stall,
-    last_expiry: Instant,
+    last_tick: Instant,
     /// The last expiry failed (logged once until one succeeds).
     expiry_failing: bool,
 }
@@ -117,7 +117,7 @@ impl MainLoop {
             rate_window: (Instant::now(), 0),
             waits,
             stall: Stall::default(),
-            last_expiry: Instant::now(),
+            last_tick: Instant::now(),
             expiry_failing: false,
         }
     }
@@ -152,20 +152,26 @@ impl MainLoop {
         pgrx::check_for_interrupts!();
     }
 
-    /// Answers the server and expires SQL presence whose ttl ran out.
+    /// Answers the server; once a second, also the housekeeping that needs no sooner turn.
     fn handle_server_events(&mut self) {
         self.link.handle_events();
-        super::usage::publish_every_second(|| self.link.usage());
-        if self.last_expiry.elapsed() >= PRESENCE_EXPIRY_INTERVAL {
-            self.last_expiry = Instant::now();
-            match presence::expire() {
-                Ok(()) => self.expiry_failing = false,
-                Err(e) => {
-                    super::exit_if_extension_dropped();
-                    // Once per streak of failures: it is retried every second.
-                    if !std::mem::replace(&mut self.expiry_failing, true) {
-                        log!("pg_realtime: cannot expire SQL presence (retrying quietly): {e}");
-                    }
+        if self.last_tick.elapsed() >= HOUSEKEEPING_INTERVAL {
+            self.last_tick = Instant::now();
+            self.expire_presence();
+            super::usage::publish(&self.link.usage());
+            super::allocator::give_back_when_idle();
+        }
+    }
+
+    /// Expires SQL presence whose ttl ran out.
+    fn expire_presence(&mut self) {
+        match presence::expire() {
+            Ok(()) => self.expiry_failing = false,
+            Err(e) => {
+                super::exit_if_extension_dropped();
+                // Once per streak of failures: it is retried every second.
+                if !std::mem::replace(&mut self.expiry_failing, true) {
+                    log!("pg_realtime: cannot expire SQL presence (retrying quietly): {e}");
                 }
             }
         }

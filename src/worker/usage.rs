@@ -5,30 +5,15 @@
 use crate::queue::shmem;
 use pgrx::pg_sys;
 use realtime_server::Usage;
-use std::cell::Cell;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
 
-const INTERVAL: Duration = Duration::from_secs(1);
-
-thread_local! {
-    /// When the next snapshot is due (the worker's main thread only).
-    static NEXT: Cell<Option<Instant>> = const { Cell::new(None) };
-}
-
-/// Publishes a snapshot if the last one is at least a second old. `usage` is called only then.
-pub fn publish_every_second(usage: impl FnOnce() -> Usage) {
-    let now = Instant::now();
-    if NEXT.get().is_some_and(|next| now < next) {
-        return;
-    }
-    NEXT.set(Some(now + INTERVAL));
-    publish(&usage(), private_memory_bytes());
-}
-
-fn publish(u: &Usage, memory: Option<u64>) {
+/// Publishes a snapshot: the server's `usage` and the worker's private memory. The main loop
+/// calls it once a second.
+pub fn publish(u: &Usage) {
     let g = &shmem::stats().usage;
-    let memory = memory.and_then(|m| i64::try_from(m).ok()).unwrap_or(-1);
+    let memory = private_memory_bytes()
+        .and_then(|m| i64::try_from(m).ok())
+        .unwrap_or(-1);
     g.worker_memory_bytes.store(memory, Ordering::Relaxed);
     g.sockets.store(u.connections, Ordering::Relaxed);
     g.channels.store(u.channels, Ordering::Relaxed);
