@@ -276,7 +276,7 @@ pub fn jwt(claims: serde_json::Value) -> String {
 
 /// A raw WebSocket client speaking the Phoenix protocol, for frame-level tests.
 pub struct Socket {
-    ws: tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<std::net::TcpStream>>,
+    ws: Stream,
     pub vsn: &'static str,
     next_ref: u64,
 }
@@ -338,30 +338,11 @@ impl Socket {
 
     /// The next frame, or None when nothing arrives within `limit`.
     pub fn recv(&mut self, limit: Duration) -> Option<Frame> {
-        let deadline = Instant::now() + limit;
-        loop {
-            match self.ws.read() {
-                Ok(tungstenite::Message::Text(t)) => {
-                    return Some(Frame::Text(
-                        serde_json::from_str(t.as_str()).expect("server sends JSON"),
-                    ));
-                }
-                Ok(tungstenite::Message::Binary(b)) => return Some(Frame::Binary(b.to_vec())),
-                Ok(tungstenite::Message::Close(_)) => return Some(Frame::Close),
-                Ok(_) => {}
-                Err(tungstenite::Error::Io(e))
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    if Instant::now() >= deadline {
-                        return None;
-                    }
-                }
-                Err(_) => return Some(Frame::Close),
-            }
-        }
+        Some(match receive(&mut self.ws, limit)? {
+            Received::Text(t) => Frame::Text(serde_json::from_str(&t).expect("server sends JSON")),
+            Received::Binary(b) => Frame::Binary(b),
+            Received::Closed(_) => Frame::Close,
+        })
     }
 
     /// Reads and discards whatever has arrived, without waiting; false once the server closed
@@ -423,6 +404,45 @@ impl Socket {
             if m.reference.as_deref() == Some(r.as_str()) {
                 return m.payload;
             }
+        }
+    }
+}
+
+/// A client WebSocket over plain TCP, as the tests open them.
+pub type Stream = tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<std::net::TcpStream>>;
+
+/// One frame as it came off the socket.
+#[derive(Debug)]
+pub enum Received {
+    Text(String),
+    Binary(Vec<u8>),
+    /// A close frame (with its code, if it had one), or a broken connection (None).
+    Closed(Option<u16>),
+}
+
+/// The next data or close frame of `ws` (whose read timeout bounds each wait), or None when
+/// nothing arrives within `limit`. Pings and pongs are skipped.
+pub fn receive(ws: &mut Stream, limit: Duration) -> Option<Received> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match ws.read() {
+            Ok(tungstenite::Message::Text(t)) => return Some(Received::Text(t.as_str().into())),
+            Ok(tungstenite::Message::Binary(b)) => return Some(Received::Binary(b.to_vec())),
+            Ok(tungstenite::Message::Close(c)) => {
+                return Some(Received::Closed(c.map(|c| u16::from(c.code))));
+            }
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                if Instant::now() >= deadline {
+                    return None;
+                }
+            }
+            Err(_) => return Some(Received::Closed(None)),
         }
     }
 }

@@ -10,6 +10,7 @@
 //! in one case also fails the health check of the next.
 
 use realtime_integration_tests::{BIN, Cluster, JWT_SECRET, Message, Socket, eventually, jwt};
+use realtime_integration_tests::{Received as Got, Stream, receive};
 use realtime_test_client::jwt::{b64url, sign_json};
 use realtime_test_client::{binary, phoenix};
 use serde_json::{Value, json};
@@ -224,15 +225,6 @@ impl Rng {
 // A WebSocket client that never panics on what the server does
 // ---------------------------------------------------------------------------------------------
 
-type Stream = tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<TcpStream>>;
-
-#[derive(Debug)]
-enum Got {
-    Text(String),
-    Binary(Vec<u8>),
-    Closed(Option<u16>),
-}
-
 struct Ws {
     ws: Stream,
     vsn: &'static str,
@@ -313,32 +305,9 @@ impl Ws {
         if self.closed {
             return Some(Got::Closed(None));
         }
-        let deadline = Instant::now() + limit;
-        loop {
-            match self.ws.read() {
-                Ok(tungstenite::Message::Text(t)) => return Some(Got::Text(t.as_str().into())),
-                Ok(tungstenite::Message::Binary(b)) => return Some(Got::Binary(b.to_vec())),
-                Ok(tungstenite::Message::Close(c)) => {
-                    self.closed = true;
-                    return Some(Got::Closed(c.map(|c| u16::from(c.code))));
-                }
-                Ok(_) => {}
-                Err(tungstenite::Error::Io(e))
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    if Instant::now() >= deadline {
-                        return None;
-                    }
-                }
-                Err(_) => {
-                    self.closed = true;
-                    return Some(Got::Closed(None));
-                }
-            }
-        }
+        let got = receive(&mut self.ws, limit)?;
+        self.closed = matches!(got, Got::Closed(_));
+        Some(got)
     }
 
     /// Reads until the server has been quiet for `quiet`; every text frame must be JSON.
