@@ -11,10 +11,14 @@
 //! - `transaction`: the worker's own transactions, with timeouts and savepoints;
 //! - `logging`: log records from the network threads, written by the main thread;
 //! - `usage`: the worker's memory and what holds it, published for `realtime.stats()`;
-//! - `allocator`: gives memory freed after a burst back to the operating system.
+//! - `allocator`: gives memory freed after a burst back to the operating system;
+//! - `bus_writer` / `bus_reader`: the bus between nodes, written into the primary's WAL and
+//!   read back from each hot standby's.
 
 mod allocator;
-mod authorization;
+pub(crate) mod authorization;
+mod bus_reader;
+mod bus_writer;
 mod logging;
 mod main_loop;
 mod maintenance;
@@ -26,7 +30,9 @@ mod usage;
 
 use crate::gucs;
 use crate::queue::shmem;
-use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::bgworkers::{
+    BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
+};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::time::Duration;
@@ -42,6 +48,8 @@ pub fn register() {
         .set_library("pg_realtime")
         .set_function("pg_realtime_worker_main")
         .enable_spi_access()
+        // Hot standbys serve sockets too: start once they accept read-only connections.
+        .set_start_time(BgWorkerStartTime::ConsistentState)
         .set_restart_time(Some(RESTART_DELAY))
         .load();
 }
