@@ -69,6 +69,10 @@ pub fn run(database_name: &str) {
             next_maintenance = Instant::now() + maintenance::run();
         }
     }
+    // Transactions that committed before the shutdown still reach the standbys' clients,
+    // which stay connected while this node restarts.
+    main_loop.deliver_ready();
+    main_loop.pump_bus();
     main_loop.link.shutdown();
 }
 
