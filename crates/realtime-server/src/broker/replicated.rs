@@ -336,7 +336,7 @@ impl ReplicatedBroker {
                 }
                 Frame::Hello { name } => {
                     self.touch(from, Some(name.clone()));
-                    log::info!("node \"{name}\" joined the bus");
+                    log::info!("realtime: node \"{name}\" joined the bus");
                     // The newcomer learns this node's members, and that it is alive.
                     self.heartbeat();
                     self.send_members();
@@ -389,7 +389,7 @@ impl ReplicatedBroker {
         for node in gone {
             if !node.members.is_empty() || !node.name.is_empty() {
                 log::info!(
-                    "node \"{}\" was not heard from for {:?}; its {} presence members left",
+                    "realtime: node \"{}\" was not heard from for {:?}; its {} presence members left",
                     node.name,
                     self.lease,
                     node.members.len()
