@@ -179,7 +179,9 @@ impl ReplicatedBroker {
         relaying: bool,
         events: Option<Arc<EventQueue>>,
     ) -> Self {
-        let broker = ReplicatedBroker {
+        // Hello is said when frames start to leave: at the standby's link connect, or when the
+        // primary starts relaying.
+        ReplicatedBroker {
             memory,
             node: node.id,
             name: node.name,
@@ -187,9 +189,7 @@ impl ReplicatedBroker {
             outbox: Outbox::new(node.outbox_bytes, relaying, events),
             local: Mutex::new(HashMap::new()),
             remote: Mutex::new(HashMap::new()),
-        };
-        broker.hello();
-        broker
+        }
     }
 
     pub(crate) fn node(&self) -> u64 {
