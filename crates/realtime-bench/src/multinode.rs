@@ -281,7 +281,9 @@ pub async fn run(args: &Args) -> Result<Report, String> {
     let (wal_client, wal0) = wal_position(wal_client);
     sleep_until_us(window.end_us).await;
     let after = read_nodes(&nodes);
-    let (_, wal1) = wal_position(wal_client);
+    let (wal_client, wal1) = wal_position(wal_client);
+    // The `postgres` client's drop, too, must not run inside tokio's runtime.
+    common::blocking(move || drop(wal_client));
 
     let mut published = 0u64;
     let mut send_errors = Recorder::default();
