@@ -164,6 +164,26 @@ REVOKE ALL ON FUNCTION realtime.setup_api_roles() FROM PUBLIC;
 REVOKE ALL ON FUNCTION realtime._authorize_writes(text, text, text, text, text, text[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION realtime._create_partition(date) FROM PUBLIC;
 REVOKE ALL ON FUNCTION realtime._create_partitions() FROM PUBLIC;
+REVOKE ALL ON FUNCTION realtime._node_relay(bytea) FROM PUBLIC;
+REVOKE ALL ON FUNCTION realtime._node_authorize(text) FROM PUBLIC;
+
+-- The standbys whose workers the primary has heard from, kept by the primary's worker (at
+-- most every 30 seconds per node). While one was heard from in the last 10 minutes, the
+-- primary writes the bus into its WAL, also right after a restart.
+CREATE TABLE realtime.nodes (
+    id bigint PRIMARY KEY,
+    name text NOT NULL,
+    last_seen timestamptz NOT NULL DEFAULT now()
+);
+REVOKE ALL ON TABLE realtime.nodes FROM PUBLIC;
+GRANT SELECT ON TABLE realtime.nodes TO pg_monitor;
+COMMENT ON TABLE realtime.nodes IS
+    'Standbys whose realtime workers reached this primary: their bus id (new at each worker start), name '
+    '(realtime.node_name) and when they were last heard from.';
+COMMENT ON FUNCTION realtime._node_relay(bytea) IS
+    'Internal: a standby''s worker hands its bus envelope to the primary, which delivers it and writes it into the WAL.';
+COMMENT ON FUNCTION realtime._node_authorize(text) IS
+    'Internal: a standby''s worker has the primary run a private channel''s RLS checks, in subtransactions that are rolled back.';
 
 COMMENT ON FUNCTION realtime.topic() IS
     'The topic of the message being sent or authorized (setting realtime.topic); use it in RLS policies on realtime.messages.';

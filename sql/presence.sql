@@ -18,9 +18,10 @@ CREATE INDEX presence_tracked_expiry ON realtime.presence_tracked (expires_at)
     WHERE expires_at IS NOT NULL;
 SELECT pg_catalog.pg_extension_config_dump('realtime.presence_tracked', '');
 
--- Tracked by sockets, written only by the worker. Unlogged and emptied when the worker
--- starts: no socket outlives it.
-CREATE UNLOGGED TABLE realtime.presence_sockets (
+-- Tracked by sockets, written only by the primary's worker, for the sockets of every node
+-- (other nodes' members reach it over the bus), and emptied when that worker starts: no
+-- socket outlives it. Logged, so that hot standbys read it too.
+CREATE TABLE realtime.presence_sockets (
     connection_id bigint PRIMARY KEY,
     topic text NOT NULL,
     private boolean NOT NULL,

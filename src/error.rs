@@ -50,6 +50,8 @@ pub enum RealtimeError {
         "realtime message topic \"{topic}\" is not the topic the row-level security policies checked (realtime.topic() = \"{checked}\")"
     )]
     TopicNotChecked { topic: String, checked: String },
+    #[error("invalid request from another pg_realtime node: {0}")]
+    InvalidNodeRequest(String),
     #[error("pg_realtime internal error: {0}")]
     Internal(String),
 }
@@ -68,7 +70,8 @@ impl RealtimeError {
             | RealtimeError::EventTooLong(_)
             | RealtimeError::TwoPayloads
             | RealtimeError::SendPayloadNotObject(_)
-            | RealtimeError::SendEmptyArgument(_) => ERRCODE_INVALID_PARAMETER_VALUE,
+            | RealtimeError::SendEmptyArgument(_)
+            | RealtimeError::InvalidNodeRequest(_) => ERRCODE_INVALID_PARAMETER_VALUE,
             RealtimeError::PayloadTooLarge { .. } => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             RealtimeError::QueueFull { .. } => ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
             RealtimeError::PrepareAfterSend => ERRCODE_FEATURE_NOT_SUPPORTED,

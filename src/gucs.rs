@@ -6,7 +6,7 @@
 //! each SIGHUP.
 
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
-use realtime_server::Config;
+use realtime_server::{Config, NodeConfig};
 use std::ffi::{CStr, CString};
 use std::time::Duration;
 
@@ -123,6 +123,15 @@ pub enum SendErrors {
     #[name = c"error"]
     Error,
 }
+
+/// This node's name in other nodes' logs; empty means `<host name>:<realtime.port>`.
+static NODE_NAME: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
+/// Seconds another node's presence members survive without news from that node.
+static NODE_LEASE: GucSetting<i32> = GucSetting::<i32>::new(10);
+
+/// On a standby: how its worker reaches the primary; empty means `primary_conninfo`.
+static PRIMARY_CONNINFO: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 pub fn init() {
     let none = GucFlags::default();
@@ -426,6 +435,32 @@ pub fn init() {
         GucContext::Sighup,
         none,
     );
+    GucRegistry::define_string_guc(
+        c"realtime.node_name",
+        c"Name of this node in the logs of the other nodes.",
+        c"Empty: the host name and realtime.port.",
+        &NODE_NAME,
+        GucContext::Postmaster,
+        none,
+    );
+    GucRegistry::define_int_guc(
+        c"realtime.node_lease",
+        c"Seconds another node's presence members survive without news from that node.",
+        c"Nodes send a heartbeat four times per lease; a stopped or unreachable node's members leave after it.",
+        &NODE_LEASE,
+        1,
+        3600,
+        GucContext::Postmaster,
+        none,
+    );
+    GucRegistry::define_string_guc(
+        c"realtime.primary_conninfo",
+        c"How a standby's realtime worker connects to the primary.",
+        c"Empty: primary_conninfo. The database is always realtime.database; the user must be a superuser or be granted realtime._node_relay and realtime._node_authorize.",
+        &PRIMARY_CONNINFO,
+        GucContext::Postmaster,
+        GucFlags::SUPERUSER_ONLY,
+    );
     GucRegistry::define_enum_guc(
         c"realtime.send_errors",
         c"What realtime.send does when storing a message fails: warning or error.",
@@ -541,6 +576,61 @@ pub fn server_config() -> Config {
         max_presence_bytes_per_topic: kb_bytes(&MAX_PRESENCE_SIZE),
         max_batch_messages: count(&MAX_BATCH_MESSAGES),
         ..Config::default()
+    }
+}
+
+/// Who this node is on the bus, read once when the worker starts. On a standby (in recovery)
+/// it names the primary to link to; a standby whose link cannot be configured says why and
+/// serves its own clients only.
+pub fn node_config() -> NodeConfig {
+    let name = text(&NODE_NAME).unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "localhost".into());
+        format!("{host}:{}", PORT.get())
+    });
+    // SAFETY: reads shared recovery state.
+    let standby = unsafe { pgrx::pg_sys::RecoveryInProgress() };
+    let primary = if standby {
+        let conninfo = text(&PRIMARY_CONNINFO).unwrap_or_else(|| {
+            // SAFETY: primary_conninfo's GUC storage, a C string or NULL, read on the thread
+            // that owns the GUCs.
+            let raw = unsafe { pgrx::pg_sys::PrimaryConnInfo };
+            if raw.is_null() {
+                String::new()
+            } else {
+                // SAFETY: a non-null GUC string is NUL-terminated.
+                unsafe { CStr::from_ptr(raw) }
+                    .to_string_lossy()
+                    .into_owned()
+            }
+        });
+        if conninfo.is_empty() {
+            pgrx::warning!(
+                "pg_realtime: this standby has no primary_conninfo (nor realtime.primary_conninfo): \
+                 it serves its own clients only"
+            );
+            None
+        } else {
+            match realtime_server::bus::link::link_config(&conninfo, &database()) {
+                Ok(config) => Some(config),
+                Err(e) => {
+                    pgrx::warning!(
+                        "pg_realtime: cannot use the primary's connection string ({e}); set \
+                         realtime.primary_conninfo. This standby serves its own clients only"
+                    );
+                    None
+                }
+            }
+        }
+    } else {
+        None
+    };
+    NodeConfig {
+        name,
+        lease: Duration::from_secs(NODE_LEASE.get().max(1) as u64),
+        primary,
+        ..NodeConfig::default()
     }
 }
 

@@ -139,7 +139,11 @@ fn stage(message: &Message<'_>) -> Result<(), RealtimeError> {
     if message.event.len() > MAX_EVENT_BYTES {
         return Err(RealtimeError::EventTooLong(message.event.len()));
     }
-    let limit = gucs::max_payload_bytes();
+    // A relayed envelope carries other nodes' messages, each already within the limit.
+    let limit = match message.kind {
+        PayloadKind::Relay => MAX_RELAY_BYTES,
+        _ => gucs::max_payload_bytes(),
+    };
     if message.payload.len() > limit {
         return Err(RealtimeError::PayloadTooLarge {
             size: message.payload.len(),
@@ -201,6 +205,21 @@ fn payload_text(trigger: &PgTrigger<'_>) -> Result<Option<Vec<u8>>, RealtimeErro
         pg_sys::pfree(cstr.cast());
         Ok(Some(bytes))
     }
+}
+
+/// The largest envelope one `realtime._node_relay` call may hand over.
+pub const MAX_RELAY_BYTES: usize = 16 * 1024 * 1024;
+
+/// Queues a bus envelope from a standby; the worker applies and republishes it after commit.
+pub fn stage_relay(envelope: &[u8]) -> Result<(), RealtimeError> {
+    stage(&Message {
+        topic: "bus",
+        event: "",
+        id: "",
+        private: false,
+        kind: PayloadKind::Relay,
+        payload: envelope,
+    })
 }
 
 /// Queues "the SQL presence of (topic, private) changed"; the worker re-reads it after commit.

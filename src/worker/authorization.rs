@@ -269,6 +269,33 @@ pub fn answer_all(
         .collect()
 }
 
+/// The checks of `requests` inside the caller's transaction (`realtime._node_authorize`, on a
+/// primary, for a standby), each in a subtransaction that is rolled back.
+pub fn check_in_transaction(
+    requests: &[AuthorizationRequest],
+) -> Vec<Result<Authorization, Refusal>> {
+    transaction::each_rolled_back(None, requests, |request| Ok(rights(request)))
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|e| Err(Refusal::raised(e))))
+        .collect()
+}
+
+/// On a standby: the checks run on the primary (`forwarded` are their answers), the replay
+/// reads this node's own copy of the stored messages.
+pub fn with_local_replay(
+    requests: &[AuthorizationRequest],
+    forwarded: Vec<Result<Authorization, Refusal>>,
+) -> Vec<(Result<Authorization, Refusal>, Vec<Replayed>)> {
+    requests
+        .iter()
+        .zip(forwarded)
+        .map(|(request, rights)| {
+            let replay = replay_for(request, &rights);
+            (rights, replay)
+        })
+        .collect()
+}
+
 fn replay_for(
     request: &AuthorizationRequest,
     rights: &Result<Authorization, Refusal>,

@@ -29,11 +29,23 @@ const RATE_WINDOW: Duration = Duration::from_millis(10);
 /// How often presence tracked from SQL with a ttl is checked for expiry, `realtime.stats()`'s
 /// gauges are published and the allocator is asked whether to give memory back.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
+/// A standby has no commit to be woken by: it looks at its replayed WAL for the bus this
+/// often, and more often while envelopes keep arriving (see `bus_reader`).
+const BUS_POLL_IDLE: Duration = Duration::from_millis(4);
+const BUS_POLL_BUSY: Duration = Duration::from_millis(1);
+/// How long after the last envelope the standby keeps polling at [`BUS_POLL_BUSY`].
+const BUS_LINGER: Duration = Duration::from_millis(100);
 
 /// Runs until SIGTERM, serving `database_name` (the extension exists there).
 pub fn run(database_name: &str) {
-    let mut next_maintenance = Instant::now() + maintenance::run();
     let mut main_loop = MainLoop::start(database_name);
+    // A standby's tables are the primary's: only the primary maintains them.
+    let standby = main_loop.link.is_standby();
+    let mut next_maintenance = if standby {
+        Instant::now() + Duration::from_secs(24 * 3600)
+    } else {
+        Instant::now() + maintenance::run()
+    };
     while !BackgroundWorker::sigterm_received() {
         let timeout = next_maintenance
             .saturating_duration_since(Instant::now())
@@ -52,10 +64,15 @@ pub fn run(database_name: &str) {
             next_maintenance = next_maintenance.min(Instant::now() + maintenance::interval());
         }
         main_loop.deliver();
-        if Instant::now() >= next_maintenance {
+        main_loop.pump_bus();
+        if Instant::now() >= next_maintenance && !standby {
             next_maintenance = Instant::now() + maintenance::run();
         }
     }
+    // Transactions that committed before the shutdown still reach the standbys' clients,
+    // which stay connected while this node restarts.
+    main_loop.deliver_ready();
+    main_loop.pump_bus();
     main_loop.link.shutdown();
 }
 
@@ -75,6 +92,8 @@ struct MainLoop {
     last_tick: Instant,
     /// The last expiry failed (logged once until one succeeds).
     expiry_failing: bool,
+    /// On a standby: when the bus last brought an envelope.
+    bus_active: Option<Instant>,
 }
 
 impl MainLoop {
@@ -119,10 +138,24 @@ impl MainLoop {
             stall: Stall::default(),
             last_tick: Instant::now(),
             expiry_failing: false,
+            bus_active: None,
         }
     }
 
     fn poll_interval(&self) -> Duration {
+        let own = self.own_poll_interval();
+        if !self.link.is_standby() {
+            return own;
+        }
+        let bus = if self.bus_active.is_some_and(|t| t.elapsed() < BUS_LINGER) {
+            BUS_POLL_BUSY
+        } else {
+            BUS_POLL_IDLE
+        };
+        own.min(bus)
+    }
+
+    fn own_poll_interval(&self) -> Duration {
         if self.link.has_work() {
             // More requests wait: come straight back after delivering.
             Duration::ZERO
@@ -157,7 +190,10 @@ impl MainLoop {
         self.link.handle_events();
         if self.last_tick.elapsed() >= HOUSEKEEPING_INTERVAL {
             self.last_tick = Instant::now();
-            self.expire_presence();
+            if !self.link.is_standby() {
+                self.expire_presence();
+            }
+            self.link.bus_tick();
             super::usage::publish(&self.link.usage());
             super::allocator::give_back_when_idle();
         }
@@ -174,6 +210,13 @@ impl MainLoop {
                     log!("pg_realtime: cannot expire SQL presence (retrying quietly): {e}");
                 }
             }
+        }
+    }
+
+    /// Moves the bus between this node and the others (see `server_link`).
+    fn pump_bus(&mut self) {
+        if self.link.pump_bus() {
+            self.bus_active = Some(Instant::now());
         }
     }
 

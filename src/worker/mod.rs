@@ -11,10 +11,14 @@
 //! - `transaction`: the worker's own transactions, with timeouts and savepoints;
 //! - `logging`: log records from the network threads, written by the main thread;
 //! - `usage`: the worker's memory and what holds it, published for `realtime.stats()`;
-//! - `allocator`: gives memory freed after a burst back to the operating system.
+//! - `allocator`: gives memory freed after a burst back to the operating system;
+//! - `bus_writer` / `bus_reader`: the bus between nodes, written into the primary's WAL and
+//!   read back from each hot standby's.
 
 mod allocator;
-mod authorization;
+pub(crate) mod authorization;
+mod bus_reader;
+mod bus_writer;
 mod logging;
 mod main_loop;
 mod maintenance;
@@ -26,7 +30,9 @@ mod usage;
 
 use crate::gucs;
 use crate::queue::shmem;
-use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::bgworkers::{
+    BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
+};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::time::Duration;
@@ -42,6 +48,8 @@ pub fn register() {
         .set_library("pg_realtime")
         .set_function("pg_realtime_worker_main")
         .enable_spi_access()
+        // Hot standbys serve sockets too: start once they accept read-only connections.
+        .set_start_time(BgWorkerStartTime::ConsistentState)
         .set_restart_time(Some(RESTART_DELAY))
         .load();
 }
@@ -81,11 +89,30 @@ pub extern "C-unwind" fn pg_realtime_worker_main(_arg: pg_sys::Datum) {
 /// - its statements (authorization, replay, presence) run thousands of times with new
 ///   parameters: they are planned once (partitions are pruned at run time).
 fn settle_session() -> Result<(), spi::SpiError> {
-    let original = Spi::get_one::<String>("SELECT pg_catalog.current_setting('search_path')")?;
+    let original = read_one::<String>("SELECT pg_catalog.current_setting('search_path')")?;
     authorization::set_policy_search_path(original.unwrap_or_default());
-    Spi::run("SET search_path = pg_catalog, pg_temp")?;
-    Spi::run(&format!("SET lock_timeout = {}", LOCK_TIMEOUT.as_millis()))?;
-    Spi::run("SET plan_cache_mode = force_generic_plan")
+    for (name, value) in [
+        ("search_path", "pg_catalog, pg_temp".to_string()),
+        ("lock_timeout", LOCK_TIMEOUT.as_millis().to_string()),
+        ("plan_cache_mode", "force_generic_plan".to_string()),
+    ] {
+        Spi::connect(|client| {
+            client
+                .select(
+                    "SELECT pg_catalog.set_config($1, $2, false)",
+                    Some(1),
+                    &[name.into(), value.into()],
+                )
+                .map(drop)
+        })?;
+    }
+    Ok(())
+}
+
+/// The one value of a read-only query. Unlike `Spi::get_one`, which prepares for writes and
+/// so takes a transaction id, it also runs on a hot standby.
+fn read_one<T: FromDatum + IntoDatum>(sql: &str) -> Result<Option<T>, spi::SpiError> {
+    Spi::connect(|client| client.select(sql, Some(1), &[])?.first().get_one::<T>())
 }
 
 /// How long any of the worker's statements waits for a lock before it gives up.
@@ -94,12 +121,10 @@ const LOCK_TIMEOUT: Duration = Duration::from_secs(1);
 /// Whether `CREATE EXTENSION pg_realtime` has run in the worker's database.
 fn extension_exists() -> bool {
     transaction::run(|| {
-        Spi::get_one::<bool>(
-            "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_realtime')",
-        )
-        .ok()
-        .flatten()
-        .unwrap_or(false)
+        read_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_realtime')")
+            .ok()
+            .flatten()
+            .unwrap_or(false)
     })
 }
 

@@ -2,6 +2,8 @@
 //! come in (authorization requests, presence changes, a fatal error) and are answered here.
 //! The server's threads never call Postgres; everything that needs SQL happens on this side.
 
+use super::bus_reader::BusReader;
+use super::bus_writer::BusWriter;
 use super::queue_reader::Committed;
 use super::{authorization, logging, presence};
 use crate::gucs;
@@ -9,6 +11,7 @@ use bytes::Bytes;
 use commit_ring::PayloadKind;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
+use realtime_server::bus::{Envelope, Frame};
 use realtime_server::{AuthorizationRequest, DbBroadcast, Event, Payload, Server};
 use std::collections::{BTreeSet, VecDeque};
 use std::os::fd::RawFd;
@@ -19,11 +22,24 @@ use std::time::Duration;
 const AUTHORIZATION_BATCH: usize = 256;
 /// How long clients get to see their close frames at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// How long a standby waits for the primary to answer a batch of checks.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes of this node's frames per WAL message.
+const ENVELOPE_BYTES: usize = 1 << 20;
+
+/// What this node is on the bus.
+enum Role {
+    /// Writes every envelope into the WAL (when there are standbys).
+    Primary(BusWriter),
+    /// Reads them back from its own WAL; forwards checks to the primary.
+    Standby(BusReader),
+}
 
 pub struct ServerLink {
     server: Server,
     /// Authorization requests not checked yet, oldest first.
     authorizations: VecDeque<AuthorizationRequest>,
+    role: Role,
 }
 
 impl ServerLink {
@@ -31,7 +47,13 @@ impl ServerLink {
     /// it cannot, e.g. because the port is taken.
     pub fn start(database_name: &str) -> ServerLink {
         logging::install();
-        let config = gucs::server_config();
+        // SAFETY: reads shared recovery state.
+        let standby = unsafe { pg_sys::RecoveryInProgress() };
+        let config = realtime_server::Config {
+            node: gucs::node_config(),
+            ..gucs::server_config()
+        };
+        let node_name = config.node.name.clone();
         let where_ = format!("{}:{}", config.listen_addresses, config.port);
         let server = match Server::start(config) {
             Ok(server) => server,
@@ -43,14 +65,25 @@ impl ServerLink {
         };
         let addrs: Vec<String> = server.local_addrs().iter().map(|a| a.to_string()).collect();
         log!(
-            "pg_realtime: worker ready, serving database \"{database_name}\" on ws://{}/realtime/v1/websocket",
-            addrs.join(", ws://")
+            "pg_realtime: worker ready, serving database \"{database_name}\" on ws://{}/realtime/v1/websocket{}",
+            addrs.join(", ws://"),
+            if standby {
+                format!(" as standby node \"{node_name}\"")
+            } else {
+                String::new()
+            }
         );
-        presence::forget_sockets();
+        let role = if standby {
+            Role::Standby(BusReader::start())
+        } else {
+            presence::forget_sockets();
+            Role::Primary(BusWriter::start(&server))
+        };
         presence::load_all(&server);
         ServerLink {
             server,
             authorizations: VecDeque::new(),
+            role,
         }
     }
 
@@ -81,7 +114,65 @@ impl ServerLink {
             }
         }
         self.answer_authorizations();
-        presence::mirror(presence_changes);
+        // Only the primary can write; it mirrors the members of every node.
+        if matches!(self.role, Role::Primary(_)) {
+            presence::mirror(presence_changes);
+        }
+    }
+
+    /// Whether this node serves as a standby.
+    pub fn is_standby(&self) -> bool {
+        matches!(self.role, Role::Standby(_))
+    }
+
+    /// Moves the bus: a primary writes this node's waiting frames into the WAL; a standby
+    /// applies the envelopes its WAL replayed since the last call. Returns whether a standby
+    /// found any.
+    pub fn pump_bus(&mut self) -> bool {
+        match &mut self.role {
+            Role::Primary(writer) => {
+                if writer.relaying() {
+                    let own: Vec<Vec<u8>> = self
+                        .server
+                        .take_bus_envelope(ENVELOPE_BYTES)
+                        .into_iter()
+                        .collect();
+                    writer.write(&own);
+                }
+                false
+            }
+            Role::Standby(reader) => {
+                let envelopes = reader.read();
+                let found = !envelopes.is_empty();
+                let mut sql_presence = BTreeSet::new();
+                for bytes in envelopes {
+                    match Envelope::decode(&bytes) {
+                        Ok(e) => sql_presence.extend(self.server.apply_envelope(e)),
+                        Err(e) => log!("pg_realtime: skipping a bus message: {e}"),
+                    }
+                }
+                presence::sync(&self.server, sql_presence);
+                found
+            }
+        }
+    }
+
+    /// Once a second: a primary keeps its record of standbys; a standby that was promoted
+    /// restarts its worker, which comes back as the primary's.
+    pub fn bus_tick(&mut self) {
+        match &mut self.role {
+            Role::Primary(writer) => writer.tick(&self.server),
+            Role::Standby(_) => {
+                // SAFETY: reads shared recovery state.
+                if !unsafe { pg_sys::RecoveryInProgress() } {
+                    log!(
+                        "pg_realtime: this node was promoted; restarting the worker as the primary's"
+                    );
+                    // SAFETY: the worker's main thread, outside any transaction.
+                    unsafe { pg_sys::proc_exit(1) };
+                }
+            }
+        }
     }
 
     /// Checks up to [`AUTHORIZATION_BATCH`] waiting requests, skipping those nobody waits for
@@ -99,7 +190,13 @@ impl ServerLink {
         if batch.is_empty() {
             return;
         }
-        let answers = authorization::answer_all(&batch);
+        let answers = match self.role {
+            Role::Primary(_) => authorization::answer_all(&batch),
+            Role::Standby(_) => authorization::with_local_replay(
+                &batch,
+                self.server.forward_authorizations(&batch, FORWARD_TIMEOUT),
+            ),
+        };
         for (request, (answer, replay)) in batch.iter().zip(answers) {
             self.server
                 .complete_authorization(request.id, answer, replay);
@@ -107,31 +204,88 @@ impl ServerLink {
     }
 
     /// Hands committed messages to the server, in order; presence-sync records instead make
-    /// the server re-read that topic's SQL presence, once per topic. Returns how many
-    /// broadcasts the server could not take.
-    pub fn publish(&self, messages: Vec<Committed>) -> u64 {
+    /// the server re-read that topic's SQL presence, once per topic; envelopes relayed by
+    /// standbys are applied. With standbys, all of it also goes into the WAL, in this order.
+    /// Returns how many broadcasts the server could not take.
+    pub fn publish(&mut self, messages: Vec<Committed>) -> u64 {
         let mut dropped = 0u64;
         let mut presence_topics = BTreeSet::new();
+        let relaying = matches!(&self.role, Role::Primary(w) if w.relaying());
+        let mut frames = Vec::new();
+        let mut relayed = Vec::new();
         for m in messages {
             let payload = match m.kind {
                 PayloadKind::Json => Payload::Json(Bytes::from(m.payload)),
                 PayloadKind::Binary => Payload::Binary(Bytes::from(m.payload)),
                 PayloadKind::PresenceSync => {
+                    if relaying {
+                        frames.push(Frame::SqlPresence {
+                            topic: m.topic.clone(),
+                            private: m.private,
+                        });
+                    }
                     presence_topics.insert((m.topic, m.private));
                     continue;
                 }
+                PayloadKind::Relay => {
+                    self.apply_relayed(&m.payload);
+                    relayed.push(m.payload);
+                    continue;
+                }
             };
-            let published = self.server.publish(DbBroadcast {
+            let message = DbBroadcast {
                 topic: m.topic,
                 event: m.event,
                 private: m.private,
                 id: m.id,
                 payload,
-            });
-            dropped += u64::from(!published);
+            };
+            if relaying {
+                frames.push(database_frame(&message));
+            }
+            dropped += u64::from(!self.server.publish(message));
         }
         presence::sync(&self.server, presence_topics);
+        if let Role::Primary(writer) = &self.role
+            && writer.relaying()
+        {
+            let mut envelopes = Vec::with_capacity(relayed.len() + 1);
+            if !frames.is_empty() {
+                envelopes.push(
+                    Envelope {
+                        node: self.server.node_id(),
+                        frames,
+                    }
+                    .encode(),
+                );
+            }
+            envelopes.extend(relayed);
+            writer.write(&envelopes);
+        }
         dropped
+    }
+
+    /// An envelope a standby handed to this primary: that standby is alive (so the bus is
+    /// written from now on), and its frames reach this node's sockets.
+    fn apply_relayed(&mut self, bytes: &[u8]) {
+        let Role::Primary(writer) = &mut self.role else {
+            return;
+        };
+        let envelope = match Envelope::decode(bytes) {
+            Ok(e) => e,
+            Err(e) => {
+                log!("pg_realtime: skipping a relayed bus message: {e}");
+                return;
+            }
+        };
+        let name = envelope.frames.iter().find_map(|f| match f {
+            Frame::Hello { name } | Frame::Heartbeat { name } => Some(name.as_str()),
+            _ => None,
+        });
+        writer.heard_from(&self.server, envelope.node, name);
+        let topics: BTreeSet<(String, bool)> =
+            self.server.apply_envelope(envelope).into_iter().collect();
+        presence::sync(&self.server, topics);
     }
 
     /// What the socket server holds now.
@@ -148,5 +302,17 @@ impl ServerLink {
     pub fn shutdown(self) {
         self.server.shutdown(SHUTDOWN_GRACE);
         logging::flush();
+    }
+}
+
+/// A committed database message as the bus carries it.
+fn database_frame(m: &DbBroadcast) -> Frame {
+    Frame::Database {
+        topic: m.topic.clone(),
+        private: m.private,
+        event: m.event.clone(),
+        id: m.id.clone(),
+        binary: matches!(m.payload, Payload::Binary(_)),
+        payload: m.payload.bytes().to_vec(),
     }
 }

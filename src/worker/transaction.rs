@@ -135,6 +135,20 @@ pub fn rolled_back_each<T, R>(
     }
     begin();
     setup();
+    let results = each_rolled_back(Some(timeout), items, body);
+    // SAFETY: aborts the transaction begun above.
+    unsafe { pg_sys::AbortCurrentTransaction() };
+    results
+}
+
+/// Runs `body` once per item inside the current transaction, each item in its own
+/// subtransaction that is rolled back, with its own statement timeout if `timeout` is set
+/// (a backend's own statement timeout already covers a SQL function's call).
+pub fn each_rolled_back<T, R>(
+    timeout: Option<Duration>,
+    items: &[T],
+    body: impl Fn(&T) -> Result<R, String>,
+) -> Vec<Result<R, String>> {
     let mut results = Vec::with_capacity(items.len());
     for item in items {
         // What the subtransaction's start and rollback switch away from, as plpgsql restores
@@ -142,9 +156,11 @@ pub fn rolled_back_each<T, R>(
         let (context, owner) =
             // SAFETY: plain reads of backend globals.
             unsafe { (pg_sys::CurrentMemoryContext, pg_sys::CurrentResourceOwner) };
-        // SAFETY: inside the transaction begun above.
+        // SAFETY: inside a transaction (the caller's).
         unsafe { pg_sys::BeginInternalSubTransaction(std::ptr::null()) };
-        arm_timeout(timeout);
+        if let Some(timeout) = timeout {
+            arm_timeout(timeout);
+        }
         let run = std::panic::AssertUnwindSafe(|| body(item));
         let result = PgTryBuilder::new(move || {
             let run = run;
@@ -155,14 +171,14 @@ pub fn rolled_back_each<T, R>(
         // SAFETY: ends the subtransaction begun above and restores what its start switched away
         // from, as PL/pgSQL does.
         unsafe {
-            disable_timeout(STATEMENT_TIMEOUT, false);
+            if timeout.is_some() {
+                disable_timeout(STATEMENT_TIMEOUT, false);
+            }
             pg_sys::RollbackAndReleaseCurrentSubTransaction();
             pg_sys::MemoryContextSwitchTo(context);
             pg_sys::CurrentResourceOwner = owner;
         }
         results.push(result);
     }
-    // SAFETY: aborts the transaction begun above.
-    unsafe { pg_sys::AbortCurrentTransaction() };
     results
 }

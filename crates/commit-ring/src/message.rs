@@ -11,6 +11,9 @@ pub enum PayloadKind {
     /// Not a broadcast: the SQL-tracked presence of (topic, private) changed and must be
     /// re-read once the transaction is visible. Carries no payload.
     PresenceSync,
+    /// Not a broadcast: a bus envelope a standby handed to the primary
+    /// (`realtime._node_relay`); the payload is the encoded envelope.
+    Relay,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +46,7 @@ impl std::error::Error for DecodeError {}
 const PRIVATE: u8 = 1;
 const BINARY: u8 = 2;
 const PRESENCE_SYNC: u8 = 4;
+const RELAY: u8 = 8;
 
 impl<'a> Message<'a> {
     pub fn encode(&self) -> Vec<u8> {
@@ -57,6 +61,7 @@ impl<'a> Message<'a> {
             PayloadKind::Json => {}
             PayloadKind::Binary => flags |= BINARY,
             PayloadKind::PresenceSync => flags |= PRESENCE_SYNC,
+            PayloadKind::Relay => flags |= RELAY,
         }
         out.push(flags);
         for field in [self.topic, self.event, self.id] {
@@ -88,7 +93,9 @@ impl<'a> Message<'a> {
             event: fields[1],
             id: fields[2],
             private: flags & PRIVATE != 0,
-            kind: if flags & PRESENCE_SYNC != 0 {
+            kind: if flags & RELAY != 0 {
+                PayloadKind::Relay
+            } else if flags & PRESENCE_SYNC != 0 {
                 PayloadKind::PresenceSync
             } else if flags & BINARY != 0 {
                 PayloadKind::Binary
@@ -130,6 +137,12 @@ mod tests {
             ..m.clone()
         };
         assert_eq!(Message::decode(&p.encode()).unwrap(), p);
+        let r = Message {
+            kind: PayloadKind::Relay,
+            payload: &[1, 2, 3],
+            ..p.clone()
+        };
+        assert_eq!(Message::decode(&r.encode()).unwrap(), r);
     }
 
     #[test]

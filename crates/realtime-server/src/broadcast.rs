@@ -58,6 +58,10 @@ impl Outgoing {
         self
     }
 
+    pub(crate) fn body(&self) -> &Body {
+        &self.body
+    }
+
     pub(crate) fn origin_id(&self) -> Option<&str> {
         self.origin_id.as_deref()
     }

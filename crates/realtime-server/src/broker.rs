@@ -10,6 +10,7 @@
 //! queues is the implementation's loop.
 
 pub(crate) mod memory;
+pub(crate) mod replicated;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -29,6 +30,10 @@ pub(crate) trait Broker: Send + Sync {
     /// Delivers a broadcast to every subscriber of `key` that may read broadcasts, except
     /// `exclude` (a sender without `broadcast.self`). Returns how many queued it.
     fn publish(&self, key: &TopicKey, msg: &Outgoing, exclude: Option<SubId>) -> usize;
+
+    /// Delivers to this node's subscribers only: database messages, which every node receives
+    /// from the bus in commit order by itself.
+    fn deliver(&self, key: &TopicKey, msg: &Outgoing) -> usize;
 
     /// Subscribes `sub` to `key` (broadcasts and presence diffs, as its reads allow).
     fn subscribe(&self, key: TopicKey, sub: Subscriber) -> SubId;

@@ -69,6 +69,45 @@ pub struct Config {
     /// bytes; see [`crate::Server::publish`] for what happens past them.
     pub publish_queue_messages: usize,
     pub publish_queue_bytes: usize,
+    /// This node of a multi-node setup; fixed at start.
+    pub node: NodeConfig,
+}
+
+/// Who this node is among the nodes sharing a bus (see `bus.rs`).
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// Random per start: a restarted node is a new node.
+    pub id: u64,
+    /// Shown in the logs of other nodes.
+    pub name: String,
+    /// How long another node's members survive without news from it.
+    pub lease: Duration,
+    /// On a standby: the link to the primary (`dbname` already set). None on a primary.
+    pub primary: Option<tokio_postgres::Config>,
+    /// Bytes of frames that may wait for the bus.
+    pub outbox_bytes: usize,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            id: random_node_id(),
+            name: String::new(),
+            lease: Duration::from_secs(10),
+            primary: None,
+            outbox_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// A node id nobody else is likely to have: the standard library's random hasher keys, over
+/// the process id and the time.
+pub fn random_node_id() -> u64 {
+    use std::hash::BuildHasher;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    std::collections::hash_map::RandomState::new().hash_one((std::process::id(), nanos))
 }
 
 impl Default for Config {
@@ -106,6 +145,7 @@ impl Default for Config {
             max_batch_messages: 1000,
             publish_queue_messages: 65_536,
             publish_queue_bytes: 64 * 1024 * 1024,
+            node: NodeConfig::default(),
         }
     }
 }

@@ -154,6 +154,11 @@ impl EventQueue {
         true
     }
 
+    /// Wakes the main thread without an event (it has something else to look at).
+    pub(crate) fn nudge(&self) {
+        self.wake.signal();
+    }
+
     /// Resets the eventfd before draining, so an event pushed concurrently either is drained
     /// now or leaves the fd readable for the next wait.
     pub(crate) fn drain(&self) -> Vec<Event> {

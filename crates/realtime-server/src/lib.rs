@@ -7,6 +7,7 @@
 mod authz;
 mod broadcast;
 mod broker;
+pub mod bus;
 mod channel;
 mod config;
 mod connection;
@@ -36,7 +37,7 @@ use axum::serve::ListenerExt;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{mpsc, watch};
 
-pub use config::Config;
+pub use config::{Config, NodeConfig};
 pub use error::ServerError;
 pub use events::{
     Authorization, AuthorizationPurpose, AuthorizationRequest, Event, PresenceChange, ReplayParams,
@@ -50,6 +51,7 @@ pub use usage::Usage;
 
 use broadcast::{Body, Outgoing, id_meta};
 use broker::Broker;
+use broker::replicated::ReplicatedBroker;
 use events::EventQueue;
 use jwt::JwtVerifier;
 use topic::TopicKey;
@@ -187,6 +189,10 @@ pub struct Server {
     publish_tx: mpsc::UnboundedSender<DbBroadcast>,
     publish_budget: Arc<PublishBudget>,
     local_addrs: Vec<SocketAddr>,
+    /// The broker again, as what it is: the bus side is driven from here.
+    bus: Arc<ReplicatedBroker>,
+    /// On a standby: checks forwarded to the primary over the link.
+    forward_tx: Option<mpsc::Sender<bus::link::Forwarded>>,
 }
 
 fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -310,7 +316,16 @@ impl Server {
         let max_frame_bytes = config.max_frame_bytes;
         let jwt = JwtVerifier::new(config.jwt_secret.as_deref(), config.jwt_jwks.as_deref());
         let events = Arc::new(EventQueue::new(wake));
-        let broker = Arc::new(broker::memory::MemoryBroker::new(events.clone()));
+        let memory = Arc::new(broker::memory::MemoryBroker::new(events.clone()));
+        let node = config.node.clone();
+        let standby = node.primary.clone();
+        // A standby sends at once; a primary once its worker knows of a standby.
+        let broker = Arc::new(ReplicatedBroker::new(
+            memory.clone(),
+            node,
+            standby.is_some(),
+            Some(events.clone()),
+        ));
         let inner = Arc::new(Inner {
             config: RwLock::new(Arc::new(config)),
             jwt: RwLock::new(Arc::new(jwt)),
@@ -358,7 +373,18 @@ impl Server {
             publish_budget.clone(),
             inner.clone(),
         ));
-        runtime.spawn(broker.flush_presence_diffs(inner.shutdown.clone()));
+        runtime.spawn(memory.flush_presence_diffs(inner.shutdown.clone()));
+        runtime.spawn(broker.clone().keep_alive(inner.shutdown.clone()));
+        let forward_tx = standby.map(|link| {
+            let (tx, rx) = mpsc::channel(64);
+            runtime.spawn(bus::link::run(
+                link,
+                broker.clone(),
+                rx,
+                inner.shutdown.clone(),
+            ));
+            tx
+        });
         Ok(Server {
             runtime: Some(runtime),
             inner,
@@ -366,6 +392,8 @@ impl Server {
             publish_tx,
             publish_budget,
             local_addrs,
+            bus: broker,
+            forward_tx,
         })
     }
 
@@ -529,6 +557,73 @@ impl Server {
         usage
     }
 
+    /// This node's id on the bus.
+    pub fn node_id(&self) -> u64 {
+        self.bus.node()
+    }
+
+    /// On a primary: whether this node's frames go to the bus (there are standbys to read
+    /// them from the WAL). Turning it on says hello and sends this node's members.
+    pub fn set_relaying(&self, on: bool) {
+        self.bus.set_relaying(on);
+    }
+
+    /// On a primary: this node's frames waiting for the bus, as one encoded envelope of up to
+    /// about `max_bytes`, for the main thread to write into the WAL.
+    pub fn take_bus_envelope(&self, max_bytes: usize) -> Option<Vec<u8>> {
+        self.bus.take_envelope(max_bytes).map(|e| e.encode())
+    }
+
+    /// Applies an envelope from the bus (another node's broadcasts, presence and, on a
+    /// standby, the primary's database messages, in order). Returns the (topic, private)
+    /// whose SQL presence changed and must be re-read.
+    pub fn apply_envelope(&self, envelope: bus::Envelope) -> Vec<(String, bool)> {
+        self.bus.apply(envelope, |m| {
+            self.publish(m);
+        })
+    }
+
+    /// Other nodes heard from within the lease: (name, their presence members here).
+    pub fn peers(&self) -> Vec<(String, usize)> {
+        self.bus.peers()
+    }
+
+    /// On a standby: runs the checks of `requests` on the primary and waits up to `timeout`
+    /// for the answers, in order. A primary that cannot be reached refuses them all.
+    pub fn forward_authorizations(
+        &self,
+        requests: &[AuthorizationRequest],
+        timeout: Duration,
+    ) -> Vec<Result<Authorization, Refusal>> {
+        let refuse_all = |why: String| {
+            requests
+                .iter()
+                .map(|_| Err(Refusal::Policy(why.clone())))
+                .collect()
+        };
+        let Some(tx) = &self.forward_tx else {
+            return refuse_all("this node has no link to a primary".into());
+        };
+        let (answer, rx) = tokio::sync::oneshot::channel();
+        let forwarded = bus::link::Forwarded {
+            requests: bus::link::encode_requests(requests),
+            answer,
+        };
+        if tx.try_send(forwarded).is_err() {
+            return refuse_all("the link to the primary is busy".into());
+        }
+        let Some(runtime) = &self.runtime else {
+            return refuse_all("the server is stopped".into());
+        };
+        let waited = runtime.block_on(async { tokio::time::timeout(timeout, rx).await });
+        match waited {
+            Ok(Ok(Ok(text))) => bus::link::decode_answers(&text, requests.len()),
+            Ok(Ok(Err(why))) => refuse_all(why),
+            Ok(Err(_)) => refuse_all("the link to the primary closed".into()),
+            Err(_) => refuse_all("the primary did not answer in time".into()),
+        }
+    }
+
     /// Number of open WebSocket connections (including upgrades in progress).
     pub fn connection_count(&self) -> usize {
         self.inner.active_connections.load(Ordering::Acquire)
@@ -599,6 +694,6 @@ async fn dispatch_db_messages(
             },
         )
         .with_origin_id(msg.id);
-        inner.broker.publish(&key, &out, None);
+        inner.broker.deliver(&key, &out);
     }
 }

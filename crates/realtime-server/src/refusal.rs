@@ -71,6 +71,15 @@ impl Refusal {
             None => Refusal::Policy(message),
         }
     }
+
+    /// The text after `Unauthorized: `, or the whole text for other refusals.
+    pub fn policy_text(&self) -> String {
+        let text = self.to_string();
+        match text.strip_prefix(UNAUTHORIZED) {
+            Some(rest) => rest.to_string(),
+            None => text,
+        }
+    }
 }
 
 /// What [`Refusal::Policy`] and [`Refusal::RoleNotAllowed`] start with.

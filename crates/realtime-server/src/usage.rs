@@ -35,6 +35,8 @@ pub struct Usage {
     pub publish_queue_bytes: u64,
     /// Bytes of REST bodies being read and answered (by their declared length).
     pub rest_body_bytes: u64,
+    /// Bytes of this node's frames waiting for the bus to other nodes.
+    pub bus_queued_bytes: u64,
 }
 
 /// One connection's counters, as read by [`crate::Server::usage`].

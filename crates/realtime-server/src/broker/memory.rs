@@ -60,6 +60,10 @@ impl Broker for MemoryBroker {
         self.registry.fanout(key, msg, exclude, Kind::Broadcast)
     }
 
+    fn deliver(&self, key: &TopicKey, msg: &Outgoing) -> usize {
+        self.registry.fanout(key, msg, None, Kind::Broadcast)
+    }
+
     fn subscribe(&self, key: TopicKey, sub: Subscriber) -> SubId {
         self.registry.insert(key, sub)
     }

@@ -46,6 +46,12 @@ impl Payload {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    pub fn bytes(&self) -> &Bytes {
+        match self {
+            Payload::Json(b) | Payload::Binary(b) => b,
+        }
+    }
 }
 
 /// A client user broadcast decoded from a kind-3 frame.
