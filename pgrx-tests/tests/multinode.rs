@@ -306,12 +306,15 @@ fn client_broadcasts_cross_nodes() {
     for from in [1, 0, 2] {
         let (sender_name, sender_node) = nodes[from];
         let topic = format!("cross-from-{from}");
+        // The other nodes, and the sender's own (which must not get a second copy back from
+        // the others).
         let mut receivers: Vec<(&str, Socket)> = nodes
             .iter()
             .enumerate()
             .filter(|(i, _)| *i != from)
             .map(|(_, (name, node))| (*name, subscriber(node, &topic)))
             .collect();
+        receivers.push(("the sender's node", subscriber(sender_node, &topic)));
         let mut sender = socket(sender_node);
         let join_ref = join_ok(
             &mut sender,
@@ -377,6 +380,89 @@ fn client_broadcasts_cross_nodes() {
             "self: false, yet {sender_name} got back {echoed:?}"
         );
     }
+
+    // self: true on a standby: the sender hears each of its broadcasts once, not once more
+    // when the other nodes have it.
+    let mut on_primary = subscriber(&primary, "echo");
+    let mut echoer = socket(&s1);
+    let echo_ref = join_ok(
+        &mut echoer,
+        "echo",
+        json!({"broadcast": {"self": true}, "private": false}),
+    );
+    {
+        let mut send = |n: u64| {
+            push_broadcast(&mut echoer, &echo_ref, "echo", "probe", json!({"n": n}));
+        };
+        until_receivers_hear(&mut send, &mut [("primary", &mut on_primary)], "echo");
+    }
+    for i in 0..5 {
+        push_broadcast(&mut echoer, &echo_ref, "echo", "n", json!({"i": i}));
+    }
+    let numbers = |payloads: Vec<Value>| -> Vec<i64> {
+        payloads
+            .iter()
+            .map(|p| p["i"].as_i64().expect("i"))
+            .collect()
+    };
+    assert_eq!(
+        numbers(user_events(&mut on_primary, "n", 5, "primary")),
+        [0, 1, 2, 3, 4]
+    );
+    assert_eq!(
+        numbers(user_events(&mut echoer, "n", 5, "self: true")),
+        [0, 1, 2, 3, 4],
+        "the sender hears its own broadcasts, in order"
+    );
+    let again: Vec<Value> = drain(&mut echoer, Duration::from_millis(1000))
+        .into_iter()
+        .filter(|m| m.event == "broadcast" && m.payload["event"] == "n")
+        .map(|m| m.payload)
+        .collect();
+    assert!(
+        again.is_empty(),
+        "self: true echoes once, yet came back again: {again:?}"
+    );
+
+    // Binary frames: a client's raw bytes from standby 1, and send_binary on the primary, reach
+    // standby 2 as binary frames, byte for byte.
+    let mut on_s2 = subscriber(&s2, "bin");
+    let mut raw = socket(&s1);
+    let raw_ref = join_ok(&mut raw, "bin", json!({"private": false}));
+    {
+        let mut send = |n: u64| {
+            push_broadcast(&mut raw, &raw_ref, "bin", "probe", json!({"n": n}));
+        };
+        until_receivers_hear(&mut send, &mut [("standby 2", &mut on_s2)], "binary");
+    }
+    let r = raw.next_ref();
+    raw.send_binary(realtime_test_client::binary::user_broadcast_push(
+        &raw_ref,
+        &r,
+        "realtime:bin",
+        "raw",
+        &[0, 255, 16],
+        false,
+    ));
+    primary.execute(r"SELECT realtime.send_binary('\x00ff10', 'blob', 'bin', false)");
+    let mut binaries = Vec::new();
+    while binaries.len() < 2 {
+        let m = next_message(&mut on_s2, WAIT, "binary on standby 2")
+            .unwrap_or_else(|| panic!("binary frames on standby 2: only {binaries:?}"));
+        if let Some((event, bytes, json)) = m.binary
+            && event != "probe"
+        {
+            binaries.push((event, bytes, json));
+        }
+    }
+    binaries.sort();
+    assert_eq!(
+        binaries,
+        [
+            ("blob".to_owned(), vec![0, 255, 16], false),
+            ("raw".to_owned(), vec![0, 255, 16], false)
+        ]
+    );
 
     // REST on standby 1 reaches the primary's and standby 2's subscribers.
     let token = jwt(json!({}));
@@ -810,6 +896,26 @@ fn private_channels_on_a_standby_follow_the_primarys_policies() {
     let got = user_events(&mut reader, "db", 1, "private reader on the standby");
     assert_eq!(got[0]["from"], "primary");
 
+    // ...and the changes a trigger broadcasts with realtime.broadcast_changes...
+    primary.execute(
+        "CREATE TABLE notes (id int PRIMARY KEY, body text);
+         CREATE FUNCTION notes_changed() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER
+         SET search_path = pg_catalog, pg_temp AS $$
+         BEGIN
+           PERFORM realtime.broadcast_changes('ok-notes', TG_OP, TG_OP, TG_TABLE_NAME,
+                                              TG_TABLE_SCHEMA, NEW, OLD);
+           RETURN NULL;
+         END $$;
+         CREATE TRIGGER notes_changed AFTER INSERT ON notes
+           FOR EACH ROW EXECUTE FUNCTION notes_changed();",
+    );
+    let mut notes = socket_as(&standby, alice.clone());
+    join_ok(&mut notes, "ok-notes", json!({"private": true}));
+    primary.execute("INSERT INTO notes VALUES (1, 'hello')");
+    let change = &user_events(&mut notes, "INSERT", 1, "broadcast_changes on the standby")[0];
+    assert_eq!(change["operation"], "INSERT", "{change}");
+    assert_eq!(change["record"]["body"], "hello", "{change}");
+
     // ...and may send where the write policy allows it, to the primary's subscribers.
     let mut watcher = socket_as(&primary, json!({"role": "service_role"}));
     join_ok(&mut watcher, "ok-room", json!({"private": true}));
@@ -915,17 +1021,33 @@ fn a_killed_standby_leaves_presence_everywhere_and_serves_again() {
             "from the restarted standby",
         );
     }
-    let rejoined = Member::join(&s1, "room", "reborn", json!({}));
+    let mut rejoined = Member::join(&s1, "room", "reborn", json!({}));
     assert!(
         on_primary.sees(|v| v.has("reborn")),
         "presence from the restarted standby reaches the primary: {:?}",
         on_primary.view
     );
     assert!(
+        rejoined.sees(|v| v.has("watcher-p") && v.has("watcher-s2")),
+        "the restarted standby sees the other nodes' members: {:?}",
+        rejoined.view
+    );
+    assert!(
         !rejoined.view.has("doomed"),
         "the dead member is gone there too: {:?}",
         rejoined.view
     );
+
+    // A standby stopped the ordinary way: its members leave too.
+    s2.stop();
+    for (name, m) in [("primary", &mut on_primary), ("standby 1", &mut rejoined)] {
+        assert!(
+            m.sees(|v| !v.has("watcher-s2")),
+            "{name} sees the member of the stopped standby leave: {:?}",
+            m.view
+        );
+    }
+    sql_presence_eventually(&primary, "primary", "room", "watcher-s2", false);
 }
 
 /// The primary restarts: clients that stayed connected on the standbys keep their sockets and
