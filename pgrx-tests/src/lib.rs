@@ -23,6 +23,8 @@ pub struct Cluster {
     /// Set by a test that SIGKILLs a server process itself: that crash (and only a SIGKILL) is
     /// not reported as one.
     killed_on_purpose: std::sync::atomic::AtomicBool,
+    /// Set while [`Cluster::freeze`] holds its processes stopped.
+    frozen: std::sync::atomic::AtomicBool,
 }
 
 /// Log lines that mean a server process died or the cluster reinitialized.
@@ -160,6 +162,7 @@ impl Cluster {
             pg_port,
             ws_port,
             killed_on_purpose: std::sync::atomic::AtomicBool::new(false),
+            frozen: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -276,6 +279,38 @@ impl Cluster {
             doomed.iter().all(|&pid| !process_alive(pid))
         });
         assert!(gone, "processes {doomed:?} survived SIGKILL");
+    }
+
+    /// The node goes silent without closing anything, as behind a network partition: SIGSTOP
+    /// to the postmaster and every process it started, until [`Cluster::thaw`] (or drop).
+    pub fn freeze(&self) {
+        let Some(postmaster) = self.postmaster_pid() else {
+            return;
+        };
+        self.frozen
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        // The postmaster first, so that it starts no process that would escape.
+        signal(postmaster, "STOP");
+        for pid in children_of(postmaster) {
+            signal(pid, "STOP");
+        }
+    }
+
+    /// Lets the processes stopped by [`Cluster::freeze`] run again.
+    pub fn thaw(&self) {
+        if !self
+            .frozen
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            return;
+        }
+        let Some(postmaster) = self.postmaster_pid() else {
+            return;
+        };
+        for pid in children_of(postmaster) {
+            signal(pid, "CONT");
+        }
+        signal(postmaster, "CONT");
     }
 
     /// `SELECT pg_promote()`: the standby becomes a primary.
@@ -431,6 +466,8 @@ impl Drop for Cluster {
         } else {
             self.crash_lines()
         };
+        // Stopped processes would not act on the stop signal, and would outlive the test.
+        self.thaw();
         let _ = as_postgres(
             &format!("{BIN}/pg_ctl"),
             &[

@@ -1050,6 +1050,49 @@ fn a_killed_standby_leaves_presence_everywhere_and_serves_again() {
     sql_presence_eventually(&primary, "primary", "room", "watcher-s2", false);
 }
 
+/// A standby that goes silent without closing its connections (frozen, as behind a partition):
+/// its members leave the other nodes once its lease runs out; thawed, it serves again.
+#[test]
+fn a_silent_standbys_members_leave_after_its_lease() {
+    let lease = ["realtime.node_lease = 3"];
+    let (primary, s1, s2) = three_nodes("mn_silent", &lease);
+    let mut on_primary = Member::join(&primary, "room", "watcher-p", json!({}));
+    let mut on_s2 = Member::join(&s2, "room", "watcher-s2", json!({}));
+    let _silent = Member::join(&s1, "room", "silent", json!({}));
+    for (name, m) in [("primary", &mut on_primary), ("standby 2", &mut on_s2)] {
+        assert!(
+            m.sees(|v| v.has("silent")),
+            "{name} sees silent: {:?}",
+            m.view
+        );
+    }
+
+    s1.freeze();
+    for (name, m) in [("primary", &mut on_primary), ("standby 2", &mut on_s2)] {
+        assert!(
+            m.sees(|v| !v.has("silent")),
+            "{name}: the member of the silent standby leaves after the lease: {:?}",
+            m.view
+        );
+    }
+    sql_presence_eventually(&primary, "primary", "room", "silent", false);
+    sql_presence_eventually(&s2, "standby 2", "room", "silent", false);
+
+    s1.thaw();
+    let mut back = subscriber(&s1, "thawed");
+    primary.execute(r#"SELECT realtime.send('{"k": "thawed"}', 'e', 'thawed', false)"#);
+    assert_eq!(
+        user_events(&mut back, "e", 1, "a new client on the thawed standby")[0]["k"],
+        "thawed"
+    );
+    let _fresh = Member::join(&s1, "room", "fresh", json!({}));
+    assert!(
+        on_primary.sees(|v| v.has("fresh")),
+        "presence from the thawed standby reaches the primary: {:?}",
+        on_primary.view
+    );
+}
+
 /// The primary restarts: clients that stayed connected on the standbys keep their sockets and
 /// get every message committed before and after, in order.
 #[test]
