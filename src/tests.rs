@@ -32,6 +32,42 @@ mod tests {
         assert_eq!(row, (Some(vec![0, 1, 255]), Some(true)));
     }
 
+    #[pg_test(
+        error = "invalid request from another pg_realtime node: a standby's envelope may not carry database messages or SQL presence"
+    )]
+    fn a_relayed_envelope_cannot_carry_database_messages() {
+        use realtime_server::bus::{Envelope, Frame};
+        let forged = Envelope {
+            node: 1,
+            frames: vec![Frame::Database {
+                topic: "room".into(),
+                private: true,
+                event: "e".into(),
+                id: "x".into(),
+                binary: false,
+                payload: b"{}".to_vec(),
+            }],
+        };
+        Spi::run_with_args("SELECT realtime._node_relay($1)", &[forged.encode().into()]).unwrap();
+    }
+
+    #[pg_test(
+        error = "invalid request from another pg_realtime node: not a pg_realtime bus envelope: Hit the end of buffer, expected more data"
+    )]
+    fn a_relayed_envelope_must_decode() {
+        Spi::run(r"SELECT realtime._node_relay('\x01')").unwrap();
+    }
+
+    #[pg_test]
+    fn node_functions_are_not_for_public() {
+        let public = Spi::get_one::<bool>(
+            "SELECT bool_or(has_function_privilege('public', p.oid, 'EXECUTE'))
+               FROM pg_proc p WHERE p.proname IN ('_node_relay', '_node_authorize')",
+        )
+        .unwrap();
+        assert_eq!(public, Some(false));
+    }
+
     #[pg_test]
     fn topic_is_null_when_unset() {
         assert_eq!(

@@ -19,8 +19,22 @@ fn _node_relay(envelope: &[u8]) {
         }
         .raise();
     }
-    if let Err(e) = realtime_server::bus::Envelope::decode(envelope) {
-        RealtimeError::InvalidNodeRequest(e.to_string()).raise();
+    let decoded = realtime_server::bus::Envelope::decode(envelope)
+        .unwrap_or_else(|e| RealtimeError::InvalidNodeRequest(e.to_string()).raise());
+    // Database messages and SQL presence come from the primary's own commits only: a standby
+    // (or anyone allowed to call this) cannot make every node deliver a message nobody
+    // committed.
+    if decoded.frames.iter().any(|f| {
+        matches!(
+            f,
+            realtime_server::bus::Frame::Database { .. }
+                | realtime_server::bus::Frame::SqlPresence { .. }
+        )
+    }) {
+        RealtimeError::InvalidNodeRequest(
+            "a standby's envelope may not carry database messages or SQL presence".into(),
+        )
+        .raise();
     }
     if let Err(e) = staging::stage_relay(envelope) {
         e.raise();

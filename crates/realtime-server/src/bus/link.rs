@@ -183,49 +183,65 @@ pub(crate) async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut retry = RETRY_FIRST;
-    let mut failing = false;
+    // Logged once per distinct error: a link that keeps failing the same way (the primary is
+    // down, pg_hba refuses, the user may not call the functions) does not flood the log.
+    let mut last_error: Option<String> = None;
     loop {
         let connected = tokio::select! {
             c = config.connect(tokio_postgres::NoTls) => c,
             _ = stop.wait_for(|s| *s) => return,
         };
-        let (client, connection) = match connected {
-            Ok(c) => c,
-            Err(e) => {
-                if !std::mem::replace(&mut failing, true) {
-                    log::warn!("realtime: cannot reach the primary (retrying quietly): {e}");
+        let error = match connected {
+            Err(e) => format!("cannot reach the primary: {e}"),
+            Ok((client, connection)) => {
+                let conn_task = tokio::spawn(connection);
+                let timeout = format!("SET statement_timeout = {}", LINK_TIMEOUT.as_millis());
+                let failed = match client.batch_execute(&timeout).await {
+                    Err(e) => Some(e),
+                    Ok(()) => {
+                        broker.hello();
+                        let mut link = Health {
+                            last_error: &mut last_error,
+                            retry: &mut retry,
+                        };
+                        serve(&client, &broker, &mut forwarded, &mut stop, &mut link).await
+                    }
+                };
+                conn_task.abort();
+                match failed {
+                    None => return,
+                    Some(e) => format!("the link to the primary failed: {e}"),
                 }
-                // Checks cannot wait for the primary: refuse them now.
-                while let Ok(f) = forwarded.try_recv() {
-                    let _ = f
-                        .answer
-                        .send(Err(format!("the primary cannot be reached: {e}")));
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(retry) => {}
-                    _ = stop.wait_for(|s| *s) => return,
-                }
-                retry = (retry * 2).min(RETRY_MAX);
-                continue;
             }
         };
-        if std::mem::replace(&mut failing, false) {
-            log::info!("realtime: reached the primary again");
+        if last_error.as_deref() != Some(error.as_str()) {
+            log::warn!("realtime: {error} (retrying; logged again when the error changes)");
+            last_error = Some(error.clone());
         }
-        retry = RETRY_FIRST;
-        let conn_task = tokio::spawn(connection);
-        let timeout = format!("SET statement_timeout = {}", LINK_TIMEOUT.as_millis());
-        if let Err(e) = client.batch_execute(&timeout).await {
-            log::warn!("realtime: the link to the primary failed: {e}");
-            conn_task.abort();
-            continue;
+        // Checks cannot wait for the primary: refuse them now, with the reason.
+        while let Ok(f) = forwarded.try_recv() {
+            let _ = f.answer.send(Err(error.clone()));
         }
-        broker.hello();
-        let failed = serve(&client, &broker, &mut forwarded, &mut stop).await;
-        conn_task.abort();
-        match failed {
-            None => return,
-            Some(e) => log::warn!("realtime: the link to the primary failed (reconnecting): {e}"),
+        tokio::select! {
+            _ = tokio::time::sleep(retry) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        retry = (retry * 2).min(RETRY_MAX);
+    }
+}
+
+/// How the link fared: the error last logged, and the next delay before reconnecting.
+struct Health<'a> {
+    last_error: &'a mut Option<String>,
+    retry: &'a mut Duration,
+}
+
+impl Health<'_> {
+    /// A call on the link succeeded.
+    fn works(&mut self) {
+        *self.retry = RETRY_FIRST;
+        if self.last_error.take().is_some() {
+            log::info!("realtime: the link to the primary works again");
         }
     }
 }
@@ -236,6 +252,7 @@ async fn serve(
     broker: &ReplicatedBroker,
     forwarded: &mut mpsc::Receiver<Forwarded>,
     stop: &mut watch::Receiver<bool>,
+    health: &mut Health<'_>,
 ) -> Option<tokio_postgres::Error> {
     loop {
         while let Some(envelope) = broker.take_envelope(BATCH_BYTES) {
@@ -246,6 +263,7 @@ async fn serve(
             {
                 return Some(e);
             }
+            health.works();
         }
         let next = tokio::select! {
             _ = broker.outbox.ready.notified() => None,
@@ -260,6 +278,7 @@ async fn serve(
             .and_then(|row| row.try_get::<_, String>(0));
         match answer {
             Ok(a) => {
+                health.works();
                 let _ = f.answer.send(Ok(a));
             }
             Err(e) => {
