@@ -167,7 +167,7 @@ fn explain_join(
         RealtimeError::ExplainArgument("claims must not be NULL").raise();
     };
     let private = private.unwrap_or(true);
-    TableIterator::new(explain(topic, &claims, private).into_iter())
+    TableIterator::new(explain(topic, &claims, private))
 }
 
 type Row = (String, bool, Option<String>);
