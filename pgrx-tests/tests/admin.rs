@@ -8,10 +8,13 @@ use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(20);
 
-/// (id, role, sub, protocol, channels) of every connection, by id.
-fn connections(
-    c: &mut postgres::Client,
-) -> Vec<(i64, String, Option<String>, String, Vec<String>)> {
+/// (id, role, sub, protocol, channels) of a connection.
+type ConnectionRow = (i64, String, Option<String>, String, Vec<String>);
+/// (topic, key, event, private, meta) of a presence event.
+type EventRow = (String, String, String, bool, Option<Value>);
+
+/// Every connection, by id.
+fn connections(c: &mut postgres::Client) -> Vec<ConnectionRow> {
     c.query(
         "SELECT id, role, sub, protocol, channels FROM realtime.connections() ORDER BY id",
         &[],
@@ -239,7 +242,7 @@ fn presence_changes_become_rows_that_triggers_see() {
     track(&mut s, "1", "lobby", "track", json!({"status": "away"}));
     track(&mut s, "1", "lobby", "untrack", json!({}));
 
-    let events = |c: &mut postgres::Client| -> Vec<(String, String, String, bool, Option<Value>)> {
+    let events = |c: &mut postgres::Client| -> Vec<EventRow> {
         c.query(
             "SELECT topic, key, event, private, meta FROM realtime.presence_events ORDER BY id",
             &[],
