@@ -254,7 +254,7 @@ fn presence_changes_become_rows_that_triggers_see() {
     };
     let written = eventually(WAIT, || events(&mut c).len() >= 3);
     let rows = events(&mut c);
-    assert!(written, "presence_events: {rows:?}");
+    assert!(written, "presence_events: {rows:?}\n{}", cluster.log());
     let row = |event: &str, meta: Option<Value>| {
         (
             "lobby".to_string(),

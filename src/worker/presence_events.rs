@@ -169,8 +169,10 @@ impl PresenceEvents {
             Spi::run_with_args(
                 "INSERT INTO realtime.presence_events (topic, private, key, event, meta, node, at)
                  SELECT t, p, k, e, m::jsonb, NULL, pg_catalog.to_timestamp(a)
-                   FROM pg_catalog.unnest($1::text[], $2::boolean[], $3::text[], $4::text[],
-                                          $5::text[], $6::float8[]) AS u(t, p, k, e, m, a)",
+                   FROM ROWS FROM (pg_catalog.unnest($1::text[]), pg_catalog.unnest($2::boolean[]),
+                                   pg_catalog.unnest($3::text[]), pg_catalog.unnest($4::text[]),
+                                   pg_catalog.unnest($5::text[]), pg_catalog.unnest($6::float8[]))
+                        AS u(t, p, k, e, m, a)",
                 &[
                     topics.into(),
                     privates.into(),
