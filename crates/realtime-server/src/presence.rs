@@ -439,6 +439,34 @@ mod tests {
     }
 
     #[test]
+    fn reported_changes_say_join_update_and_which_key_left() {
+        let events = Arc::new(EventQueue::new(crate::wake::WakeFd::new().unwrap()));
+        let p = Presence::mirrored(events.clone());
+        track(&p, 1, "alice", json!({"u": 1}));
+        track(&p, 1, "alice", json!({"u": 2}));
+        p.untrack(&topic(), 1);
+        let changes: Vec<(bool, bool, String)> = events
+            .drain()
+            .into_iter()
+            .map(|e| match e {
+                Event::Presence(PresenceChange::Tracked { updated, key, .. }) => {
+                    (true, updated, key)
+                }
+                Event::Presence(PresenceChange::Untracked { key, .. }) => (false, false, key),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            changes,
+            [
+                (true, false, "alice".to_string()),
+                (true, true, "alice".to_string()),
+                (false, false, "alice".to_string()),
+            ]
+        );
+    }
+
+    #[test]
     fn track_update_untrack() {
         let p = Presence::default();
         let d = track(&p, 1, "alice", json!({"u": 1})).unwrap();

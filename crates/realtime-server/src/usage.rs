@@ -311,3 +311,84 @@ impl ConnTable {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(table: &ConnTable, sub: &str) -> (Arc<ConnUsage>, u64) {
+        let (handle, _rx) = ConnHandle::new(8, 1024);
+        let claims = Claims {
+            role: "anon".into(),
+            sub: Some(sub.into()),
+            exp: 0,
+            json: Arc::from("{}"),
+        };
+        let usage = Arc::new(ConnUsage::new(
+            Arc::new(handle),
+            None,
+            "2.0.0",
+            Some(&claims),
+        ));
+        let registered = table.register(usage.clone());
+        let id = registered.id;
+        std::mem::forget(registered);
+        (usage, id)
+    }
+
+    #[tokio::test]
+    async fn the_table_lists_connections_and_closes_a_users() {
+        let table = ConnTable::default();
+        let (alice, alice_id) = conn(&table, "alice");
+        let (bob, _) = conn(&table, "bob");
+        let room = TopicKey {
+            private: false,
+            subtopic: "room".into(),
+        };
+        alice.joined(&room);
+        bob.joined(&room);
+        bob.left(&room);
+        alice.count_in(10);
+        alice.count_out(3, 300);
+        let rows = table.snapshot();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].id, alice_id);
+        assert_eq!(rows[0].channels, ["room"]);
+        assert_eq!(
+            (
+                rows[0].messages_in,
+                rows[0].bytes_in,
+                rows[0].messages_out,
+                rows[0].bytes_out
+            ),
+            (1, 10, 3, 300)
+        );
+        assert!(rows[1].channels.is_empty());
+        assert_eq!(
+            table.channel_counts().get(&("room".into(), false)),
+            Some(&1)
+        );
+
+        assert_eq!(
+            table.disconnect(&DisconnectTarget::Sub("alice".into()), "bye"),
+            1
+        );
+        assert_eq!(alice.kicked().await, "bye");
+        assert_eq!(table.disconnect(&DisconnectTarget::Connection(999), "x"), 0);
+        // A later token changes whom the connection counts as.
+        bob.set_identity(&Claims {
+            role: "authenticated".into(),
+            sub: Some("carol".into()),
+            exp: 0,
+            json: Arc::from("{}"),
+        });
+        assert_eq!(
+            table.disconnect(&DisconnectTarget::Sub("bob".into()), "x"),
+            0
+        );
+        assert_eq!(
+            table.disconnect(&DisconnectTarget::Sub("carol".into()), "x"),
+            1
+        );
+    }
+}
