@@ -341,4 +341,11 @@ mod tests {
         let checks: Vec<&str> = public.iter().map(|r| r.0.as_str()).collect();
         assert_eq!(checks, ["token", "join"], "public: {public:?}");
     }
+
+    /// The worker of the test cluster serves another database, so it never answers: the
+    /// caller gets an error after its wait instead of hanging.
+    #[pg_test(error = "the realtime worker did not answer within 10 s")]
+    fn a_request_nobody_answers_fails_cleanly() {
+        Spi::run("SELECT * FROM realtime.connections()").unwrap();
+    }
 }

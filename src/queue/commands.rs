@@ -9,9 +9,10 @@
 //!
 //! A slot's state word says who may touch its other fields:
 //! `FREE` → (backend) `CLAIMED` → `REQUESTED` → (worker) `WORKING` → `ANSWERED` → (backend)
-//! `CLAIMED` for the next chunk, or `FREE`. A backend that gives up moves `REQUESTED` or
-//! `WORKING` to `ABANDONED`, and the worker frees it; a backend that died holding `CLAIMED` or
-//! `ANSWERED` is freed by the worker after [`STALE_AFTER`].
+//! `CLAIMED` for the next chunk, or `FREE`. A backend that gives up frees a `REQUESTED` slot
+//! itself (the worker has not taken it) and moves a `WORKING` one to `ABANDONED`, which the
+//! worker frees when it is done; a backend that died holding `CLAIMED` or `ANSWERED` is freed
+//! by the worker after [`STALE_AFTER`].
 
 use pgrx::pg_sys;
 use std::ptr::null_mut;
@@ -163,8 +164,10 @@ impl Drop for Claim {
     fn drop(&mut self) {
         // SAFETY: the slot pointer is valid; only the state word is touched, atomically.
         let state = unsafe { &(*slot_ptr(self.index)).state };
-        // Ours while CLAIMED or ANSWERED; a request still with the worker is handed back to it.
-        for from in [CLAIMED, ANSWERED] {
+        // Ours while CLAIMED or ANSWERED, and while REQUESTED: the worker has not taken the
+        // request (its own compare-exchange from REQUESTED then fails). A request the worker
+        // is working on is handed back to it.
+        for from in [CLAIMED, ANSWERED, REQUESTED] {
             if state
                 .compare_exchange(from, FREE, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
@@ -172,14 +175,11 @@ impl Drop for Claim {
                 return;
             }
         }
-        for from in [REQUESTED, WORKING] {
-            if state
-                .compare_exchange(from, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-            {
-                set_worker_latch();
-                return;
-            }
+        if state
+            .compare_exchange(WORKING, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            set_worker_latch();
         }
     }
 }
