@@ -289,3 +289,45 @@ fn presence_changes_become_rows_that_triggers_see() {
     });
     assert!(answered, "the heartbeat is answered");
 }
+
+/// A standby's members reach the primary's `presence_events` (the primary records every
+/// node's presence); the standby, read-only, writes nothing and says nothing about it. Its own
+/// sockets are listed by its own `connections()`.
+#[test]
+fn a_standbys_presence_is_recorded_by_the_primary() {
+    let settings = ["realtime.presence_events = on"];
+    let primary = Cluster::start_primary("admin_events_primary", &settings);
+    let standby = Cluster::start_standby(&primary, "admin_events_standby", &settings);
+    let mut s = Socket::connect(&standby, &jwt(json!({"sub": "sam"})), "2.0.0");
+    let config = json!({"presence": {"enabled": true, "key": "sam"}});
+    assert_eq!(s.join("hall", config)["status"], "ok");
+    track(&mut s, "1", "hall", "track", json!({"on": "standby"}));
+
+    let mut p = primary.connect();
+    let recorded = eventually(Duration::from_secs(30), || {
+        let r = s.next_ref();
+        // Heartbeats keep the socket from being closed as idle while the nodes catch up.
+        s.push(None, &r, "phoenix", "heartbeat", json!({}));
+        p.query_opt(
+            "SELECT meta FROM realtime.presence_events
+              WHERE topic = 'hall' AND key = 'sam' AND event = 'join'",
+            &[],
+        )
+        .unwrap()
+        .is_some_and(|row| row.get::<_, Option<Value>>(0) == Some(json!({"on": "standby"})))
+    });
+    assert!(recorded, "the primary recorded the standby's member");
+    let mut c = standby.connect();
+    let listed: Vec<Option<String>> = c
+        .query("SELECT sub FROM realtime.connections()", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(listed, [Some("sam".to_string())]);
+    assert!(
+        !standby.log().contains("presence_events"),
+        "the standby never tries to write presence events:\n{}",
+        standby.log()
+    );
+}
