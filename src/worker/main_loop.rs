@@ -151,7 +151,7 @@ impl MainLoop {
             own = own.min(PRESENCE_EVENTS_POLL);
         }
         if !self.link.is_standby() {
-            return own;
+            return self.link.bus_poll().map_or(own, |flush| own.min(flush));
         }
         let bus = if self.bus_active.is_some_and(|t| t.elapsed() < BUS_LINGER) {
             BUS_POLL_BUSY

@@ -141,6 +141,17 @@ impl ServerLink {
         self.presence_events.waiting()
     }
 
+    /// Whether the bus needs the main loop back soon: a standby polls its WAL, a primary has
+    /// envelopes waiting for a flush.
+    pub fn bus_poll(&self) -> Option<Duration> {
+        match &self.role {
+            Role::Primary(writer) => writer
+                .waiting_for_flush()
+                .then_some(super::bus_writer::FLUSH_GRACE),
+            Role::Standby(_) => None,
+        }
+    }
+
     /// Whether this node serves as a standby.
     pub fn is_standby(&self) -> bool {
         matches!(self.role, Role::Standby(_))
@@ -160,6 +171,7 @@ impl ServerLink {
                         .collect();
                     writer.write(&own);
                 }
+                writer.flush_if_late();
                 false
             }
             Role::Standby(reader) => {
@@ -267,7 +279,7 @@ impl ServerLink {
             dropped += u64::from(!self.server.publish(message));
         }
         presence::sync(&self.server, presence_topics);
-        if let Role::Primary(writer) = &self.role
+        if let Role::Primary(writer) = &mut self.role
             && writer.relaying()
         {
             let mut envelopes = Vec::with_capacity(relayed.len() + 1);
