@@ -35,6 +35,8 @@ BEGIN
         END IF;
     END LOOP;
     DELETE FROM realtime.messages_default WHERE inserted_at < cutoff;
+    -- Presence events are kept as long as messages.
+    DELETE FROM realtime.presence_events WHERE at < now() - keep;
     PERFORM realtime._create_partitions();
 END
 $$;
@@ -197,7 +199,8 @@ COMMENT ON FUNCTION realtime.broadcast_changes(text, text, text, text, text, rec
     'For row triggers: broadcasts {old_record, record, operation, table, schema} as event_name on topic_name (private).';
 COMMENT ON FUNCTION realtime.maintain_partitions(interval) IS
     'Creates the daily partitions of realtime.messages from yesterday to today+3 and drops those older than '
-    'retention (default: the realtime.retention setting). The background worker runs it on a timer.';
+    'retention (default: the realtime.retention setting), and deletes realtime.presence_events rows older than '
+    'retention. The background worker runs it on a timer.';
 COMMENT ON FUNCTION realtime.setup_api_roles() IS
     'Creates the roles anon, authenticated and service_role (BYPASSRLS) where missing and grants them USAGE on '
     'schema realtime and SELECT, INSERT, UPDATE on realtime.messages, as Supabase does. RLS policies still decide.';
@@ -206,7 +209,8 @@ COMMENT ON FUNCTION realtime.stats() IS
     'server could not keep up), the commit queue''s fill, and the worker''s usage as of usage_updated_at (taken '
     'about once a second; NULL before the first): its private memory (worker_memory_bytes) and what holds it: '
     'sockets, channels, bytes queued for sockets, pending authorization requests, presence keys and bytes, '
-    'writes held for write checks, database messages waiting for the network threads.';
+    'writes held for write checks, database messages waiting for the network threads; and '
+    'presence_events_dropped: rows of realtime.presence_events the worker could not write.';
 COMMENT ON FUNCTION realtime._authorize_writes(text, text, text, text, text, text[]) IS
     'Internal: the RLS write checks of a private channel, run by the worker at its first write in a transaction it rolls back.';
 COMMENT ON FUNCTION realtime.queue_broadcast_row() IS

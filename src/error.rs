@@ -52,6 +52,12 @@ pub enum RealtimeError {
     TopicNotChecked { topic: String, checked: String },
     #[error("invalid request from another pg_realtime node: {0}")]
     InvalidNodeRequest(String),
+    #[error("the realtime worker did not answer within {0} s")]
+    WorkerDidNotAnswer(u64),
+    #[error("the realtime worker refused the request: {0}")]
+    WorkerRefused(String),
+    #[error("realtime.explain_join: {0}")]
+    ExplainArgument(&'static str),
     #[error("pg_realtime internal error: {0}")]
     Internal(String),
 }
@@ -77,6 +83,9 @@ impl RealtimeError {
             RealtimeError::PrepareAfterSend => ERRCODE_FEATURE_NOT_SUPPORTED,
             RealtimeError::WrongTriggerTable { .. } => ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
             RealtimeError::TopicNotChecked { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
+            RealtimeError::WorkerDidNotAnswer(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            RealtimeError::WorkerRefused(_) => ERRCODE_INVALID_PARAMETER_VALUE,
+            RealtimeError::ExplainArgument(_) => ERRCODE_NULL_VALUE_NOT_ALLOWED,
             RealtimeError::Internal(_) => ERRCODE_INTERNAL_ERROR,
         }
     }
@@ -92,6 +101,11 @@ impl RealtimeError {
                  or raise realtime.queue_size.",
             ),
             RealtimeError::PayloadTooLarge { .. } => Some("Raise realtime.max_payload_size."),
+            RealtimeError::WorkerDidNotAnswer(_) => Some(
+                "The background worker answers on its main loop; check that it runs (it serves \
+                 only the database named by realtime.database) and that realtime.stats() shows \
+                 a recent usage_updated_at.",
+            ),
             RealtimeError::TopicNotChecked { .. } => Some(
                 "Use realtime.send(), or SET LOCAL realtime.topic to the row's topic before the \
                  INSERT, so that policies reading realtime.topic() check the topic the message \

@@ -83,6 +83,9 @@ static JOIN_ERROR_DELAY: GucSetting<i32> = GucSetting::<i32>::new(5000);
 /// Refuse public channels.
 static PRIVATE_ONLY: GucSetting<bool> = GucSetting::<bool>::new(false);
 
+/// Whether the primary's worker writes socket presence changes into `realtime.presence_events`.
+static PRESENCE_EVENTS: GucSetting<bool> = GucSetting::<bool>::new(false);
+
 /// Threads of the network runtime.
 static WORKER_THREADS: GucSetting<i32> = GucSetting::<i32>::new(2);
 
@@ -338,6 +341,14 @@ pub fn init() {
         GucFlags::UNIT_MS,
     );
     GucRegistry::define_bool_guc(
+        c"realtime.presence_events",
+        c"Write socket presence joins, updates and leaves into realtime.presence_events.",
+        c"Rows are written by the primary's worker in batches; put triggers on the table to react to them.",
+        &PRESENCE_EVENTS,
+        GucContext::Sighup,
+        none,
+    );
+    GucRegistry::define_bool_guc(
         c"realtime.private_only",
         c"Refuse joins of public channels.",
         c"",
@@ -540,6 +551,11 @@ pub fn queue_bytes() -> usize {
 /// The largest payload in bytes.
 pub fn max_payload_bytes() -> usize {
     kb_bytes(&MAX_PAYLOAD_SIZE)
+}
+
+/// Whether presence changes are written into `realtime.presence_events`.
+pub fn presence_events() -> bool {
+    PRESENCE_EVENTS.get()
 }
 
 /// What `realtime.send` does when storing fails.

@@ -142,4 +142,210 @@ mod tests {
     fn sql_presence_key_must_not_be_empty() {
         Spi::run("SELECT realtime.track('room-1', '', '{}')").unwrap();
     }
+
+    #[pg_test]
+    fn admin_functions_and_presence_events_are_not_for_public() {
+        let public = Spi::get_one::<bool>(
+            "SELECT bool_or(has_function_privilege('public', p.oid, 'EXECUTE'))
+               FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+              WHERE n.nspname = 'realtime'
+                AND p.proname IN ('connections', 'channels', 'disconnect', 'disconnect_user',
+                                  'explain_join')",
+        )
+        .unwrap();
+        assert_eq!(public, Some(false));
+        let functions = Spi::get_one::<i64>(
+            "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+              WHERE n.nspname = 'realtime'
+                AND p.proname IN ('connections', 'channels', 'disconnect', 'disconnect_user',
+                                  'explain_join')",
+        )
+        .unwrap();
+        assert_eq!(functions, Some(5));
+        let readable = Spi::get_one::<bool>(
+            "SELECT has_table_privilege('public', 'realtime.presence_events', 'SELECT')
+                 OR has_table_privilege('public', 'realtime.presence_events', 'INSERT')",
+        )
+        .unwrap();
+        assert_eq!(readable, Some(false));
+        // Grantable on purpose.
+        Spi::run("CREATE ROLE realtime_operator NOLOGIN").unwrap();
+        Spi::run("GRANT EXECUTE ON FUNCTION realtime.connections() TO realtime_operator").unwrap();
+        assert_eq!(
+            Spi::get_one::<bool>(
+                "SELECT has_function_privilege('realtime_operator', 'realtime.connections()', 'EXECUTE')"
+            )
+            .unwrap(),
+            Some(true)
+        );
+    }
+
+    /// Policies for the explain_join tests: `allowed` may be read and written (broadcast only),
+    /// `boom` raises, anything else is refused.
+    fn explain_policies() {
+        Spi::run("SELECT realtime.setup_api_roles()").unwrap();
+        Spi::run(
+            "CREATE FUNCTION public.explain_boom() RETURNS boolean LANGUAGE plpgsql AS $$
+             BEGIN RAISE EXCEPTION 'no entry to %', realtime.topic(); END $$;
+             GRANT EXECUTE ON FUNCTION public.explain_boom() TO authenticated;
+             CREATE POLICY explain_read ON realtime.messages FOR SELECT TO authenticated
+               USING (CASE WHEN realtime.topic() = 'boom' THEN public.explain_boom()
+                           ELSE realtime.topic() = 'allowed' END);
+             CREATE POLICY explain_write ON realtime.messages FOR INSERT TO authenticated
+               WITH CHECK (realtime.topic() = 'allowed' AND extension = 'broadcast'
+                           AND current_setting('request.jwt.claim.sub', true) = 'user-1');",
+        )
+        .unwrap();
+    }
+
+    fn explain(topic: &str, claims: &str) -> Vec<(String, bool, Option<String>)> {
+        explain_on(topic, claims, true)
+    }
+
+    /// explain_join's rows for a token with `claims` that expires in an hour.
+    fn explain_on(topic: &str, claims: &str, private: bool) -> Vec<(String, bool, Option<String>)> {
+        Spi::connect(|client| {
+            let rows = client
+                .select(
+                    "SELECT \"check\", allowed, reason FROM realtime.explain_join($1,
+                        $2::jsonb || jsonb_build_object('exp', extract(epoch from now())::bigint + 3600),
+                        $3)",
+                    None,
+                    &[topic.into(), claims.into(), private.into()],
+                )
+                .unwrap();
+            rows.map(|r| {
+                (
+                    r.get::<String>(1).unwrap().unwrap(),
+                    r.get::<bool>(2).unwrap().unwrap(),
+                    r.get::<String>(3).unwrap(),
+                )
+            })
+            .collect()
+        })
+    }
+
+    fn verdict<'a>(
+        rows: &'a [(String, bool, Option<String>)],
+        check: &str,
+    ) -> (bool, Option<&'a str>) {
+        let row = rows
+            .iter()
+            .find(|r| r.0 == check)
+            .unwrap_or_else(|| panic!("no {check} row in {rows:?}"));
+        (row.1, row.2.as_deref())
+    }
+
+    #[pg_test]
+    fn explain_join_shows_each_policy_verdict() {
+        explain_policies();
+        let user = r#"{"role": "authenticated", "sub": "user-1"}"#;
+        let rows = explain("allowed", user);
+        let checks: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+        assert_eq!(
+            checks,
+            [
+                "token",
+                "role",
+                "read broadcast",
+                "read presence",
+                "write broadcast",
+                "write presence",
+                "join"
+            ]
+        );
+        assert_eq!(verdict(&rows, "read broadcast"), (true, None));
+        assert_eq!(verdict(&rows, "read presence"), (true, None));
+        assert_eq!(verdict(&rows, "write broadcast"), (true, None));
+        assert_eq!(
+            verdict(&rows, "write presence"),
+            (
+                false,
+                Some(
+                    "Unauthorized: You do not have permissions to write to this Channel topic: allowed"
+                )
+            )
+        );
+        assert_eq!(verdict(&rows, "join"), (true, None));
+
+        // The claims reach the policies: another sub may read but not write.
+        let other = explain("allowed", r#"{"role": "authenticated", "sub": "user-2"}"#);
+        assert!(verdict(&other, "read broadcast").0);
+        assert!(!verdict(&other, "write broadcast").0);
+
+        let denied = explain("secret", user);
+        let refused = Some(
+            "Unauthorized: You do not have permissions to read from this Channel topic: secret",
+        );
+        assert_eq!(verdict(&denied, "read broadcast"), (false, refused));
+        assert_eq!(verdict(&denied, "join"), (false, refused));
+    }
+
+    #[pg_test]
+    fn explain_join_shows_the_error_a_policy_raised() {
+        explain_policies();
+        let rows = explain("boom", r#"{"role": "authenticated"}"#);
+        assert_eq!(
+            verdict(&rows, "read broadcast"),
+            (false, Some("Unauthorized: no entry to boom"))
+        );
+        assert_eq!(
+            verdict(&rows, "join"),
+            (false, Some("Unauthorized: no entry to boom"))
+        );
+        // Every check ran in a subtransaction that was rolled back: no probe row is left.
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT count(*) FROM realtime.messages").unwrap(),
+            Some(0)
+        );
+    }
+
+    #[pg_test]
+    fn explain_join_refuses_roles_a_token_may_not_become() {
+        let superuser = Spi::get_one::<String>("SELECT current_user::text")
+            .unwrap()
+            .unwrap();
+        let rows = explain("room", &format!(r#"{{"role": "{superuser}"}}"#));
+        let reason = format!(
+            "Unauthorized: role \"{superuser}\" is a superuser; a token may not become one"
+        );
+        assert_eq!(verdict(&rows, "role"), (false, Some(reason.as_str())));
+        assert_eq!(verdict(&rows, "join"), (false, Some(reason.as_str())));
+        assert!(!rows.iter().any(|r| r.0 == "read broadcast"));
+
+        let rows = explain("room", r#"{"role": "no_such_role"}"#);
+        assert_eq!(
+            verdict(&rows, "role"),
+            (
+                false,
+                Some("Unauthorized: role \"no_such_role\" does not exist")
+            )
+        );
+    }
+
+    #[pg_test]
+    fn explain_join_checks_the_token_and_public_channels() {
+        let rows = Spi::get_two::<bool, String>(
+            "SELECT allowed, reason FROM realtime.explain_join('room', '{\"role\": \"anon\"}')
+              WHERE \"check\" = 'token'",
+        )
+        .unwrap();
+        assert_eq!(
+            rows,
+            (
+                Some(false),
+                Some("InvalidJWTToken: Fields `role` and `exp` are required in JWT".into())
+            )
+        );
+        let public = explain_on("lobby", r#"{"role": "anon"}"#, false);
+        let checks: Vec<&str> = public.iter().map(|r| r.0.as_str()).collect();
+        assert_eq!(checks, ["token", "join"], "public: {public:?}");
+    }
+
+    /// The worker of the test cluster serves another database, so it never answers: the
+    /// caller gets an error after its wait instead of hanging.
+    #[pg_test(error = "the realtime worker did not answer within 10 s")]
+    fn a_request_nobody_answers_fails_cleanly() {
+        Spi::run("SELECT * FROM realtime.connections()").unwrap();
+    }
 }

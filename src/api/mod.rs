@@ -2,6 +2,7 @@
 //! partition maintenance, presence) is plain SQL in `sql/`, where it is clearer; `send` and
 //! `send_binary` are in Rust because they are on every message's path.
 
+mod admin;
 mod node;
 mod presence;
 mod send;

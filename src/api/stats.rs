@@ -35,6 +35,7 @@ fn stats() -> TableIterator<
         name!(held_write_bytes, Option<i64>),
         name!(publish_queue_bytes, Option<i64>),
         name!(usage_updated_at, Option<TimestampWithTimeZone>),
+        name!(presence_events_dropped, i64),
     ),
 > {
     let s = shmem::stats();
@@ -64,6 +65,7 @@ fn stats() -> TableIterator<
         known
             .then(|| TimestampWithTimeZone::try_from(updated_at).ok())
             .flatten(),
+        counter(s.presence_events_dropped.load(Ordering::Relaxed)),
     ))
 }
 

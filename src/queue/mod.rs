@@ -3,6 +3,11 @@
 //! one record of a shared-memory ring at pre-commit, stamped with the commit LSN by the commit
 //! callback, and read back by the background worker in commit-LSN order, only once committed.
 
+//!
+//! `commands` shares the same shared-memory hooks: the small bounded channel through which SQL
+//! backends ask the worker about its sockets and tell it to close some.
+
+pub mod commands;
 pub mod guard;
 pub mod shmem;
 pub mod staging;

@@ -29,6 +29,9 @@ pub struct Stats {
     /// Committed messages the socket server dropped because its dispatch queue stayed full
     /// (the network threads could not keep up at all).
     pub dropped: AtomicU64,
+    /// Rows of `realtime.presence_events` the worker could not write (its buffer was full, or
+    /// a batch failed).
+    pub presence_events_dropped: AtomicU64,
     /// What the worker holds, as of its last snapshot.
     pub usage: UsageGauges,
 }
@@ -97,6 +100,7 @@ unsafe extern "C-unwind" fn request_shmem() {
             prev();
         }
         pg_sys::RequestAddinShmemSpace(data_offset() + capacity());
+        pg_sys::RequestAddinShmemSpace(super::commands::size());
         pg_sys::RequestNamedLWLockTranche(TRANCHE.as_ptr(), 1);
     }
 }
@@ -125,6 +129,7 @@ unsafe extern "C-unwind" fn startup_shmem() {
             });
         }
         SHARED = shared;
+        super::commands::startup();
         pg_sys::LWLockRelease(init_lock);
     }
 }
@@ -241,6 +246,16 @@ pub fn wake_worker() {
     if !latch.is_null() {
         // SAFETY: the latch is the worker's, in shared memory; setting a latch of a process that
         // exited is harmless.
+        unsafe { pg_sys::SetLatch(latch) };
+    }
+}
+
+/// Wakes the worker whether or not it polls the ring: for requests other than commits,
+/// which its polling does not look for.
+pub fn set_worker_latch() {
+    let latch = shared().worker_latch.load(Ordering::Acquire);
+    if !latch.is_null() {
+        // SAFETY: as in wake_worker.
         unsafe { pg_sys::SetLatch(latch) };
     }
 }

@@ -13,8 +13,8 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::spi::OwnedPreparedStatement;
 use realtime_server::{
-    Authorization, AuthorizationPurpose, AuthorizationRequest, Payload, Refusal, ReplayParams,
-    Replayed,
+    Authorization, AuthorizationPurpose, AuthorizationRequest, Claims, Payload, Refusal,
+    ReplayParams, Replayed,
 };
 
 const BROADCAST: &str = "broadcast";
@@ -33,7 +33,7 @@ pub fn set_policy_search_path(path: String) {
     let _ = POLICY_SEARCH_PATH.set(path);
 }
 
-fn set_policy_search_path_local() {
+pub(crate) fn set_policy_search_path_local() {
     if let Some(path) = POLICY_SEARCH_PATH.get() {
         crate::gucs::set_local(c"search_path", path);
     }
@@ -43,7 +43,7 @@ fn set_policy_search_path_local() {
 /// (`none` would even reset to the worker's own superuser session), and, when
 /// `realtime.authenticator` is set, only a role granted to it. Checked before any of the
 /// token's settings are made.
-fn require_allowed_role(role: &str) -> Result<(), Refusal> {
+pub(crate) fn require_allowed_role(role: &str) -> Result<(), Refusal> {
     let shown: String = role.chars().take(64).collect();
     if role.is_empty() || role.eq_ignore_ascii_case("none") {
         return Err(Refusal::RoleNotAllowed(format!(
@@ -277,6 +277,46 @@ pub fn check_in_transaction(
     transaction::each_rolled_back(None, requests, |request| Ok(rights(request)))
         .into_iter()
         .map(|r| r.unwrap_or_else(|e| Err(Refusal::raised(e))))
+        .collect()
+}
+
+/// The four checks `realtime.explain_join` reports, each as a join or a first write runs it
+/// but for one extension alone, so that one raising policy does not hide the others' verdicts:
+/// (write?, extension, allowed or the error raised). Inside the caller's transaction, each in
+/// a subtransaction that is rolled back. The caller checked the role first.
+pub fn explain_checks(
+    subtopic: &str,
+    claims: &Claims,
+) -> Vec<(bool, &'static str, Result<bool, String>)> {
+    let request = AuthorizationRequest {
+        id: 0,
+        subtopic: subtopic.to_string(),
+        claims: claims.clone(),
+        headers_json: "{}".to_string(),
+        presence: true,
+        purpose: AuthorizationPurpose::Join,
+        replay: None,
+    };
+    let checks = [
+        (false, BROADCAST),
+        (false, PRESENCE),
+        (true, BROADCAST),
+        (true, PRESENCE),
+    ];
+    let results = transaction::each_rolled_back(None, &checks, |(write, extension)| {
+        let verdicts = if *write {
+            write_checks(&request, &[extension])
+        } else {
+            read_checks(&request, &[extension])
+        }?;
+        Ok(verdicts
+            .iter()
+            .any(|(e, allowed)| e.as_deref() == Some(*extension) && *allowed))
+    });
+    checks
+        .iter()
+        .zip(results)
+        .map(|((write, extension), result)| (*write, *extension, result))
         .collect()
 }
 

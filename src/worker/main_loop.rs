@@ -36,6 +36,9 @@ const BUS_POLL_BUSY: Duration = Duration::from_millis(1);
 /// How long after the last envelope the standby keeps polling at [`BUS_POLL_BUSY`].
 const BUS_LINGER: Duration = Duration::from_millis(100);
 
+/// While presence rows wait for their batch, the loop comes back at least this often.
+const PRESENCE_EVENTS_POLL: Duration = Duration::from_millis(100);
+
 /// Runs until SIGTERM, serving `database_name` (the extension exists there).
 pub fn run(database_name: &str) {
     let mut main_loop = MainLoop::start(database_name);
@@ -143,7 +146,10 @@ impl MainLoop {
     }
 
     fn poll_interval(&self) -> Duration {
-        let own = self.own_poll_interval();
+        let mut own = self.own_poll_interval();
+        if self.link.presence_events_waiting() {
+            own = own.min(PRESENCE_EVENTS_POLL);
+        }
         if !self.link.is_standby() {
             return self.link.bus_poll().map_or(own, |flush| own.min(flush));
         }
@@ -188,7 +194,9 @@ impl MainLoop {
     /// Answers the server; once a second, also the housekeeping that needs no sooner turn.
     fn handle_server_events(&mut self) {
         self.link.handle_events();
-        if self.last_tick.elapsed() >= HOUSEKEEPING_INTERVAL {
+        let tick = self.last_tick.elapsed() >= HOUSEKEEPING_INTERVAL;
+        self.link.serve_admin(tick);
+        if tick {
             self.last_tick = Instant::now();
             if !self.link.is_standby() {
                 self.expire_presence();

@@ -7,6 +7,8 @@
 //! - `server_link`: starts the socket server, hands it messages, answers its events;
 //! - `authorization`: RLS checks and replay for private channels;
 //! - `presence`: the SQL mirror of socket presence and SQL-tracked presence;
+//! - `presence_events`: socket presence changes written into `realtime.presence_events`;
+//! - `admin`: answers SQL backends' requests about sockets (list them, close some);
 //! - `maintenance`: daily partitions and retention;
 //! - `transaction`: the worker's own transactions, with timeouts and savepoints;
 //! - `logging`: log records from the network threads, written by the main thread;
@@ -15,6 +17,7 @@
 //! - `bus_writer` / `bus_reader`: the bus between nodes, written into the primary's WAL and
 //!   read back from each hot standby's.
 
+mod admin;
 mod allocator;
 pub(crate) mod authorization;
 mod bus_reader;
@@ -23,6 +26,7 @@ mod logging;
 mod main_loop;
 mod maintenance;
 mod presence;
+mod presence_events;
 mod queue_reader;
 mod server_link;
 mod transaction;

@@ -111,6 +111,7 @@ pub fn mirror(changes: Vec<PresenceChange>) {
                 owner,
                 phx_ref,
                 meta_json,
+                ..
             } => {
                 // PostgreSQL text and jsonb cannot hold NUL: one such member must not fail the
                 // whole batch (everyone else's changes), so it is left out of the mirror.

@@ -2,8 +2,10 @@
 //! come in (authorization requests, presence changes, a fatal error) and are answered here.
 //! The server's threads never call Postgres; everything that needs SQL happens on this side.
 
+use super::admin::Admin;
 use super::bus_reader::BusReader;
 use super::bus_writer::BusWriter;
+use super::presence_events::PresenceEvents;
 use super::queue_reader::Committed;
 use super::{authorization, logging, presence};
 use crate::gucs;
@@ -40,6 +42,10 @@ pub struct ServerLink {
     /// Authorization requests not checked yet, oldest first.
     authorizations: VecDeque<AuthorizationRequest>,
     role: Role,
+    /// SQL backends' requests about sockets.
+    admin: Admin,
+    /// Presence changes waiting to be written into `realtime.presence_events` (primary only).
+    presence_events: PresenceEvents,
 }
 
 impl ServerLink {
@@ -84,6 +90,8 @@ impl ServerLink {
             server,
             authorizations: VecDeque::new(),
             role,
+            admin: Admin::default(),
+            presence_events: PresenceEvents::default(),
         }
     }
 
@@ -116,8 +124,21 @@ impl ServerLink {
         self.answer_authorizations();
         // Only the primary can write; it mirrors the members of every node.
         if matches!(self.role, Role::Primary(_)) {
+            self.presence_events.record(&presence_changes);
             presence::mirror(presence_changes);
+            self.presence_events.flush();
         }
+    }
+
+    /// Answers SQL backends' requests about sockets; `check_stale` also frees the slots of
+    /// backends that went away.
+    pub fn serve_admin(&mut self, check_stale: bool) {
+        self.admin.serve(&self.server, check_stale);
+    }
+
+    /// Presence rows wait to be written: the loop must come back soon even if idle.
+    pub fn presence_events_waiting(&self) -> bool {
+        self.presence_events.waiting()
     }
 
     /// Whether the bus needs the main loop back soon: a standby polls its WAL, a primary has

@@ -23,6 +23,8 @@ pub enum Event {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PresenceChange {
     Tracked {
+        /// The owner had a meta already, which this one replaces (a presence update).
+        updated: bool,
         topic: String,
         private: bool,
         key: String,
@@ -33,6 +35,7 @@ pub enum PresenceChange {
     Untracked {
         topic: String,
         private: bool,
+        key: String,
         owner: u64,
     },
 }

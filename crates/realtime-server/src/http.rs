@@ -118,8 +118,13 @@ async fn websocket(
     State(inner): State<Arc<Inner>>,
     Query(params): Query<HashMap<String, String>>,
     headers: HeaderMap,
+    extensions: axum::http::Extensions,
     ws: WebSocketUpgrade,
 ) -> Response {
+    // The listeners record each peer's address; a router served another way has none.
+    let remote = extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0);
     let token = headers
         .get("x-api-key")
         .and_then(|v| v.to_str().ok())
@@ -143,9 +148,12 @@ async fn websocket(
         )
         .await;
     }
-    if let Err(e) = inner.jwt().verify(&token, unix_now()) {
-        return connect_error(&inner, StatusCode::UNAUTHORIZED, HttpRefusal::Token(e)).await;
-    }
+    let claims = match inner.jwt().verify(&token, unix_now()) {
+        Ok(claims) => claims,
+        Err(e) => {
+            return connect_error(&inner, StatusCode::UNAUTHORIZED, HttpRefusal::Token(e)).await;
+        }
+    };
     let cfg = inner.config();
     let count = inner.active_connections.fetch_add(1, Ordering::AcqRel) + 1;
     let slot = ConnectionSlot(inner.clone());
@@ -162,6 +170,8 @@ async fn websocket(
         vsn,
         token,
         headers_json: x_headers_json(&headers).into(),
+        claims,
+        remote,
     };
     let frame_limit = inner.max_frame_bytes;
     // Small buffers: most sockets are idle, and the library's 128 KiB defaults would cost

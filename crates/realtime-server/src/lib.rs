@@ -46,8 +46,9 @@ pub use events::{
 pub use jwt::Claims;
 pub use protocol::Payload;
 pub use refusal::Refusal;
+pub use refusal::write_denied;
 pub use topic::MAX_STORED_TOPIC_BYTES;
-pub use usage::Usage;
+pub use usage::{ChannelInfo, ConnectionInfo, DisconnectTarget, Usage};
 
 use broadcast::{Body, Outgoing, id_meta};
 use broker::Broker;
@@ -193,6 +194,8 @@ pub struct Server {
     bus: Arc<ReplicatedBroker>,
     /// On a standby: checks forwarded to the primary over the link.
     forward_tx: Option<mpsc::Sender<bus::link::Forwarded>>,
+    /// The in-process broker under the replicated one: it holds every node's presence.
+    memory: Arc<broker::memory::MemoryBroker>,
 }
 
 fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -354,11 +357,14 @@ impl Server {
                         log::debug!("cannot set TCP_NODELAY: {e}");
                     }
                 });
-                let served = axum::serve(listener, app)
-                    .with_graceful_shutdown(async move {
-                        let _ = stop.wait_for(|s| *s).await;
-                    })
-                    .await;
+                let served = axum::serve(
+                    listener,
+                    app.into_make_service_with_connect_info::<SocketAddr>(),
+                )
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await;
                 if let Err(e) = served {
                     inner
                         .events
@@ -373,7 +379,7 @@ impl Server {
             publish_budget.clone(),
             inner.clone(),
         ));
-        runtime.spawn(memory.flush_presence_diffs(inner.shutdown.clone()));
+        runtime.spawn(memory.clone().flush_presence_diffs(inner.shutdown.clone()));
         runtime.spawn(broker.clone().keep_alive(inner.shutdown.clone()));
         let forward_tx = standby.map(|link| {
             let (tx, rx) = mpsc::channel(64);
@@ -394,6 +400,7 @@ impl Server {
             local_addrs,
             bus: broker,
             forward_tx,
+            memory,
         })
     }
 
@@ -555,6 +562,51 @@ impl Server {
         usage.publish_queue_bytes = self.publish_budget.bytes.load(Ordering::Acquire) as u64;
         usage.rest_body_bytes = rest::body_budget_used(&inner.rest_budget) as u64;
         usage
+    }
+
+    /// Every open connection of this node: who it is, what it joined, what it sent and
+    /// received. Walks the connection table once; nothing is counted for it on the fan-out path.
+    pub fn connections(&self) -> Vec<ConnectionInfo> {
+        self.inner.conns.snapshot()
+    }
+
+    /// Every topic this node's connections joined or that holds presence: its subscribers
+    /// here and its presence keys (of every node, and from SQL), by topic.
+    pub fn channels(&self) -> Vec<ChannelInfo> {
+        let mut topics: std::collections::BTreeMap<(String, bool), ChannelInfo> = self
+            .inner
+            .conns
+            .channel_counts()
+            .into_iter()
+            .map(|((topic, private), subscribers)| {
+                let info = ChannelInfo {
+                    topic: topic.clone(),
+                    private,
+                    subscribers,
+                    presence_keys: 0,
+                };
+                ((topic, private), info)
+            })
+            .collect();
+        for (key, keys) in self.memory.presence_keys_by_topic() {
+            topics
+                .entry((key.subtopic.clone(), key.private))
+                .or_insert_with(|| ChannelInfo {
+                    topic: key.subtopic,
+                    private: key.private,
+                    subscribers: 0,
+                    presence_keys: 0,
+                })
+                .presence_keys = keys as u64;
+        }
+        topics.into_values().collect()
+    }
+
+    /// Closes the connections `target` names: each of their channels gets a `system` message
+    /// with `reason` and `phx_close`, then the socket is closed. Returns how many were asked
+    /// to close (they close on their own threads a moment later).
+    pub fn disconnect(&self, target: &DisconnectTarget, reason: &str) -> u64 {
+        self.inner.conns.disconnect(target, reason)
     }
 
     /// This node's id on the bus.

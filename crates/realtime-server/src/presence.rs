@@ -165,14 +165,24 @@ impl Presence {
         })
     }
 
+    /// Keys per topic.
+    pub(crate) fn keys_by_topic(&self) -> Vec<(TopicKey, usize)> {
+        let topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
+        topics
+            .iter()
+            .map(|(k, t)| (k.clone(), t.keys.len()))
+            .collect()
+    }
+
     fn report(&self, change: PresenceChange) {
         if let Some(events) = &self.mirror {
             events.push(Event::Presence(change));
         }
     }
 
-    fn report_tracked(&self, topic: &TopicKey, key: &str, e: &Entry) {
+    fn report_tracked(&self, topic: &TopicKey, key: &str, e: &Entry, updated: bool) {
         self.report(PresenceChange::Tracked {
+            updated,
             topic: topic.subtopic.clone(),
             private: topic.private,
             key: key.to_string(),
@@ -267,7 +277,7 @@ impl Presence {
             let prev = std::mem::replace(&mut existing.phx_ref, phx_ref);
             existing.meta = meta;
             let joined = render(existing, Some(&prev));
-            self.report_tracked(topic, key, existing);
+            self.report_tracked(topic, key, existing, true);
             return Ok(Some(
                 json!({"joins": one(key, joined), "leaves": one(key, old)}),
             ));
@@ -278,7 +288,7 @@ impl Presence {
             meta,
         };
         let joined = render(&entry, None);
-        self.report_tracked(topic, key, &entry);
+        self.report_tracked(topic, key, &entry, false);
         entries.push(entry);
         Ok(Some(json!({"joins": one(key, joined), "leaves": {}})))
     }
@@ -356,10 +366,12 @@ impl Presence {
         let t = topics.get_mut(topic)?;
         let mut diff = None;
         let mut freed = 0;
+        let mut left_key = None;
         t.keys.retain(|key, entries| {
             if let Some(pos) = entries.iter().position(|e| e.owner == owner) {
                 let e = entries.remove(pos);
                 freed += entry_bytes(key, &e.meta);
+                left_key = Some(key.clone());
                 diff = Some(json!({"joins": {}, "leaves": one(key, render(&e, None))}));
             }
             !entries.is_empty()
@@ -371,10 +383,11 @@ impl Presence {
         if t.keys.is_empty() {
             topics.remove(topic);
         }
-        if diff.is_some() {
+        if let Some(key) = left_key {
             self.report(PresenceChange::Untracked {
                 topic: topic.subtopic.clone(),
                 private: topic.private,
+                key,
                 owner,
             });
         }
@@ -423,6 +436,34 @@ mod tests {
 
     fn state(p: &Presence) -> Value {
         serde_json::from_str(&p.state(&topic())).unwrap()
+    }
+
+    #[test]
+    fn reported_changes_say_join_update_and_which_key_left() {
+        let events = Arc::new(EventQueue::new(crate::wake::WakeFd::new().unwrap()));
+        let p = Presence::mirrored(events.clone());
+        track(&p, 1, "alice", json!({"u": 1}));
+        track(&p, 1, "alice", json!({"u": 2}));
+        p.untrack(&topic(), 1);
+        let changes: Vec<(bool, bool, String)> = events
+            .drain()
+            .into_iter()
+            .map(|e| match e {
+                Event::Presence(PresenceChange::Tracked { updated, key, .. }) => {
+                    (true, updated, key)
+                }
+                Event::Presence(PresenceChange::Untracked { key, .. }) => (false, false, key),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            changes,
+            [
+                (true, false, "alice".to_string()),
+                (true, true, "alice".to_string()),
+                (false, false, "alice".to_string()),
+            ]
+        );
     }
 
     #[test]

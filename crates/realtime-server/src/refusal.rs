@@ -147,6 +147,19 @@ pub(crate) enum ChannelClosed {
     /// After a token refresh, for a channel that could not read before either.
     #[error("You do not have permissions to read from this Channel topic: {subtopic}")]
     ReadDenied { subtopic: String },
+    /// An operator closed the connection (`realtime.disconnect`, `realtime.disconnect_user`);
+    /// the text is the reason they gave.
+    #[error("{0}")]
+    Disconnected(String),
+}
+
+/// The `reason` of the error reply to a broadcast on a private channel without the write
+/// right, for those who explain a refusal outside a connection.
+pub fn write_denied(subtopic: &str) -> String {
+    ReplyError::WriteDenied {
+        subtopic: subtopic.to_string(),
+    }
+    .to_string()
 }
 
 /// The `message` of the `system` error a join that asks for postgres_changes gets after its ok
@@ -159,6 +172,8 @@ pub(crate) enum Close {
     Shutdown,
     SlowConsumer,
     Idle,
+    /// An operator disconnected it (the reason went out in `system` messages before).
+    Disconnected,
 }
 
 impl Close {
@@ -166,7 +181,7 @@ impl Close {
         match self {
             Close::Shutdown => 1001,
             Close::SlowConsumer => 1008,
-            Close::Idle => 1000,
+            Close::Idle | Close::Disconnected => 1000,
         }
     }
 
@@ -175,6 +190,7 @@ impl Close {
             Close::Shutdown => "server shutting down",
             Close::SlowConsumer => "slow consumer: outbound queue full",
             Close::Idle => "idle timeout",
+            Close::Disconnected => "disconnected by the server",
         }
     }
 }

@@ -32,6 +32,11 @@ impl MemoryBroker {
         }
     }
 
+    /// Presence keys per topic (of every node, and tracked from SQL).
+    pub(crate) fn presence_keys_by_topic(&self) -> Vec<(TopicKey, usize)> {
+        self.presence.keys_by_topic()
+    }
+
     /// Sends the merged presence diffs once per window while there are any, until shutdown.
     pub(crate) async fn flush_presence_diffs(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         loop {

@@ -280,6 +280,8 @@ impl Conn {
             sub_id = Some(subscription.activate(self.handle.clone()));
         }
         let private = key.private;
+        self.usage.joined(&key);
+        self.usage.set_identity(&j.claims);
         let channel = Channel {
             presence_key,
             presence_owner: self.inner.broker.new_presence_owner(),

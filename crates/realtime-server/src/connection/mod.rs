@@ -250,6 +250,7 @@ impl Conn {
 
     /// The channel's subscription and presence go away (its leave diff goes out).
     fn leave_broker(&self, ch: &Channel) {
+        self.usage.left(&ch.key);
         if let Some(id) = ch.sub_id {
             self.inner.broker.unsubscribe(&ch.key, id);
         }
@@ -260,6 +261,22 @@ impl Conn {
     fn close_channel(&self, topic: &str, ch: Channel) {
         self.leave_broker(&ch);
         self.push_close(topic, ch.join_ref.as_deref());
+    }
+
+    /// An operator closes the connection: every channel gets a `system` error with `reason`
+    /// and `phx_close`; a connection without channels gets the `system` message on the
+    /// `phoenix` topic. The socket task closes the socket after writing them.
+    pub(crate) fn disconnected(&mut self, reason: &str) {
+        let topics: Vec<String> = self.channels().map(|(t, _)| t.clone()).collect();
+        if topics.is_empty() {
+            self.push_system_error(None, "phoenix", "system", reason, "");
+        }
+        for topic in topics {
+            self.shutdown_channel(
+                &topic,
+                crate::refusal::ChannelClosed::Disconnected(reason.to_string()),
+            );
+        }
     }
 
     /// `system` error followed by `phx_close`, as Supabase's channel shutdown does.

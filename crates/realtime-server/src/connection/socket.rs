@@ -28,6 +28,9 @@ pub(crate) struct ConnectInfo {
     pub vsn: Vsn,
     pub token: String,
     pub headers_json: Arc<str>,
+    /// The connect token's claims (the connection's identity until a join brings another).
+    pub claims: crate::jwt::Claims,
+    pub remote: Option<std::net::SocketAddr>,
 }
 
 /// Decrements the live-connection count however the connection ends (even by panic).
@@ -44,21 +47,29 @@ enum Exit {
     SlowConsumer,
     Idle,
     Gone,
+    /// An operator disconnected it, with this reason.
+    Kicked(String),
 }
 
 pub(crate) async fn run(socket: WebSocket, info: ConnectInfo, inner: Arc<Inner>) {
     let cfg = inner.config();
     let (handle, mut rx) = ConnHandle::new(cfg.outbound_queue, cfg.outbound_queue_bytes);
     let handle = Arc::new(handle);
-    let usage = Arc::new(ConnUsage {
-        handle: handle.clone(),
-        held_write_bytes: Default::default(),
-    });
+    let vsn_text = match info.vsn {
+        Vsn::V1 => "1.0.0",
+        Vsn::V2 => "2.0.0",
+    };
+    let usage = Arc::new(ConnUsage::new(
+        handle.clone(),
+        info.remote,
+        vsn_text,
+        Some(&info.claims),
+    ));
     let _registered = inner.conns.register(usage.clone());
     // Unbounded, but each message answers a task the connection started, and those are
     // bounded: pending joins, one refresh and one write check per channel.
     let (internal_tx, mut internal_rx) = mpsc::unbounded_channel();
-    let mut conn = Conn::new(inner.clone(), info, usage, internal_tx);
+    let mut conn = Conn::new(inner.clone(), info, usage.clone(), internal_tx);
     let (mut sink, mut stream) = socket.split();
     let mut shutdown = inner.shutdown.clone();
     let mut last_inbound = Instant::now();
@@ -72,6 +83,9 @@ pub(crate) async fn run(socket: WebSocket, info: ConnectInfo, inner: Arc<Inner>)
     tokio::pin!(overflowed);
     let stop = stopped(&mut shutdown);
     tokio::pin!(stop);
+    let kick_usage = usage.clone();
+    let kicked = kick_usage.kicked();
+    tokio::pin!(kicked);
 
     let exit = 'conn: loop {
         if let Some(expiry) = conn.next_expiry()
@@ -83,6 +97,7 @@ pub(crate) async fn run(socket: WebSocket, info: ConnectInfo, inner: Arc<Inner>)
             biased;
             _ = &mut stop => break Exit::Shutdown,
             _ = &mut overflowed => break Exit::SlowConsumer,
+            reason = &mut kicked => break Exit::Kicked(reason),
             // Before traffic: a client that keeps the loop busy must not delay its idle close
             // or its channels' token expiry.
             _ = &mut timer => {
@@ -93,14 +108,22 @@ pub(crate) async fn run(socket: WebSocket, info: ConnectInfo, inner: Arc<Inner>)
             Some(frame) = rx.recv() => {
                 // Whatever else is already queued goes out with it in one write (one system
                 // call instead of one per frame).
+                let counters = &usage;
                 let write = async {
+                    let mut bytes = frame.len() as u64;
+                    let mut frames = 1;
                     sink.feed(ws_message(frame)).await?;
                     for _ in 1..WRITE_BATCH {
                         match rx.try_recv() {
-                            Some(frame) => sink.feed(ws_message(frame)).await?,
+                            Some(frame) => {
+                                bytes += frame.len() as u64;
+                                frames += 1;
+                                sink.feed(ws_message(frame)).await?;
+                            }
                             None => break,
                         }
                     }
+                    counters.count_out(frames, bytes);
                     sink.flush().await
                 };
                 tokio::pin!(write);
@@ -131,14 +154,37 @@ pub(crate) async fn run(socket: WebSocket, info: ConnectInfo, inner: Arc<Inner>)
                 last_inbound = Instant::now();
                 match incoming {
                     None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break Exit::Gone,
-                    Some(Ok(Message::Text(t))) => conn.on_text(t.as_str()),
-                    Some(Ok(Message::Binary(b))) => conn.on_binary(b),
+                    Some(Ok(Message::Text(t))) => {
+                        usage.count_in(t.len());
+                        conn.on_text(t.as_str());
+                    }
+                    Some(Ok(Message::Binary(b))) => {
+                        usage.count_in(b.len());
+                        conn.on_binary(b);
+                    }
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                 }
             }
         }
     };
+    if let Exit::Kicked(reason) = &exit {
+        log::info!(
+            "closing a realtime connection on request: {}",
+            crate::log_excerpt(reason)
+        );
+        // The system messages go out before the close frame: what is already queued is
+        // written first, within the close's time limit.
+        conn.disconnected(reason);
+        let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, async {
+            while let Some(frame) = rx.try_recv() {
+                sink.feed(ws_message(frame)).await?;
+            }
+            sink.flush().await
+        })
+        .await;
+    }
     let close = match exit {
+        Exit::Kicked(_) => Some(Close::Disconnected),
         Exit::Shutdown => Some(Close::Shutdown),
         Exit::SlowConsumer => {
             let reason = Close::SlowConsumer.reason();

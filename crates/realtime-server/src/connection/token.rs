@@ -37,6 +37,7 @@ impl Conn {
             Err(e) => return self.shutdown_channel(&m.topic, ChannelClosed::Token(e)),
         };
         let generation = self.next_id();
+        self.usage.set_identity(&claims);
         let Some(ch) = self.channel_mut(&m.topic) else {
             return;
         };
