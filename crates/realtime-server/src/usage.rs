@@ -39,11 +39,59 @@ pub struct Usage {
     pub bus_queued_bytes: u64,
 }
 
-/// One connection's counters, as read by [`crate::Server::usage`].
+/// One connection's counters, as read by [`crate::Server::usage`] and the metrics scrape.
+/// Only the connection's own task writes them, so they cost no contention on the fan-out path.
 pub(crate) struct ConnUsage {
     pub handle: Arc<ConnHandle>,
     /// Bytes of client messages held for write checks, over all the connection's channels.
     pub held_write_bytes: AtomicUsize,
+    pub traffic: Traffic,
+}
+
+impl ConnUsage {
+    pub(crate) fn new(handle: Arc<ConnHandle>) -> ConnUsage {
+        ConnUsage {
+            handle,
+            held_write_bytes: AtomicUsize::new(0),
+            traffic: Traffic::default(),
+        }
+    }
+}
+
+/// What went through connections: counters that only grow (`realtime_*_total`).
+#[derive(Default)]
+pub(crate) struct Traffic {
+    /// Client broadcasts published.
+    pub messages_in: AtomicU64,
+    /// Frames written to the socket, and their bytes; added once per write batch.
+    pub frames_out: AtomicU64,
+    pub bytes_out: AtomicU64,
+}
+
+/// [`Traffic`] as plain numbers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct TrafficTotals {
+    pub messages_in: u64,
+    pub frames_out: u64,
+    pub bytes_out: u64,
+}
+
+impl Traffic {
+    fn totals(&self) -> TrafficTotals {
+        TrafficTotals {
+            messages_in: self.messages_in.load(Ordering::Relaxed),
+            frames_out: self.frames_out.load(Ordering::Relaxed),
+            bytes_out: self.bytes_out.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl std::ops::AddAssign for TrafficTotals {
+    fn add_assign(&mut self, o: TrafficTotals) {
+        self.messages_in += o.messages_in;
+        self.frames_out += o.frames_out;
+        self.bytes_out += o.bytes_out;
+    }
 }
 
 /// The live connections' counters.
@@ -51,6 +99,9 @@ pub(crate) struct ConnUsage {
 pub(crate) struct ConnTable {
     conns: Mutex<HashMap<u64, Arc<ConnUsage>>>,
     next_id: AtomicU64,
+    /// The traffic of connections that have ended, so that totals never go down. Only
+    /// changed under the `conns` lock, together with the removal.
+    closed: Mutex<TrafficTotals>,
 }
 
 /// Removes a connection from the table when it ends (however it ends).
@@ -61,11 +112,12 @@ pub(crate) struct Registered<'a> {
 
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
-        self.table
-            .conns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.id);
+        let mut conns = self.table.conns.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(gone) = conns.remove(&self.id) {
+            // Folded in while the table is locked: a scrape sees the connection either live or
+            // closed, never neither.
+            *self.table.closed.lock().unwrap_or_else(|p| p.into_inner()) += gone.traffic.totals();
+        }
     }
 }
 
@@ -79,6 +131,16 @@ impl ConnTable {
         Registered { table: self, id }
     }
 
+    /// Traffic over every connection since the server started, ended ones included.
+    pub(crate) fn traffic(&self) -> TrafficTotals {
+        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let mut total = *self.closed.lock().unwrap_or_else(|p| p.into_inner());
+        for c in conns.values() {
+            total += c.traffic.totals();
+        }
+        total
+    }
+
     /// (queued bytes, held write bytes) over every connection.
     pub(crate) fn sum(&self) -> (u64, u64) {
         let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
@@ -88,5 +150,32 @@ impl ConnTable {
                 held + c.held_write_bytes.load(Ordering::Relaxed) as u64,
             )
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traffic_totals_keep_ended_connections() {
+        let table = ConnTable::default();
+        let (handle, _rx) = ConnHandle::new(1, 1);
+        let a = Arc::new(ConnUsage::new(Arc::new(handle)));
+        let registered = table.register(a.clone());
+        a.traffic.frames_out.fetch_add(3, Ordering::Relaxed);
+        a.traffic.bytes_out.fetch_add(30, Ordering::Relaxed);
+        a.traffic.messages_in.fetch_add(1, Ordering::Relaxed);
+        let live = table.traffic();
+        drop(registered);
+        assert_eq!(table.traffic(), live);
+        assert_eq!(
+            live,
+            TrafficTotals {
+                messages_in: 1,
+                frames_out: 3,
+                bytes_out: 30
+            }
+        );
     }
 }

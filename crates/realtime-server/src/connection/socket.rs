@@ -50,11 +50,10 @@ pub(crate) async fn run(socket: WebSocket, info: ConnectInfo, inner: Arc<Inner>)
     let cfg = inner.config();
     let (handle, mut rx) = ConnHandle::new(cfg.outbound_queue, cfg.outbound_queue_bytes);
     let handle = Arc::new(handle);
-    let usage = Arc::new(ConnUsage {
-        handle: handle.clone(),
-        held_write_bytes: Default::default(),
-    });
+    let usage = Arc::new(ConnUsage::new(handle.clone()));
     let _registered = inner.conns.register(usage.clone());
+    let traffic = usage.clone();
+    let traffic = &traffic.traffic;
     // Unbounded, but each message answers a task the connection started, and those are
     // bounded: pending joins, one refresh and one write check per channel.
     let (internal_tx, mut internal_rx) = mpsc::unbounded_channel();
@@ -93,15 +92,22 @@ pub(crate) async fn run(socket: WebSocket, info: ConnectInfo, inner: Arc<Inner>)
             Some(frame) = rx.recv() => {
                 // Whatever else is already queued goes out with it in one write (one system
                 // call instead of one per frame).
+                // Counted per batch, into this connection's own counters: nothing shared is
+                // touched per frame.
                 let write = async {
+                    let (mut frames, mut bytes) = (1, frame.len() as u64);
                     sink.feed(ws_message(frame)).await?;
                     for _ in 1..WRITE_BATCH {
                         match rx.try_recv() {
-                            Some(frame) => sink.feed(ws_message(frame)).await?,
+                            Some(frame) => {
+                                frames += 1;
+                                bytes += frame.len() as u64;
+                                sink.feed(ws_message(frame)).await?
+                            }
                             None => break,
                         }
                     }
-                    sink.flush().await
+                    sink.flush().await.map(|()| (frames, bytes))
                 };
                 tokio::pin!(write);
                 // A stuck write must not hide a shutdown, an overflow or an expired token.
@@ -109,9 +115,11 @@ pub(crate) async fn run(socket: WebSocket, info: ConnectInfo, inner: Arc<Inner>)
                     tokio::select! {
                         biased;
                         sent = &mut write => {
-                            if sent.is_err() {
+                            let Ok((frames, bytes)) = sent else {
                                 break 'conn Exit::Gone;
-                            }
+                            };
+                            traffic.frames_out.fetch_add(frames, Ordering::Relaxed);
+                            traffic.bytes_out.fetch_add(bytes, Ordering::Relaxed);
                             break;
                         }
                         _ = &mut overflowed => break 'conn Exit::SlowConsumer,
@@ -143,6 +151,7 @@ pub(crate) async fn run(socket: WebSocket, info: ConnectInfo, inner: Arc<Inner>)
         Exit::SlowConsumer => {
             let reason = Close::SlowConsumer.reason();
             log::info!("closing a realtime connection: {reason}");
+            inner.metrics.slow_consumer();
             Some(Close::SlowConsumer)
         }
         Exit::Idle => Some(Close::Idle),
