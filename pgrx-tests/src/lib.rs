@@ -23,6 +23,8 @@ pub struct Cluster {
     /// Set by a test that SIGKILLs a server process itself: that crash (and only a SIGKILL) is
     /// not reported as one.
     killed_on_purpose: std::sync::atomic::AtomicBool,
+    /// Set while [`Cluster::freeze`] holds its processes stopped.
+    frozen: std::sync::atomic::AtomicBool,
 }
 
 /// Log lines that mean a server process died or the cluster reinitialized.
@@ -44,6 +46,24 @@ fn as_postgres(program: &str, args: &[&str]) -> Output {
         .expect("runuser runs")
 }
 
+/// The directory of a new cluster called `name`, absent, in a parent the postgres user owns.
+fn fresh_data_dir(name: &str) -> PathBuf {
+    let data = PathBuf::from(format!("/tmp/pg_realtime_it/{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    std::fs::create_dir_all(data.parent().expect("parent")).expect("mkdir");
+    check(
+        "chown",
+        Command::new("chown")
+            .args(["postgres:postgres", "/tmp/pg_realtime_it"])
+            .output()
+            .expect("chown"),
+    );
+    data
+}
+
+/// The log line of a worker that serves.
+const READY_LINE: &str = "pg_realtime: worker ready";
+
 fn check(what: &str, output: Output) -> Output {
     assert!(
         output.status.success(),
@@ -64,14 +84,17 @@ impl Cluster {
     /// Like [`Cluster::start`]; `preload: false` leaves pg_realtime out of
     /// shared_preload_libraries and does not create the extension.
     pub fn start_with(name: &str, settings: &[&str], preload: bool) -> Cluster {
-        let data = PathBuf::from(format!("/tmp/pg_realtime_it/{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&data);
-        std::fs::create_dir_all(data.parent().expect("parent")).expect("mkdir");
+        Self::create(name, settings, preload, false)
+    }
+
+    /// `replication`: standbys may be made from this cluster with [`Cluster::start_standby`].
+    fn create(name: &str, settings: &[&str], preload: bool, replication: bool) -> Cluster {
+        let data = fresh_data_dir(name);
         std::fs::create_dir_all(&data).expect("mkdir");
         check(
             "chown",
             Command::new("chown")
-                .args(["postgres:postgres", "/tmp/pg_realtime_it"])
+                .args(["postgres:postgres"])
                 .arg(&data)
                 .output()
                 .expect("chown"),
@@ -92,12 +115,7 @@ impl Cluster {
                 ],
             ),
         );
-        let cluster = Cluster {
-            data,
-            pg_port: free_port(),
-            ws_port: free_port(),
-            killed_on_purpose: std::sync::atomic::AtomicBool::new(false),
-        };
+        let cluster = Cluster::new(data, free_port(), free_port());
         let mut conf = format!(
             "\nport = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nfsync = off\n\
              max_prepared_transactions = 4\nrealtime.port = {}\nrealtime.listen_addresses = '127.0.0.1'\n\
@@ -107,14 +125,28 @@ impl Cluster {
         if preload {
             conf.push_str("shared_preload_libraries = 'pg_realtime'\n");
         }
+        if replication {
+            // Explicit although they are PostgreSQL 15's defaults: a standby copies this file,
+            // and hot_standby is what lets it serve.
+            conf.push_str(&format!(
+                "wal_level = replica\nmax_wal_senders = 10\nhot_standby = on\n\
+                 wal_keep_size = '256MB'\nrealtime.node_name = '{name}'\n"
+            ));
+            let hba = cluster.data.join("pg_hba.conf");
+            let mut rules = std::fs::read_to_string(&hba).expect("pg_hba.conf");
+            if !rules.lines().any(|l| {
+                l.split_whitespace().collect::<Vec<_>>()
+                    == ["host", "replication", "all", "127.0.0.1/32", "trust"]
+            }) {
+                rules.push_str("\nhost replication all 127.0.0.1/32 trust\n");
+                std::fs::write(&hba, rules).expect("write pg_hba.conf");
+            }
+        }
         for s in settings {
             conf.push_str(s);
             conf.push('\n');
         }
-        let conf_path = cluster.data.join("postgresql.conf");
-        let mut existing = std::fs::read_to_string(&conf_path).expect("postgresql.conf");
-        existing.push_str(&conf);
-        std::fs::write(&conf_path, existing).expect("write postgresql.conf");
+        cluster.append_conf(&conf);
         cluster.pg_ctl(&["start", "-w"]);
         if preload {
             cluster.execute("CREATE EXTENSION pg_realtime");
@@ -122,6 +154,224 @@ impl Cluster {
             cluster.wait_for_server();
         }
         cluster
+    }
+
+    fn new(data: PathBuf, pg_port: u16, ws_port: u16) -> Cluster {
+        Cluster {
+            data,
+            pg_port,
+            ws_port,
+            killed_on_purpose: std::sync::atomic::AtomicBool::new(false),
+            frozen: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Appends lines to postgresql.conf (later lines win).
+    fn append_conf(&self, lines: &str) {
+        let conf_path = self.data.join("postgresql.conf");
+        let mut existing = std::fs::read_to_string(&conf_path).expect("postgresql.conf");
+        existing.push_str(lines);
+        std::fs::write(&conf_path, existing).expect("write postgresql.conf");
+    }
+
+    /// Like [`Cluster::start`], as a primary that standbys can be made from: replication from
+    /// 127.0.0.1 is trusted, and `realtime.node_name` is `name`.
+    pub fn start_primary(name: &str, settings: &[&str]) -> Cluster {
+        Self::create(name, settings, true, true)
+    }
+
+    /// A hot standby of `primary` (which must come from [`Cluster::start_primary`]), made the
+    /// usual way (`pg_basebackup -R`), with its own ports, `realtime.node_name = name` and
+    /// `settings`; returns once its worker serves. The extension comes with the base backup.
+    pub fn start_standby(primary: &Cluster, name: &str, settings: &[&str]) -> Cluster {
+        Self::start_standby_with(primary, name, settings, true)
+    }
+
+    /// Like [`Cluster::start_standby`]; `serve: false` returns as soon as the standby accepts
+    /// SQL connections, without waiting for its worker.
+    pub fn start_standby_with(
+        primary: &Cluster,
+        name: &str,
+        settings: &[&str],
+        serve: bool,
+    ) -> Cluster {
+        let data = fresh_data_dir(name);
+        let data_str = data.to_str().expect("utf-8 path").to_owned();
+        let primary_port = primary.pg_port.to_string();
+        check(
+            "pg_basebackup",
+            as_postgres(
+                &format!("{BIN}/pg_basebackup"),
+                &[
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &primary_port,
+                    "-U",
+                    "postgres",
+                    "-D",
+                    &data_str,
+                    "-R",
+                    "-X",
+                    "stream",
+                    "-c",
+                    "fast",
+                    "--no-sync",
+                ],
+            ),
+        );
+        // The primary logs into its data directory, so the copy starts with the primary's log:
+        // this node's crash check and log waits must read only its own lines.
+        let _ = std::fs::remove_file(data.join("server.log"));
+        let standby = Cluster::new(data, free_port(), free_port());
+        let mut conf = format!(
+            "\n# standby {name}\nport = {}\nunix_socket_directories = '{data_str}'\n\
+             realtime.port = {}\nrealtime.node_name = '{name}'\n",
+            standby.pg_port, standby.ws_port
+        );
+        for s in settings {
+            conf.push_str(s);
+            conf.push('\n');
+        }
+        standby.append_conf(&conf);
+        standby.pg_ctl(&["start", "-w"]);
+        if serve {
+            standby.wait_until_serving(0);
+        }
+        standby
+    }
+
+    /// Stops the server (`pg_ctl stop -m fast`).
+    pub fn stop(&self) {
+        self.pg_ctl(&["stop", "-w", "-m", "fast"]);
+    }
+
+    /// Starts a stopped or killed server again; returns once its worker serves.
+    pub fn start_again(&self) {
+        let mark = self.log().len();
+        self.pg_ctl(&["start", "-w"]);
+        self.wait_until_serving(mark);
+    }
+
+    /// `pg_ctl restart -m fast`; returns once the new worker serves.
+    pub fn restart(&self) {
+        let mark = self.log().len();
+        self.pg_ctl(&["restart", "-w", "-m", "fast"]);
+        self.wait_until_serving(mark);
+    }
+
+    /// The node dies at once, as when its machine goes down: SIGKILL to the postmaster and
+    /// every process it started, none of which gets to say goodbye. Not reported as a crash.
+    pub fn kill(&self) {
+        self.expect_kill();
+        let Some(postmaster) = self.postmaster_pid() else {
+            return;
+        };
+        // Stopped first, so that it starts no process between the listing of its children and
+        // its death.
+        signal(postmaster, "STOP");
+        let mut doomed = children_of(postmaster);
+        doomed.insert(0, postmaster);
+        for &pid in &doomed {
+            signal(pid, "KILL");
+        }
+        let gone = eventually(Duration::from_secs(30), || {
+            doomed.iter().all(|&pid| !process_alive(pid))
+        });
+        assert!(gone, "processes {doomed:?} survived SIGKILL");
+    }
+
+    /// The node goes silent without closing anything, as behind a network partition: SIGSTOP
+    /// to the postmaster and every process it started, until [`Cluster::thaw`] (or drop).
+    pub fn freeze(&self) {
+        let Some(postmaster) = self.postmaster_pid() else {
+            return;
+        };
+        self.frozen
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        // The postmaster first, so that it starts no process that would escape.
+        signal(postmaster, "STOP");
+        for pid in children_of(postmaster) {
+            signal(pid, "STOP");
+        }
+    }
+
+    /// Lets the processes stopped by [`Cluster::freeze`] run again.
+    pub fn thaw(&self) {
+        if !self
+            .frozen
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            return;
+        }
+        let Some(postmaster) = self.postmaster_pid() else {
+            return;
+        };
+        for pid in children_of(postmaster) {
+            signal(pid, "CONT");
+        }
+        signal(postmaster, "CONT");
+    }
+
+    /// `SELECT pg_promote()`: the standby becomes a primary.
+    pub fn promote(&self) {
+        let promoted: bool = self
+            .connect()
+            .query_one("SELECT pg_promote(true, 60)", &[])
+            .unwrap_or_else(|e| panic!("pg_promote: {e:?}"))
+            .get(0);
+        assert!(promoted, "the standby was not promoted:\n{}", self.log());
+    }
+
+    /// Whether the server is a standby (`pg_is_in_recovery()`).
+    pub fn is_in_recovery(&self) -> bool {
+        self.connect()
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .unwrap_or_else(|e| panic!("pg_is_in_recovery: {e:?}"))
+            .get(0)
+    }
+
+    /// Whether `line` appears in the server log within `limit`.
+    pub fn wait_for_log(&self, line: &str, limit: Duration) -> bool {
+        self.wait_for_log_since(0, line, limit)
+    }
+
+    /// Whether `line` appears in the server log after its first `mark` bytes (a length of
+    /// [`Cluster::log`] taken earlier) within `limit`.
+    pub fn wait_for_log_since(&self, mark: usize, line: &str, limit: Duration) -> bool {
+        eventually(limit, || {
+            self.log()
+                .get(mark..)
+                .is_some_and(|after| after.contains(line))
+        })
+    }
+
+    /// Waits until a worker logged that it serves after the log's first `mark` bytes and its
+    /// port accepts connections.
+    fn wait_until_serving(&self, mark: usize) {
+        let ready = self.wait_for_log_since(mark, READY_LINE, Duration::from_secs(60));
+        assert!(ready, "the worker did not start serving:\n{}", self.log());
+        self.wait_for_server();
+    }
+
+    /// The base URL of the worker's HTTP and WebSocket server, as supabase-js takes it.
+    pub fn http_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.ws_port)
+    }
+
+    /// A libpq URL of the server, as node-postgres takes it.
+    pub fn pg_url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.pg_port)
+    }
+
+    fn postmaster_pid(&self) -> Option<i32> {
+        std::fs::read_to_string(self.data.join("postmaster.pid"))
+            .ok()?
+            .lines()
+            .next()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     /// Waits until the worker accepts connections (it polls for the extension, so it starts
@@ -216,6 +466,8 @@ impl Drop for Cluster {
         } else {
             self.crash_lines()
         };
+        // Stopped processes would not act on the stop signal, and would outlive the test.
+        self.thaw();
         let _ = as_postgres(
             &format!("{BIN}/pg_ctl"),
             &[
@@ -233,6 +485,38 @@ impl Drop for Cluster {
             crashes.join("\n")
         );
     }
+}
+
+fn signal(pid: i32, name: &str) {
+    let _ = Command::new("kill")
+        .args([format!("-{name}"), pid.to_string()])
+        .output();
+}
+
+/// The state letter and parent of a process, from /proc.
+fn proc_stat(pid: i32) -> Option<(char, i32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name, in parentheses, may itself hold spaces and parentheses.
+    let mut rest = stat.get(stat.rfind(')')? + 1..)?.split_whitespace();
+    let state = rest.next()?.chars().next()?;
+    let parent = rest.next()?.parse().ok()?;
+    Some((state, parent))
+}
+
+/// A process that has exited but was not reaped yet counts as gone.
+fn process_alive(pid: i32) -> bool {
+    proc_stat(pid).is_some_and(|(state, _)| state != 'Z')
+}
+
+fn children_of(parent: i32) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+                .filter(|&pid| proc_stat(pid).is_some_and(|(_, p)| p == parent))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Polls `condition` until it holds or `limit` passes; returns whether it held. Used to wait
