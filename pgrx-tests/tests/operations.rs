@@ -120,8 +120,10 @@ fn scrape(cluster: &Cluster) -> String {
     a.text()
 }
 
-fn reload(cluster: &Cluster, settings: &str) {
-    cluster.execute(&format!("{settings}; SELECT pg_reload_conf();"));
+/// `ALTER SYSTEM` (which may not share a transaction with anything), then a reload.
+fn reload(cluster: &Cluster, alter_system: &str) {
+    cluster.execute(alter_system);
+    cluster.execute("SELECT pg_reload_conf()");
 }
 
 /// `promtool check metrics` on a scrape; fails the test when promtool is not installed
@@ -301,6 +303,7 @@ fn the_inspector_is_served_from_the_binary_and_can_be_turned_off() {
         ("/inspector/inspector.js", "inspector.js", "text/javascript"),
         ("/inspector/inspector.css", "inspector.css", "text/css"),
         ("/inspector/supabase.js", "supabase.js", "text/javascript"),
+        ("/inspector/favicon.svg", "favicon.svg", "image/svg+xml"),
     ] {
         let a = get(&cluster, path, &[]);
         assert_eq!(a.status, 200, "{path}");

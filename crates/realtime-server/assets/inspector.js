@@ -53,8 +53,8 @@
     }
   }
 
+  // Join stays enabled: joining another topic leaves the current one first.
   function joined(yes) {
-    $('join').disabled = yes
     $('leave').disabled = !yes
     $('send-button').disabled = !yes
   }

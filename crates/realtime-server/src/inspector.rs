@@ -24,6 +24,7 @@ use crate::metrics;
 const PAGE: &str = include_str!("../assets/inspector.html");
 const SCRIPT: &str = include_str!("../assets/inspector.js");
 const STYLE: &str = include_str!("../assets/inspector.css");
+const ICON: &str = include_str!("../assets/favicon.svg");
 const SUPABASE_JS: &str = include_str!("../assets/supabase.js");
 
 /// Only this server's own files and sockets: the page runs no inline code and loads nothing
@@ -70,6 +71,7 @@ pub(crate) async fn file(State(inner): State<Arc<Inner>>, Path(name): Path<Strin
         "inspector.js" => asset("text/javascript; charset=utf-8", SCRIPT),
         "inspector.css" => asset("text/css; charset=utf-8", STYLE),
         "supabase.js" => asset("text/javascript; charset=utf-8", SUPABASE_JS),
+        "favicon.svg" => asset("image/svg+xml", ICON),
         _ => not_found(),
     }
 }

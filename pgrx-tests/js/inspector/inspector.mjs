@@ -30,14 +30,15 @@ const isLocal = (url) => {
 
 const db = new pg.Client({ connectionString: PG_URL })
 await db.connect()
+let step = 'start'
+const consoleErrors = []
 const browser = await chromium.launch({
   executablePath: CHROMIUM,
   args: ['--no-sandbox', '--headless=new', '--disable-gpu'],
 })
 try {
   const page = await browser.newPage({ viewport: { width: 1100, height: 900 } })
-  const consoleErrors = []
-  page.on('console', (m) => {
+    page.on('console', (m) => {
     if (m.type() === 'error') consoleErrors.push(m.text())
   })
   page.on('pageerror', (e) => consoleErrors.push(String(e)))
@@ -57,15 +58,18 @@ try {
   if (!csp.includes("default-src 'self'")) throw new Error(`no CSP on the page: ${csp}`)
 
   // Public topic: a message from SQL shows up in the page.
+  step = 'join the public topic'
   await page.fill('#token', TOKEN)
   await page.fill('#topic', PUBLIC_TOPIC)
   await page.fill('#presence-key', 'inspector-test')
   await page.click('#join')
   await page.waitForFunction(() => document.getElementById('state').textContent.startsWith('joined'), null, { timeout: WAIT })
+  step = 'see the message sent from SQL'
   await db.query("SELECT realtime.send('{\"from\": \"sql\"}', 'from-sql', $1, false)", [PUBLIC_TOPIC])
-  await page.waitForFunction(() => document.getElementById('log').textContent.includes('from-sql {"from":"sql"'), null, { timeout: WAIT })
+  await page.waitForFunction(() => /from-sql \{[^}]*"from":"sql"/.test(document.getElementById('log').textContent), null, { timeout: WAIT })
 
   // A broadcast sent from the page's form comes back (self: true) and is acknowledged.
+  step = 'send from the page'
   await page.fill('#event', 'from-page')
   await page.fill('#payload', '{"n": 42}')
   await page.click('#send-button')
@@ -73,10 +77,12 @@ try {
   await page.waitForFunction(() => document.getElementById('log').textContent.includes('from-page {"n":42}'), null, { timeout: WAIT })
 
   // Presence: the page's own member, and the connection count from the status endpoint.
+  step = 'see presence and the connection count'
   await page.waitForFunction(() => document.getElementById('members').textContent.includes('inspector-test'), null, { timeout: WAIT })
   await page.waitForFunction(() => /connections: [1-9]/.test(document.getElementById('connections').textContent), null, { timeout: WAIT })
 
   // Private topic without a read policy: the refusal reason the server sent is shown.
+  step = 'see the refusal of the private join'
   await page.check('#private')
   await page.fill('#topic', PRIVATE_TOPIC)
   await page.fill('#presence-key', '')
@@ -94,6 +100,16 @@ try {
   // A refused join is logged by nobody; any other console error is a bug of the page.
   if (consoleErrors.length > 0) throw new Error(`console errors: ${consoleErrors.join(' | ')}`)
   console.log(`inspector: ok (screenshot ${SCREENSHOT})`)
+} catch (e) {
+  // What the page showed when it failed, for the test's output.
+  const page = browser.contexts()[0]?.pages()[0]
+  const shown = page
+    ? await page.evaluate(() => ['state', 'error', 'connections', 'send-result', 'members', 'log']
+      .map((id) => `${id}: ${document.getElementById(id).textContent.slice(0, 2000)}`).join('\n')).catch((x) => String(x))
+    : 'no page'
+  console.error(`inspector: failed at "${step}"\n${shown}\nconsole: ${consoleErrors.join(' | ')}`)
+  if (page) await page.screenshot({ path: SCREENSHOT, fullPage: true }).catch(() => {})
+  throw e
 } finally {
   await browser.close()
   await db.end()
