@@ -75,11 +75,14 @@
     }
   }
 
+  // Forgets the channel before removing it: removing it calls its subscribe callback again
+  // (CLOSED), which must then see that the channel is no longer the page's.
   async function leave() {
-    if (channel && client) await client.removeChannel(channel)
-    if (client) client.realtime.disconnect()
+    const [ch, c] = [channel, client]
     channel = null
     client = null
+    if (ch && c) await c.removeChannel(ch)
+    if (c) c.realtime.disconnect()
     joined(false)
     setState('not joined')
     showMembers({})
@@ -121,11 +124,10 @@
       }
       // The server's reason is the error reply's text; realtime-js puts it in the message.
       const reason = (err && err.cause && err.cause.reason) || (err && err.message) || ''
-      setState(status)
-      showError(`Join refused${reason ? ': ' + reason : ` (${status})`}`)
       log('error', `${status} ${reason}`)
       // realtime-js would retry the join forever: stop, the reason will not change by itself.
       await leave()
+      setState(status)
       showError(`Join refused${reason ? ': ' + reason : ` (${status})`}`)
     })
   }
