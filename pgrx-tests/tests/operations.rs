@@ -103,7 +103,7 @@ fn get(cluster: &Cluster, path: &str, headers: &[(&str, &str)]) -> Answer {
 }
 
 /// The value of one series in a scrape, e.g. `realtime_joins_total{result="ok",reason="none"}`.
-fn value(scrape: &str, series: &str) -> f64 {
+fn try_value(scrape: &str, series: &str) -> Option<f64> {
     scrape
         .lines()
         .find_map(|l| {
@@ -111,7 +111,10 @@ fn value(scrape: &str, series: &str) -> f64 {
                 .and_then(|rest| rest.strip_prefix(' '))
         })
         .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no series {series} in\n{scrape}"))
+}
+
+fn value(scrape: &str, series: &str) -> f64 {
+    try_value(scrape, series).unwrap_or_else(|| panic!("no series {series} in\n{scrape}"))
 }
 
 fn scrape(cluster: &Cluster) -> String {
@@ -240,6 +243,16 @@ fn metrics_are_off_until_turned_on_count_what_happens_and_pass_promtool() {
         "the counters moved:\n{last}"
     );
     assert!(value(&last, "realtime_connections") >= 1.0);
+    // What the worker reports once a second: the commit queue, its counters, its memory.
+    assert!(
+        eventually(WAIT, || {
+            last = scrape(&cluster);
+            try_value(&last, "realtime_committed_messages_total").is_some_and(|v| v >= 1.0)
+                && try_value(&last, "realtime_commit_queue_size_bytes").is_some_and(|v| v > 0.0)
+                && try_value(&last, "realtime_worker_memory_bytes").is_some_and(|v| v > 0.0)
+        }),
+        "the worker's figures:\n{last}"
+    );
     assert!(value(&last, "realtime_channels") >= 1.0);
     promtool_check(&last);
 
@@ -322,6 +335,11 @@ fn the_inspector_is_served_from_the_binary_and_can_be_turned_off() {
             "{path}"
         );
         assert_eq!(a.header("x-content-type-options"), Some("nosniff"));
+        assert_eq!(
+            a.header("access-control-allow-origin"),
+            None,
+            "{path}: not readable by pages of other origins"
+        );
     }
     assert_eq!(get(&cluster, "/inspector/other.js", &[]).status, 404);
 

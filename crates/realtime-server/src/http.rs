@@ -80,11 +80,17 @@ async fn cors(req: Request, next: Next) -> Response {
         );
         return resp;
     }
+    // Metrics and the inspector are for this server's own pages and for scrapers: pages on
+    // other origins may not read them through a visitor's browser.
+    let path = req.uri().path();
+    let shared = !(path == "/metrics" || path.starts_with("/inspector"));
     let mut resp = next.run(req).await;
-    resp.headers_mut().insert(
-        header::ACCESS_CONTROL_ALLOW_ORIGIN,
-        HeaderValue::from_static("*"),
-    );
+    if shared {
+        resp.headers_mut().insert(
+            header::ACCESS_CONTROL_ALLOW_ORIGIN,
+            HeaderValue::from_static("*"),
+        );
+    }
     resp
 }
 

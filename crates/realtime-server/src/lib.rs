@@ -46,6 +46,7 @@ pub use events::{
     Replayed,
 };
 pub use jwt::Claims;
+pub use metrics::WorkerStats;
 pub use protocol::Payload;
 pub use refusal::Refusal;
 pub use topic::MAX_STORED_TOPIC_BYTES;
@@ -138,6 +139,8 @@ pub(crate) struct Inner {
     pub(crate) metrics: metrics::Metrics,
     /// Committed database messages between [`Server::publish`] and the dispatch task.
     publish_budget: Arc<PublishBudget>,
+    /// The worker's last [`Server::set_worker_stats`].
+    worker_stats: std::sync::Mutex<Option<WorkerStats>>,
 }
 
 impl Inner {
@@ -176,6 +179,7 @@ impl Inner {
             frames_out: traffic.frames_out,
             bytes_out: traffic.bytes_out,
             dropped_database_messages: self.publish_budget.dropped.load(Ordering::Relaxed),
+            worker: *self.worker_stats.lock().unwrap_or_else(|p| p.into_inner()),
         })
     }
 }
@@ -375,6 +379,7 @@ impl Server {
             conns: usage::ConnTable::default(),
             metrics: metrics::Metrics::default(),
             publish_budget: publish_budget.clone(),
+            worker_stats: std::sync::Mutex::new(None),
         });
         let app = http::router(inner.clone(), max_frame_bytes);
         for listener in listeners {
@@ -579,6 +584,16 @@ impl Server {
     /// sockets.
     pub fn usage(&self) -> Usage {
         self.inner.usage()
+    }
+
+    /// What the worker knows for `/metrics` (commit queue, its counters, its memory); the
+    /// worker calls it about once a second.
+    pub fn set_worker_stats(&self, stats: WorkerStats) {
+        *self
+            .inner
+            .worker_stats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(stats);
     }
 
     /// This node's id on the bus.

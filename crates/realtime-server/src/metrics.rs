@@ -68,6 +68,24 @@ impl Default for Metrics {
     }
 }
 
+/// What the worker's main thread knows and the server does not (the commit queue in shared
+/// memory, the extension's counters, the process's memory), handed over about once a second
+/// with [`crate::Server::set_worker_stats`] for `/metrics`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkerStats {
+    /// Bytes in use in the shared-memory commit queue, and its size.
+    pub commit_queue_used_bytes: u64,
+    pub commit_queue_size_bytes: u64,
+    /// Messages committing transactions put into the commit queue.
+    pub committed_messages: u64,
+    /// Messages skipped because their transaction aborted.
+    pub discarded_messages: u64,
+    /// `realtime.send` calls that could not store their message.
+    pub failed_sends: u64,
+    /// The worker's private memory; None when the kernel does not say.
+    pub worker_memory_bytes: Option<u64>,
+}
+
 /// Values the server computes per scrape, beside [`Metrics`]' own counters.
 pub(crate) struct Snapshot {
     pub usage: Usage,
@@ -78,6 +96,8 @@ pub(crate) struct Snapshot {
     pub bytes_out: u64,
     /// Database messages dropped because the network side fell behind.
     pub dropped_database_messages: u64,
+    /// None until the worker's first report.
+    pub worker: Option<WorkerStats>,
 }
 
 impl Metrics {
@@ -225,6 +245,42 @@ impl Metrics {
         for (name, help, value) in gauges {
             families.push(gauge(name, help, value as f64));
         }
+        if let Some(w) = s.worker {
+            families.extend([
+                gauge(
+                    "realtime_commit_queue_bytes",
+                    "Bytes in use in the shared-memory queue of committed messages.",
+                    w.commit_queue_used_bytes as f64,
+                ),
+                gauge(
+                    "realtime_commit_queue_size_bytes",
+                    "Size of the shared-memory queue of committed messages (realtime.queue_size).",
+                    w.commit_queue_size_bytes as f64,
+                ),
+                counter(
+                    "realtime_committed_messages_total",
+                    "Messages committing transactions queued for delivery.",
+                    vec![(vec![], w.committed_messages as f64)],
+                ),
+                counter(
+                    "realtime_discarded_messages_total",
+                    "Messages skipped because their transaction aborted.",
+                    vec![(vec![], w.discarded_messages as f64)],
+                ),
+                counter(
+                    "realtime_send_failures_total",
+                    "realtime.send calls that could not store their message.",
+                    vec![(vec![], w.failed_sends as f64)],
+                ),
+            ]);
+            if let Some(bytes) = w.worker_memory_bytes {
+                families.push(gauge(
+                    "realtime_worker_memory_bytes",
+                    "Private memory of the worker process (heap and thread stacks).",
+                    bytes as f64,
+                ));
+            }
+        }
         families.extend(self.authorization.collect());
         families.sort_by(|a, b| a.name().cmp(b.name()));
         let mut out = Vec::new();
@@ -332,6 +388,11 @@ mod tests {
             frames_out: 11,
             bytes_out: 1234,
             dropped_database_messages: 0,
+            worker: Some(WorkerStats {
+                commit_queue_size_bytes: 1024,
+                worker_memory_bytes: None,
+                ..WorkerStats::default()
+            }),
         }
     }
 
@@ -364,11 +425,17 @@ mod tests {
             "realtime_authorization_seconds_bucket{le=\"0.005\"} 1",
             "realtime_authorization_seconds_count 1",
             "# TYPE realtime_worker_cpu_seconds_total counter",
+            "realtime_commit_queue_size_bytes 1024",
+            "realtime_send_failures_total 0",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }
         // The policy's text never becomes a label: the set of series is fixed.
         assert!(!text.contains("boom"));
+        assert!(
+            !text.contains("realtime_worker_memory_bytes"),
+            "unknown: left out"
+        );
     }
 
     #[test]
