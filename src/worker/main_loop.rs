@@ -145,7 +145,7 @@ impl MainLoop {
     fn poll_interval(&self) -> Duration {
         let own = self.own_poll_interval();
         if !self.link.is_standby() {
-            return own;
+            return self.link.bus_poll().map_or(own, |flush| own.min(flush));
         }
         let bus = if self.bus_active.is_some_and(|t| t.elapsed() < BUS_LINGER) {
             BUS_POLL_BUSY

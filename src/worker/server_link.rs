@@ -120,6 +120,17 @@ impl ServerLink {
         }
     }
 
+    /// Whether the bus needs the main loop back soon: a standby polls its WAL, a primary has
+    /// envelopes waiting for a flush.
+    pub fn bus_poll(&self) -> Option<Duration> {
+        match &self.role {
+            Role::Primary(writer) => writer
+                .waiting_for_flush()
+                .then_some(super::bus_writer::FLUSH_GRACE),
+            Role::Standby(_) => None,
+        }
+    }
+
     /// Whether this node serves as a standby.
     pub fn is_standby(&self) -> bool {
         matches!(self.role, Role::Standby(_))
@@ -139,6 +150,7 @@ impl ServerLink {
                         .collect();
                     writer.write(&own);
                 }
+                writer.flush_if_late();
                 false
             }
             Role::Standby(reader) => {
@@ -246,7 +258,7 @@ impl ServerLink {
             dropped += u64::from(!self.server.publish(message));
         }
         presence::sync(&self.server, presence_topics);
-        if let Role::Primary(writer) = &self.role
+        if let Role::Primary(writer) = &mut self.role
             && writer.relaying()
         {
             let mut envelopes = Vec::with_capacity(relayed.len() + 1);

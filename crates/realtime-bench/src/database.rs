@@ -20,7 +20,7 @@ use super::common::{self, Common, Report};
 use super::fanout::{sleep_until_us, topic_name};
 use super::stats::{self, Recorder, Window, histogram, latency_json, now_us, round2};
 
-const SEND_SQL: &str = "SELECT realtime.send(jsonb_build_object('t', $1::bigint, 'p', $2::text), 'e', $3::text, false)";
+pub const SEND_SQL: &str = "SELECT realtime.send(jsonb_build_object('t', $1::bigint, 'p', $2::text), 'e', $3::text, false)";
 /// The do-it-yourself equivalent: keep the row (as `realtime.send` does) and NOTIFY it, in one
 /// statement. Needs `bench.plain_messages` (scripts/bench creates it).
 const NOTIFY_SQL: &str = "WITH row AS (\
@@ -40,15 +40,15 @@ const NOTIFY_MANY_SQL: &str = "WITH rows AS (\
        RETURNING payload) \
      SELECT count(pg_notify($3::text, payload::text)) FROM rows";
 
-struct Sent {
-    in_window: u64,
+pub struct Sent {
+    pub in_window: u64,
     /// Client-side duration of each statement, commit included.
-    statement: Histogram<u64>,
-    errors: Recorder,
+    pub statement: Histogram<u64>,
+    pub errors: Recorder,
 }
 
 #[allow(clippy::too_many_arguments)]
-fn sender(
+pub fn sender(
     conn_str: String,
     sql: &'static str,
     per_tx: i32,

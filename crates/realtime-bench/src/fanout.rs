@@ -23,9 +23,9 @@ pub fn topic_name(i: usize) -> String {
 }
 
 #[derive(Default)]
-struct Published {
-    in_window: u64,
-    errors: Recorder,
+pub struct Published {
+    pub in_window: u64,
+    pub errors: Recorder,
 }
 
 /// The shape of a fan-out run: who publishes how much to whom.
@@ -191,7 +191,7 @@ pub async fn sleep_until_us(t_us: u64) {
 /// Sends `rate` messages/s on one socket until the window closes. The stamp is taken as each
 /// message is written, so a publisher that falls behind shows as a lower published rate, not
 /// as hidden latency.
-async fn publish(
+pub async fn publish(
     mut ws: Ws,
     protocol: Protocol,
     frames: Frames,

@@ -8,6 +8,8 @@
 //! realtime-bench private-joins --jwt-secret S --pg CONN [--joins 2000 --concurrency 200]
 //! realtime-bench memory      --jwt-secret S --pg CONN [--flood 12 --idle 30 --sample-ms 250
 //!                            --pubs 10 --topics 10 --subs 100 --rate 12000]  (root: reads smaps)
+//! realtime-bench multinode   --jwt-secret S --urls PRIMARY,STANDBY.. --pgs CONN,CONN..
+//!                            [--send broadcast|database --pub-node 1 --pubs 10 --topics 10 --subs 30]
 //! common: --url ws://127.0.0.1:4000/realtime/v1/websocket --warmup 2 --duration 10 --drain 2
 //!         --json FILE --threads 2 --source-addrs 4 --pid PID
 //!         --protocol plain --sub-url ws://host:port/{topic} [--pub-url ...]   (peers)
@@ -22,6 +24,7 @@ mod connections;
 mod database;
 mod fanout;
 mod memory;
+mod multinode;
 mod presence;
 mod private_joins;
 mod ratio;
@@ -29,7 +32,7 @@ mod stats;
 
 use args::Args;
 
-const USAGE: &str = "usage: realtime-bench <fanout|database|connections|presence|private-joins|memory|ratio> \
+const USAGE: &str = "usage: realtime-bench <fanout|database|connections|presence|private-joins|memory|multinode|ratio> \
                      [--option value ...]\n\
                      (see the top of crates/realtime-bench/src/main.rs and BENCHMARKS.md)";
 
@@ -62,6 +65,7 @@ fn run() -> Result<(), String> {
             "presence-child" => return presence::child(&args).await,
             "private-joins" => private_joins::run(&args).await?,
             "memory" => memory::run(&args).await?,
+            "multinode" => multinode::run(&args).await?,
             "ratio" => return ratio::run(&args),
             _ => return Err(USAGE.to_owned()),
         };
