@@ -5,7 +5,13 @@ PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
 PGRX_VERSION=0.18.1
 
 need_packages=()
-for pkg in postgresql-15 postgresql-server-dev-15 libclang-dev clang pkg-config libssl-dev sudo openssl; do
+packages=(postgresql-15 postgresql-server-dev-15 libclang-dev clang pkg-config libssl-dev sudo openssl)
+# The test suite also needs chromium, which drives the inspector page, and prometheus, whose
+# promtool checks the metrics scrape (scripts/test sets DEPS_FOR_TESTS=1).
+if [ "${DEPS_FOR_TESTS:-0}" = 1 ]; then
+    packages+=(chromium prometheus)
+fi
+for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_packages+=("$pkg")
 done
 if [ ${#need_packages[@]} -gt 0 ]; then

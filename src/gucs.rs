@@ -127,6 +127,16 @@ pub enum SendErrors {
     Error,
 }
 
+/// Serve `GET /metrics` (Prometheus text format) on the worker's port.
+static METRICS: GucSetting<bool> = GucSetting::<bool>::new(false);
+
+/// When set, `GET /metrics` requires `Authorization: Bearer <this token>`. Masked like the JWT
+/// secret: superuser-only settings are still readable by `pg_read_all_settings`.
+static METRICS_TOKEN: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
+/// Serve the inspector page (`GET /inspector`).
+static INSPECTOR: GucSetting<bool> = GucSetting::<bool>::new(true);
+
 /// This node's name in other nodes' logs; empty means `<host name>:<realtime.port>`.
 static NODE_NAME: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
@@ -472,6 +482,36 @@ pub fn init() {
         GucContext::Postmaster,
         GucFlags::SUPERUSER_ONLY,
     );
+    GucRegistry::define_bool_guc(
+        c"realtime.metrics",
+        c"Serve Prometheus metrics at GET /metrics on the realtime port.",
+        c"Off by default: the numbers tell anyone who reaches the port how busy the server is. See also realtime.metrics_token.",
+        &METRICS,
+        GucContext::Sighup,
+        none,
+    );
+    // SAFETY: the show hook cannot panic.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"realtime.metrics_token",
+            c"Bearer token GET /metrics requires when set.",
+            c"Shown masked. Scrapers send Authorization: Bearer <token>; without it the answer is 401.",
+            &METRICS_TOKEN,
+            GucContext::Sighup,
+            GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
+            None,
+            None,
+            Some(show_masked_metrics_token),
+        );
+    }
+    GucRegistry::define_bool_guc(
+        c"realtime.inspector",
+        c"Serve the inspector page at GET /inspector on the realtime port.",
+        c"A static page (embedded, nothing fetched from elsewhere) to join a channel with a pasted token, watch broadcasts and presence, send, and see why a join is refused.",
+        &INSPECTOR,
+        GucContext::Sighup,
+        none,
+    );
     GucRegistry::define_enum_guc(
         c"realtime.send_errors",
         c"What realtime.send does when storing a message fails: warning or error.",
@@ -496,6 +536,15 @@ unsafe extern "C-unwind" fn show_masked_secret() -> *const std::ffi::c_char {
     let set = JWT_SECRET
         .get()
         .is_some_and(|secret| !secret.as_bytes().is_empty());
+    if set { c"********" } else { c"" }.as_ptr()
+}
+
+/// What `SHOW realtime.metrics_token` prints: whether it is set, never the token.
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn show_masked_metrics_token() -> *const std::ffi::c_char {
+    let set = METRICS_TOKEN
+        .get()
+        .is_some_and(|token| !token.as_bytes().is_empty());
     if set { c"********" } else { c"" }.as_ptr()
 }
 
@@ -591,6 +640,9 @@ pub fn server_config() -> Config {
         max_presence_keys_per_topic: count(&MAX_PRESENCE_KEYS),
         max_presence_bytes_per_topic: kb_bytes(&MAX_PRESENCE_SIZE),
         max_batch_messages: count(&MAX_BATCH_MESSAGES),
+        metrics: METRICS.get(),
+        metrics_token: text(&METRICS_TOKEN),
+        inspector: INSPECTOR.get(),
         ..Config::default()
     }
 }

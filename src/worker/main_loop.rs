@@ -202,7 +202,8 @@ impl MainLoop {
                 self.expire_presence();
             }
             self.link.bus_tick();
-            super::usage::publish(&self.link.usage());
+            let worker = super::usage::publish(&self.link.usage());
+            self.link.set_worker_stats(worker);
             super::allocator::give_back_when_idle();
         }
     }

@@ -326,6 +326,11 @@ impl ServerLink {
         self.server.usage()
     }
 
+    /// What `/metrics` shows of the worker.
+    pub fn set_worker_stats(&self, stats: realtime_server::WorkerStats) {
+        self.server.set_worker_stats(stats);
+    }
+
     /// Applies changed settings (after SIGHUP).
     pub fn reload(&mut self) {
         self.server.reload(gucs::server_config());

@@ -4,16 +4,15 @@
 
 use crate::queue::shmem;
 use pgrx::pg_sys;
-use realtime_server::Usage;
+use realtime_server::{Usage, WorkerStats};
 use std::sync::atomic::Ordering;
 
 /// Publishes a snapshot: the server's `usage` and the worker's private memory. The main loop
-/// calls it once a second.
-pub fn publish(u: &Usage) {
+/// calls it once a second. Returns what the server's `/metrics` shows of the worker.
+pub fn publish(u: &Usage) -> WorkerStats {
     let g = &shmem::stats().usage;
-    let memory = private_memory_bytes()
-        .and_then(|m| i64::try_from(m).ok())
-        .unwrap_or(-1);
+    let private = private_memory_bytes();
+    let memory = private.and_then(|m| i64::try_from(m).ok()).unwrap_or(-1);
     g.worker_memory_bytes.store(memory, Ordering::Relaxed);
     g.sockets.store(u.connections, Ordering::Relaxed);
     g.channels.store(u.channels, Ordering::Relaxed);
@@ -30,6 +29,16 @@ pub fn publish(u: &Usage) {
     // SAFETY: reads the clock; no Postgres state involved.
     let now = unsafe { pg_sys::GetCurrentTimestamp() };
     g.updated_at.store(now, Ordering::Release);
+    let s = shmem::stats();
+    let (used, size) = shmem::usage();
+    WorkerStats {
+        commit_queue_used_bytes: used,
+        commit_queue_size_bytes: size,
+        committed_messages: s.queued.load(Ordering::Relaxed),
+        discarded_messages: s.discarded.load(Ordering::Relaxed),
+        failed_sends: s.failed_sends.load(Ordering::Relaxed),
+        worker_memory_bytes: private,
+    }
 }
 
 /// The process's private anonymous memory in bytes: what it allocated itself (heap, thread

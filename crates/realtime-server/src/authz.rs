@@ -65,7 +65,9 @@ impl crate::Inner {
     /// all, how long to wait, how many may wait).
     pub(crate) async fn authorize(&self, ask: Ask<'_>) -> (Answer, Option<PendingSubscription>) {
         let cfg = self.config();
-        self.authz
+        let started = std::time::Instant::now();
+        let answered = self
+            .authz
             .authorize(
                 cfg.authorize_private,
                 cfg.authorization_timeout,
@@ -73,7 +75,11 @@ impl crate::Inner {
                 &self.events,
                 ask,
             )
-            .await
+            .await;
+        if cfg.authorize_private {
+            self.metrics.authorization_waited(started.elapsed());
+        }
+        answered
     }
 }
 

@@ -69,6 +69,14 @@ pub struct Config {
     /// bytes; see [`crate::Server::publish`] for what happens past them.
     pub publish_queue_messages: usize,
     pub publish_queue_bytes: usize,
+    /// Serve `GET /metrics`; off by default, since it tells anyone who can reach the port
+    /// how busy the server is.
+    pub metrics: bool,
+    /// When set, `GET /metrics` requires `Authorization: Bearer <this>`.
+    pub metrics_token: Option<String>,
+    /// Serve the inspector page (`GET /inspector`): static files, whose token stays in the
+    /// browser.
+    pub inspector: bool,
     /// This node of a multi-node setup; fixed at start.
     pub node: NodeConfig,
 }
@@ -145,6 +153,9 @@ impl Default for Config {
             max_batch_messages: 1000,
             publish_queue_messages: 65_536,
             publish_queue_bytes: 64 * 1024 * 1024,
+            metrics: false,
+            metrics_token: None,
+            inspector: true,
             node: NodeConfig::default(),
         }
     }

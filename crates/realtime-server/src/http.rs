@@ -1,4 +1,5 @@
-//! Routes, CORS and the WebSocket upgrade (`/realtime/v1/websocket`, `/socket/websocket`).
+//! Routes, CORS and the WebSocket upgrade (`/realtime/v1/websocket`, `/socket/websocket`);
+//! `/metrics` and `/inspector` are in `inspector.rs`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use serde_json::json;
 
 use crate::Inner;
 use crate::connection::{self, ConnectInfo, ConnectionSlot};
+use crate::inspector;
 use crate::jwt::{JwtError, unix_now};
 use crate::protocol::Vsn;
 use crate::refusal::HttpRefusal;
@@ -42,6 +44,11 @@ pub(crate) fn router(inner: Arc<Inner>, max_body: usize) -> Router {
     Router::new()
         .route("/realtime/v1/websocket", get(websocket))
         .route("/socket/websocket", get(websocket))
+        .route("/metrics", get(inspector::scrape))
+        .route("/inspector", get(inspector::page))
+        .route("/inspector/", get(inspector::page))
+        .route("/inspector/status", get(inspector::status))
+        .route("/inspector/{file}", get(inspector::file))
         .merge(rest_routes)
         .layer(DefaultBodyLimit::max(max_body))
         .layer(middleware::from_fn(cors))
@@ -73,11 +80,17 @@ async fn cors(req: Request, next: Next) -> Response {
         );
         return resp;
     }
+    // Metrics and the inspector are for this server's own pages and for scrapers: pages on
+    // other origins may not read them through a visitor's browser.
+    let path = req.uri().path();
+    let shared = !(path == "/metrics" || path.starts_with("/inspector"));
     let mut resp = next.run(req).await;
-    resp.headers_mut().insert(
-        header::ACCESS_CONTROL_ALLOW_ORIGIN,
-        HeaderValue::from_static("*"),
-    );
+    if shared {
+        resp.headers_mut().insert(
+            header::ACCESS_CONTROL_ALLOW_ORIGIN,
+            HeaderValue::from_static("*"),
+        );
+    }
     resp
 }
 

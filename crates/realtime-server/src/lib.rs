@@ -14,7 +14,9 @@ mod connection;
 mod error;
 mod events;
 mod http;
+mod inspector;
 pub mod jwt;
+mod metrics;
 mod outbound;
 mod presence;
 mod presence_diffs;
@@ -44,6 +46,7 @@ pub use events::{
     Replayed,
 };
 pub use jwt::Claims;
+pub use metrics::WorkerStats;
 pub use protocol::Payload;
 pub use refusal::Refusal;
 pub use refusal::write_denied;
@@ -133,6 +136,12 @@ pub(crate) struct Inner {
     pub(crate) rest_budget: tokio::sync::Semaphore,
     /// Every live connection's counters, for [`Server::usage`].
     pub(crate) conns: usage::ConnTable,
+    /// What `GET /metrics` reports besides usage; see `metrics.rs`.
+    pub(crate) metrics: metrics::Metrics,
+    /// Committed database messages between [`Server::publish`] and the dispatch task.
+    publish_budget: Arc<PublishBudget>,
+    /// The worker's last [`Server::set_worker_stats`].
+    worker_stats: std::sync::Mutex<Option<WorkerStats>>,
 }
 
 impl Inner {
@@ -145,6 +154,34 @@ impl Inner {
 
     pub(crate) fn jwt(&self) -> Arc<JwtVerifier> {
         self.jwt.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// See [`Server::usage`].
+    pub(crate) fn usage(&self) -> Usage {
+        let mut usage = Usage::default();
+        self.broker.usage(&mut usage);
+        let (queued, held) = self.conns.sum();
+        usage.connections = self.active_connections.load(Ordering::Acquire) as u64;
+        usage.queued_bytes = queued;
+        usage.held_write_bytes = held;
+        usage.pending_authorizations = self.authz.pending_count() as u64;
+        usage.queued_events = self.events.len() as u64;
+        usage.publish_queue_bytes = self.publish_budget.bytes.load(Ordering::Acquire) as u64;
+        usage.rest_body_bytes = rest::body_budget_used(&self.rest_budget) as u64;
+        usage
+    }
+
+    /// The `GET /metrics` text.
+    pub(crate) fn render_metrics(&self) -> String {
+        let traffic = self.conns.traffic();
+        self.metrics.render(&metrics::Snapshot {
+            usage: self.usage(),
+            client_messages: traffic.messages_in,
+            frames_out: traffic.frames_out,
+            bytes_out: traffic.bytes_out,
+            dropped_database_messages: self.publish_budget.dropped.load(Ordering::Relaxed),
+            worker: *self.worker_stats.lock().unwrap_or_else(|p| p.into_inner()),
+        })
     }
 }
 
@@ -316,6 +353,7 @@ impl Server {
             .filter_map(|l| l.local_addr().ok())
             .collect();
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let publish_budget = Arc::new(PublishBudget::default());
         let max_frame_bytes = config.max_frame_bytes;
         let jwt = JwtVerifier::new(config.jwt_secret.as_deref(), config.jwt_jwks.as_deref());
         let events = Arc::new(EventQueue::new(wake));
@@ -342,6 +380,9 @@ impl Server {
                 .unwrap_or(usize::MAX),
             rest_budget: rest::body_budget(),
             conns: usage::ConnTable::default(),
+            metrics: metrics::Metrics::default(),
+            publish_budget: publish_budget.clone(),
+            worker_stats: std::sync::Mutex::new(None),
         });
         let app = http::router(inner.clone(), max_frame_bytes);
         for listener in listeners {
@@ -373,7 +414,6 @@ impl Server {
             });
         }
         let (publish_tx, publish_rx) = mpsc::unbounded_channel();
-        let publish_budget = Arc::new(PublishBudget::default());
         runtime.spawn(dispatch_db_messages(
             publish_rx,
             publish_budget.clone(),
@@ -550,18 +590,17 @@ impl Server {
     /// the fan-out path), so calling it once a second is cheap even with many thousands of
     /// sockets.
     pub fn usage(&self) -> Usage {
-        let inner = &self.inner;
-        let mut usage = Usage::default();
-        inner.broker.usage(&mut usage);
-        let (queued, held) = inner.conns.sum();
-        usage.connections = inner.active_connections.load(Ordering::Acquire) as u64;
-        usage.queued_bytes = queued;
-        usage.held_write_bytes = held;
-        usage.pending_authorizations = inner.authz.pending_count() as u64;
-        usage.queued_events = inner.events.len() as u64;
-        usage.publish_queue_bytes = self.publish_budget.bytes.load(Ordering::Acquire) as u64;
-        usage.rest_body_bytes = rest::body_budget_used(&inner.rest_budget) as u64;
-        usage
+        self.inner.usage()
+    }
+
+    /// What the worker knows for `/metrics` (commit queue, its counters, its memory); the
+    /// worker calls it about once a second.
+    pub fn set_worker_stats(&self, stats: WorkerStats) {
+        *self
+            .inner
+            .worker_stats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(stats);
     }
 
     /// Every open connection of this node: who it is, what it joined, what it sent and
@@ -747,5 +786,6 @@ async fn dispatch_db_messages(
         )
         .with_origin_id(msg.id);
         inner.broker.deliver(&key, &out);
+        inner.metrics.messages_in(metrics::Source::Database, 1);
     }
 }

@@ -72,6 +72,47 @@ impl Refusal {
         }
     }
 
+    /// The kinds of refusal, as the `reason` label of `realtime_joins_total`: a fixed set, so
+    /// no client or policy text can add series. Indexed by [`Refusal::kind_index`].
+    pub(crate) const KINDS: [&'static str; 15] = [
+        "read_denied",
+        "role_not_allowed",
+        "policy",
+        "too_many_waiting",
+        "authorization_timeout",
+        "too_many_joins",
+        "too_many_pending_joins",
+        "topic_too_long",
+        "topic_has_nul",
+        "topic_required",
+        "private_only",
+        "too_many_channels",
+        "replay_on_public",
+        "replay_invalid",
+        "token",
+    ];
+
+    /// This refusal's position in [`Refusal::KINDS`].
+    pub(crate) fn kind_index(&self) -> usize {
+        match self {
+            Refusal::ReadDenied { .. } => 0,
+            Refusal::RoleNotAllowed(_) => 1,
+            Refusal::Policy(_) => 2,
+            Refusal::TooManyWaiting => 3,
+            Refusal::AuthorizationTimeout => 4,
+            Refusal::TooManyJoins => 5,
+            Refusal::TooManyPendingJoins => 6,
+            Refusal::TopicTooLong => 7,
+            Refusal::TopicHasNul => 8,
+            Refusal::TopicRequired => 9,
+            Refusal::PrivateOnly => 10,
+            Refusal::TooManyChannels => 11,
+            Refusal::ReplayOnPublic => 12,
+            Refusal::ReplayInvalid => 13,
+            Refusal::Token(_) => 14,
+        }
+    }
+
     /// The text after `Unauthorized: `, or the whole text for other refusals.
     pub fn policy_text(&self) -> String {
         let text = self.to_string();
@@ -286,6 +327,25 @@ impl JwtError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusal_kinds_are_distinct_metric_labels() {
+        let kinds: std::collections::HashSet<_> = Refusal::KINDS.iter().collect();
+        assert_eq!(kinds.len(), Refusal::KINDS.len());
+        assert!(
+            Refusal::KINDS
+                .iter()
+                .all(|k| k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+        );
+        assert_eq!(
+            Refusal::KINDS[Refusal::TooManyJoins.kind_index()],
+            "too_many_joins"
+        );
+        assert_eq!(
+            Refusal::KINDS[Refusal::Token(JwtError::Missing).kind_index()],
+            "token"
+        );
+    }
 
     #[test]
     fn texts_are_supabases() {

@@ -18,6 +18,7 @@ use crate::broadcast::{Body, Outgoing, id_meta, json_object};
 use crate::events::AuthorizationPurpose;
 use crate::http::json_response;
 use crate::jwt::{Claims, unix_now};
+use crate::metrics::Source;
 use crate::protocol::Payload;
 use crate::refusal::{FieldError, HttpRefusal};
 use crate::topic::{self, MAX_SUBTOPIC_BYTES, TopicKey};
@@ -410,6 +411,7 @@ pub(crate) async fn batch(
             subtopic: m.topic,
         };
         inner.broker.publish(&key, &out, None);
+        inner.metrics.messages_in(Source::Rest, 1);
     }
     StatusCode::ACCEPTED.into_response()
 }
@@ -481,6 +483,7 @@ pub(crate) async fn single(
         subtopic: topic,
     };
     inner.broker.publish(&key, &out, None);
+    inner.metrics.messages_in(Source::Rest, 1);
     StatusCode::ACCEPTED.into_response()
 }
 

@@ -67,6 +67,8 @@ pub(crate) struct ConnUsage {
     identity: Mutex<(String, Option<String>)>,
     /// Joined channels (changed at join and leave only).
     channels: Mutex<BTreeSet<(String, bool)>>,
+    /// Client broadcasts this connection published (`realtime_messages_in_total`).
+    pub broadcasts_in: AtomicU64,
     /// Data frames (and their bytes) read from and written to the socket.
     pub messages_in: AtomicU64,
     pub bytes_in: AtomicU64,
@@ -96,6 +98,7 @@ impl ConnUsage {
                     .unwrap_or_default(),
             ),
             channels: Mutex::new(BTreeSet::new()),
+            broadcasts_in: AtomicU64::new(0),
             messages_in: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
             messages_out: AtomicU64::new(0),
@@ -225,11 +228,42 @@ pub enum DisconnectTarget {
     Sub(String),
 }
 
+/// What went through connections, as counters that only grow (`realtime_*_total`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct TrafficTotals {
+    /// Client broadcasts published.
+    pub messages_in: u64,
+    /// Frames written to sockets, and their bytes.
+    pub frames_out: u64,
+    pub bytes_out: u64,
+}
+
+impl std::ops::AddAssign for TrafficTotals {
+    fn add_assign(&mut self, o: TrafficTotals) {
+        self.messages_in += o.messages_in;
+        self.frames_out += o.frames_out;
+        self.bytes_out += o.bytes_out;
+    }
+}
+
+impl ConnUsage {
+    fn traffic(&self) -> TrafficTotals {
+        TrafficTotals {
+            messages_in: self.broadcasts_in.load(Ordering::Relaxed),
+            frames_out: self.messages_out.load(Ordering::Relaxed),
+            bytes_out: self.bytes_out.load(Ordering::Relaxed),
+        }
+    }
+}
+
 /// The live connections' counters.
 #[derive(Default)]
 pub(crate) struct ConnTable {
     conns: Mutex<HashMap<u64, Arc<ConnUsage>>>,
     next_id: AtomicU64,
+    /// The traffic of connections that have ended, so that totals never go down. Only
+    /// changed under the `conns` lock, together with the removal.
+    closed: Mutex<TrafficTotals>,
 }
 
 /// Removes a connection from the table when it ends (however it ends).
@@ -240,11 +274,12 @@ pub(crate) struct Registered<'a> {
 
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
-        self.table
-            .conns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.id);
+        let mut conns = self.table.conns.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(gone) = conns.remove(&self.id) {
+            // Folded in while the table is locked: a scrape sees the connection either live or
+            // closed, never neither.
+            *self.table.closed.lock().unwrap_or_else(|p| p.into_inner()) += gone.traffic();
+        }
     }
 }
 
@@ -301,6 +336,16 @@ impl ConnTable {
     }
 
     /// (queued bytes, held write bytes) over every connection.
+    /// Traffic over every connection since the server started, ended ones included.
+    pub(crate) fn traffic(&self) -> TrafficTotals {
+        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let mut total = *self.closed.lock().unwrap_or_else(|p| p.into_inner());
+        for c in conns.values() {
+            total += c.traffic();
+        }
+        total
+    }
+
     pub(crate) fn sum(&self) -> (u64, u64) {
         let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         conns.values().fold((0, 0), |(queued, held), c| {
@@ -389,6 +434,27 @@ mod tests {
         assert_eq!(
             table.disconnect(&DisconnectTarget::Sub("carol".into()), "x"),
             1
+        );
+    }
+
+    #[test]
+    fn traffic_totals_keep_ended_connections() {
+        let table = ConnTable::default();
+        let (handle, _rx) = ConnHandle::new(1, 1);
+        let a = Arc::new(ConnUsage::new(Arc::new(handle), None, "2.0.0", None));
+        let registered = table.register(a.clone());
+        a.count_out(3, 30);
+        a.broadcasts_in.fetch_add(1, Ordering::Relaxed);
+        let live = table.traffic();
+        drop(registered);
+        assert_eq!(table.traffic(), live);
+        assert_eq!(
+            live,
+            TrafficTotals {
+                messages_in: 1,
+                frames_out: 3,
+                bytes_out: 30
+            }
         );
     }
 }

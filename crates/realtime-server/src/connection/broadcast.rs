@@ -62,6 +62,9 @@ impl Conn {
         let exclude = if ch.broadcast_self { None } else { ch.sub_id };
         let msg = Outgoing::new(m.topic.clone(), body);
         self.inner.broker.publish(&ch.key, &msg, exclude);
+        self.usage
+            .broadcasts_in
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if ch.broadcast_ack {
             self.reply_ok(to);
         }

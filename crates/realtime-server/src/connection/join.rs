@@ -261,6 +261,9 @@ impl Conn {
             let state = self.inner.broker.presence_state(&key);
             self.push_presence_state(join_ref, &j.topic, &state);
         }
+        self.inner
+            .metrics
+            .messages_in(crate::metrics::Source::Replay, replay.len() as u64);
         for r in replay {
             let meta = json!({"replayed": true, "id": r.id}).to_string();
             let out = Outgoing::new(

@@ -104,6 +104,7 @@ impl Conn {
             "ok",
             json!({"postgres_changes": []}),
         );
+        self.inner.metrics.join_ok();
         self.push(frame);
     }
 
@@ -116,6 +117,7 @@ impl Conn {
         topic: &str,
         refusal: Refusal,
     ) {
+        self.inner.metrics.join_refused(&refusal);
         let reason = refusal.to_string();
         log::debug!(
             "refusing join of {}: {}",

@@ -108,23 +108,22 @@ pub(crate) async fn run(socket: WebSocket, info: ConnectInfo, inner: Arc<Inner>)
             Some(frame) = rx.recv() => {
                 // Whatever else is already queued goes out with it in one write (one system
                 // call instead of one per frame).
-                let counters = &usage;
+                // Counted per batch, into this connection's own counters: nothing shared is
+                // touched per frame.
                 let write = async {
-                    let mut bytes = frame.len() as u64;
-                    let mut frames = 1;
+                    let (mut frames, mut bytes) = (1, frame.len() as u64);
                     sink.feed(ws_message(frame)).await?;
                     for _ in 1..WRITE_BATCH {
                         match rx.try_recv() {
                             Some(frame) => {
-                                bytes += frame.len() as u64;
                                 frames += 1;
-                                sink.feed(ws_message(frame)).await?;
+                                bytes += frame.len() as u64;
+                                sink.feed(ws_message(frame)).await?
                             }
                             None => break,
                         }
                     }
-                    counters.count_out(frames, bytes);
-                    sink.flush().await
+                    sink.flush().await.map(|()| (frames, bytes))
                 };
                 tokio::pin!(write);
                 // A stuck write must not hide a shutdown, an overflow or an expired token.
@@ -132,9 +131,10 @@ pub(crate) async fn run(socket: WebSocket, info: ConnectInfo, inner: Arc<Inner>)
                     tokio::select! {
                         biased;
                         sent = &mut write => {
-                            if sent.is_err() {
+                            let Ok((frames, bytes)) = sent else {
                                 break 'conn Exit::Gone;
-                            }
+                            };
+                            usage.count_out(frames, bytes);
                             break;
                         }
                         _ = &mut overflowed => break 'conn Exit::SlowConsumer,
@@ -189,6 +189,7 @@ pub(crate) async fn run(socket: WebSocket, info: ConnectInfo, inner: Arc<Inner>)
         Exit::SlowConsumer => {
             let reason = Close::SlowConsumer.reason();
             log::info!("closing a realtime connection: {reason}");
+            inner.metrics.slow_consumer();
             Some(Close::SlowConsumer)
         }
         Exit::Idle => Some(Close::Idle),
