@@ -39,6 +39,11 @@ fn _node_relay(envelope: &[u8]) {
     if let Err(e) = staging::stage_relay(envelope) {
         e.raise();
     }
+    // Before this call returns: the standby serves its clients once its link works, and what
+    // commits from then on must already be on the bus.
+    crate::queue::shmem::stats()
+        .standby_heard
+        .store(true, std::sync::atomic::Ordering::Release);
 }
 
 /// Runs a standby's checks (the JSON list its link sends) as the worker would, each in a

@@ -32,6 +32,10 @@ pub struct Stats {
     /// Rows of `realtime.presence_events` the worker could not write (its buffer was full, or
     /// a batch failed).
     pub presence_events_dropped: AtomicU64,
+    /// Set by `realtime._node_relay` when a standby's worker reaches this primary: from then
+    /// on the primary's worker writes the bus, before it has even taken the standby's hello
+    /// off the commit queue.
+    pub standby_heard: AtomicBool,
     /// What the worker holds, as of its last snapshot.
     pub usage: UsageGauges,
 }

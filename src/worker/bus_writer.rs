@@ -81,7 +81,20 @@ impl BusWriter {
         }
     }
 
-    pub fn relaying(&self) -> bool {
+    /// Whether the bus is written. A standby's first relay call turns it on at once (through
+    /// shared memory), before its envelope is even taken off the commit queue.
+    pub fn relaying(&mut self, server: &Server) -> bool {
+        if self.last_heard.is_none()
+            && crate::queue::shmem::stats()
+                .standby_heard
+                .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            log!(
+                "pg_realtime: a standby's worker reached this primary; writing the bus into the WAL"
+            );
+            self.last_heard = Some(Instant::now());
+            server.set_relaying(true);
+        }
         self.last_heard.is_some()
     }
 

@@ -163,7 +163,7 @@ impl ServerLink {
     pub fn pump_bus(&mut self) -> bool {
         match &mut self.role {
             Role::Primary(writer) => {
-                if writer.relaying() {
+                if writer.relaying(&self.server) {
                     let own: Vec<Vec<u8>> = self
                         .server
                         .take_bus_envelope(ENVELOPE_BYTES)
@@ -243,7 +243,10 @@ impl ServerLink {
     pub fn publish(&mut self, messages: Vec<Committed>) -> u64 {
         let mut dropped = 0u64;
         let mut presence_topics = BTreeSet::new();
-        let relaying = matches!(&self.role, Role::Primary(w) if w.relaying());
+        let relaying = match &mut self.role {
+            Role::Primary(writer) => writer.relaying(&self.server),
+            Role::Standby(_) => false,
+        };
         let mut frames = Vec::new();
         let mut relayed = Vec::new();
         for m in messages {
@@ -280,7 +283,7 @@ impl ServerLink {
         }
         presence::sync(&self.server, presence_topics);
         if let Role::Primary(writer) = &mut self.role
-            && writer.relaying()
+            && writer.relaying(&self.server)
         {
             let mut envelopes = Vec::with_capacity(relayed.len() + 1);
             if !frames.is_empty() {

@@ -185,6 +185,9 @@ impl Inner {
     }
 }
 
+/// How long a standby waits for its link to the primary before it serves anyway.
+const BUS_WAIT: Duration = Duration::from_secs(10);
+
 /// How long [`Server::publish`] waits for room in a full publish queue before it drops.
 const PUBLISH_WAIT: Duration = Duration::from_millis(100);
 
@@ -385,11 +388,17 @@ impl Server {
             worker_stats: std::sync::Mutex::new(None),
         });
         let app = http::router(inner.clone(), max_frame_bytes);
+        // A standby serves once its link reached the primary (or after BUS_WAIT, when the
+        // primary is away): before that the primary may not write the bus yet, and a client
+        // that joined could miss what commits. Connections wait in the listen backlog.
+        let (bus_ready_tx, bus_ready) = watch::channel(standby.is_none());
         for listener in listeners {
             let app = app.clone();
             let inner = inner.clone();
             let mut stop = inner.shutdown.clone();
+            let mut bus_ready = bus_ready.clone();
             runtime.spawn(async move {
+                let _ = tokio::time::timeout(BUS_WAIT, bus_ready.wait_for(|r| *r)).await;
                 // Frames are small and already batched per flush: Nagle's algorithm would only
                 // hold a reply back until the client's delayed ACK (~40 ms) whenever an earlier
                 // write is unacknowledged, e.g. a join reply right after a leave reply.
@@ -427,6 +436,7 @@ impl Server {
                 link,
                 broker.clone(),
                 rx,
+                bus_ready_tx,
                 inner.shutdown.clone(),
             ));
             tx

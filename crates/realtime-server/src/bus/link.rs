@@ -180,6 +180,7 @@ pub(crate) async fn run(
     config: tokio_postgres::Config,
     broker: Arc<ReplicatedBroker>,
     mut forwarded: mpsc::Receiver<Forwarded>,
+    ready: watch::Sender<bool>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut retry = RETRY_FIRST;
@@ -203,6 +204,7 @@ pub(crate) async fn run(
                         let mut link = Health {
                             last_error: &mut last_error,
                             retry: &mut retry,
+                            ready: &ready,
                         };
                         serve(&client, &broker, &mut forwarded, &mut stop, &mut link).await
                     }
@@ -234,11 +236,14 @@ pub(crate) async fn run(
 struct Health<'a> {
     last_error: &'a mut Option<String>,
     retry: &'a mut Duration,
+    /// Told once the primary took this node's hello: the node may serve.
+    ready: &'a watch::Sender<bool>,
 }
 
 impl Health<'_> {
     /// A call on the link succeeded.
     fn works(&mut self) {
+        self.ready.send_if_modified(|r| !std::mem::replace(r, true));
         *self.retry = RETRY_FIRST;
         if self.last_error.take().is_some() {
             log::info!("realtime: the link to the primary works again");
