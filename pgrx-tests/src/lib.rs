@@ -579,10 +579,7 @@ impl Socket {
             "ws://127.0.0.1:{}/realtime/v1/websocket?apikey={token}&vsn={vsn}",
             cluster.ws_port
         );
-        let (ws, _) = tungstenite::connect(url)?;
-        if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_ref() {
-            s.set_read_timeout(Some(Duration::from_millis(200))).ok();
-        }
+        let ws = connect_bounded(&url, cluster.ws_port)?;
         Ok(Socket {
             ws,
             vsn,
@@ -694,6 +691,31 @@ impl Socket {
 
 /// A client WebSocket over plain TCP, as the tests open them.
 pub type Stream = tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<std::net::TcpStream>>;
+
+/// How long a WebSocket handshake may take before the test fails instead of hanging: a
+/// server that accepts the TCP connection but never answers the upgrade must not block a
+/// test run forever.
+const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
+
+/// `tungstenite::connect` with a bounded TCP connect and handshake; reads on the returned
+/// stream time out after 200 ms, so every receive loop can keep its own deadline.
+pub fn connect_bounded(url: &str, port: u16) -> Result<Stream, tungstenite::Error> {
+    let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let tcp = std::net::TcpStream::connect_timeout(&address, HANDSHAKE_LIMIT)?;
+    tcp.set_read_timeout(Some(HANDSHAKE_LIMIT))?;
+    tcp.set_write_timeout(Some(HANDSHAKE_LIMIT))?;
+    let (ws, _) = tungstenite::client(url, tungstenite::stream::MaybeTlsStream::Plain(tcp))
+        .map_err(|e| match e {
+            tungstenite::HandshakeError::Failure(e) => e,
+            tungstenite::HandshakeError::Interrupted(_) => tungstenite::Error::Io(
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "websocket handshake timed out"),
+            ),
+        })?;
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_ref() {
+        s.set_read_timeout(Some(Duration::from_millis(200)))?;
+    }
+    Ok(ws)
+}
 
 /// One frame as it came off the socket.
 #[derive(Debug)]

@@ -1096,7 +1096,6 @@ fn a_silent_standbys_members_leave_after_its_lease() {
 /// The primary restarts: clients that stayed connected on the standbys keep their sockets and
 /// get every message committed before and after, in order.
 #[test]
-#[ignore = "hangs in a socket read since the standby gating change: under investigation (issue 13 note)"]
 fn a_primary_restart_loses_nothing_for_clients_on_standbys() {
     let (primary, s1, s2) = three_nodes("mn_primary_restart", &[]);
     let mut subs = [
