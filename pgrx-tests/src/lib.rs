@@ -707,9 +707,12 @@ pub fn connect_bounded(url: &str, port: u16) -> Result<Stream, tungstenite::Erro
     let (ws, _) = tungstenite::client(url, tungstenite::stream::MaybeTlsStream::Plain(tcp))
         .map_err(|e| match e {
             tungstenite::HandshakeError::Failure(e) => e,
-            tungstenite::HandshakeError::Interrupted(_) => tungstenite::Error::Io(
-                std::io::Error::new(std::io::ErrorKind::TimedOut, "websocket handshake timed out"),
-            ),
+            tungstenite::HandshakeError::Interrupted(_) => {
+                tungstenite::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "websocket handshake timed out",
+                ))
+            }
         })?;
     if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_ref() {
         s.set_read_timeout(Some(Duration::from_millis(200)))?;
