@@ -30,6 +30,67 @@ pub struct Cluster {
 /// Log lines that mean a server process died or the cluster reinitialized.
 const CRASH_MARKERS: [&str; 3] = ["terminated by signal", "PANIC", "reinitializing"];
 
+/// The JavaScript test workspace (`pgrx-tests/js`), checked to have `package` installed.
+pub fn js_dir(package: &str) -> PathBuf {
+    let js = Path::new(env!("CARGO_MANIFEST_DIR")).join("js");
+    assert!(
+        js.join("node_modules").join(package).exists(),
+        "run `npm ci` in {} first (scripts/test does)",
+        js.display()
+    );
+    js
+}
+
+/// Runs `program` in the JavaScript workspace with `env`, and returns whether it succeeded and
+/// what it printed. Killed with its whole process group after `limit`, so a client that waits
+/// forever fails its test instead of hanging the run.
+pub fn run_js(
+    program: &str,
+    args: &[&str],
+    env: &[(&str, String)],
+    limit: Duration,
+) -> (bool, String) {
+    use std::os::unix::process::CommandExt;
+    let js = js_dir("@supabase/supabase-js");
+    let log = std::env::temp_dir().join(format!(
+        "pg_realtime_js_{}_{}.log",
+        std::process::id(),
+        free_port()
+    ));
+    let out = std::fs::File::create(&log).expect("a log file for the JS run");
+    let err = out.try_clone().expect("the log file, twice");
+    let mut child = Command::new(program)
+        .args(args)
+        .current_dir(&js)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdout(out)
+        .stderr(err)
+        .process_group(0)
+        .spawn()
+        .unwrap_or_else(|e| panic!("{program} runs: {e}"));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for the JS run") {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            // The whole group: npm's node children hold the log open and would outlive it.
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", child.id())])
+                .output();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut said = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
+    if status.is_none() {
+        said.push_str(&format!("\n[killed after {limit:?}]\n"));
+    }
+    (status.is_some_and(|s| s.success()), said)
+}
+
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -395,9 +456,12 @@ impl Cluster {
         check("pg_ctl", as_postgres(&format!("{BIN}/pg_ctl"), &all));
     }
 
+    /// Bounded in time like the tests' sockets: a statement that blocks fails its test after
+    /// two minutes instead of hanging the run.
     pub fn connection_string(&self) -> String {
         format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            "host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout=30 \
+             options='-c statement_timeout=120s'",
             self.pg_port
         )
     }

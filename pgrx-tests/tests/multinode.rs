@@ -8,8 +8,6 @@ use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// How long any cross-node effect may take. Generous: a standby sees a commit only once it has
@@ -1209,12 +1207,6 @@ fn a_promoted_standby_delivers_its_own_sends() {
 /// standbys: broadcasts, database messages, presence and private channels across nodes.
 #[test]
 fn supabase_js_across_nodes() {
-    let js = Path::new(env!("CARGO_MANIFEST_DIR")).join("js");
-    assert!(
-        js.join("node_modules/@supabase/supabase-js").exists(),
-        "run `npm ci` in {} first (scripts/test does)",
-        js.display()
-    );
     let (primary, s1, s2) = three_nodes("mn_js", &[]);
     let nodes: Vec<Value> = [
         ("primary", &primary),
@@ -1224,17 +1216,20 @@ fn supabase_js_across_nodes() {
     .iter()
     .map(|(name, node)| json!({"name": name, "http": node.http_url(), "pg": node.pg_url()}))
     .collect();
-    let status = Command::new("npm")
-        .args(["run", "test:multinode"])
-        .current_dir(&js)
-        .env("PG_REALTIME_NODES", Value::Array(nodes).to_string())
-        .env(
-            "PG_REALTIME_JWT_SECRET",
-            realtime_integration_tests::JWT_SECRET,
-        )
-        .status()
-        .expect("npm runs");
-    if !status.success() {
+    let (ok, said) = realtime_integration_tests::run_js(
+        "npm",
+        &["run", "test:multinode"],
+        &[
+            ("PG_REALTIME_NODES", Value::Array(nodes).to_string()),
+            (
+                "PG_REALTIME_JWT_SECRET",
+                realtime_integration_tests::JWT_SECRET.to_owned(),
+            ),
+        ],
+        Duration::from_secs(600),
+    );
+    println!("{said}");
+    if !ok {
         for (name, node) in [
             ("primary", &primary),
             ("standby 1", &s1),
@@ -1243,5 +1238,5 @@ fn supabase_js_across_nodes() {
             eprintln!("--- {name} log ---\n{}", node.log());
         }
     }
-    assert!(status.success(), "the supabase-js multi-node suite failed");
+    assert!(ok, "the supabase-js multi-node suite failed");
 }

@@ -2,7 +2,7 @@
 //! a scrape `promtool` accepts) and the inspector page (embedded files, security headers, and
 //! driven in headless Chromium).
 
-use realtime_integration_tests::{Cluster, Socket, eventually, jwt};
+use realtime_integration_tests::{Cluster, Socket, eventually, js_dir, jwt, run_js};
 use serde_json::json;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -377,12 +377,7 @@ fn the_inspector_is_served_from_the_binary_and_can_be_turned_off() {
 #[test]
 fn vendored_supabase_js_is_the_pinned_package() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let package = root.join("js/node_modules/@supabase/supabase-js");
-    assert!(
-        package.exists(),
-        "run `npm ci` in {} first (scripts/test does)",
-        root.join("js").display()
-    );
+    let package = js_dir("@supabase/supabase-js").join("node_modules/@supabase/supabase-js");
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(package.join("package.json")).expect("package.json"))
             .expect("JSON");
@@ -416,12 +411,7 @@ fn artifacts() -> PathBuf {
 /// connection count, then the refusal reason of a private join; nothing fetched from elsewhere.
 #[test]
 fn the_inspector_works_in_headless_chromium() {
-    let js = Path::new(env!("CARGO_MANIFEST_DIR")).join("js");
-    assert!(
-        js.join("node_modules/playwright-core").exists(),
-        "run `npm ci` in {} first (scripts/test does)",
-        js.display()
-    );
+    js_dir("playwright-core");
     assert!(
         Path::new("/usr/bin/chromium").exists(),
         "the inspector test needs Debian's `chromium` package (scripts/deps.sh installs it)"
@@ -429,32 +419,29 @@ fn the_inspector_works_in_headless_chromium() {
     let cluster = Cluster::start("ops_chromium", &[]);
     let screenshot = artifacts().join("inspector.png");
     let _ = std::fs::remove_file(&screenshot);
-    let output = Command::new("node")
-        .arg("inspector/inspector.mjs")
-        .current_dir(&js)
-        .env(
-            "PG_REALTIME_HTTP_URL",
-            format!("http://127.0.0.1:{}", cluster.ws_port),
-        )
-        .env(
-            "PG_REALTIME_PG_URL",
-            format!("postgres://postgres@127.0.0.1:{}/postgres", cluster.pg_port),
-        )
-        .env("PG_REALTIME_TOKEN", jwt(json!({})))
-        .env("PG_REALTIME_PUBLIC_TOPIC", "inspector-room")
-        .env("PG_REALTIME_PRIVATE_TOPIC", "inspector-secret")
-        .env("PG_REALTIME_SCREENSHOT", &screenshot)
-        .output()
-        .expect("node runs");
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
+    let (ok, said) = run_js(
+        "node",
+        &["inspector/inspector.mjs"],
+        &[
+            (
+                "PG_REALTIME_HTTP_URL",
+                format!("http://127.0.0.1:{}", cluster.ws_port),
+            ),
+            (
+                "PG_REALTIME_PG_URL",
+                format!("postgres://postgres@127.0.0.1:{}/postgres", cluster.pg_port),
+            ),
+            ("PG_REALTIME_TOKEN", jwt(json!({}))),
+            ("PG_REALTIME_PUBLIC_TOPIC", "inspector-room".to_owned()),
+            ("PG_REALTIME_PRIVATE_TOPIC", "inspector-secret".to_owned()),
+            ("PG_REALTIME_SCREENSHOT", screenshot.display().to_string()),
+        ],
+        Duration::from_secs(300),
     );
-    if !output.status.success() {
+    if !ok {
         eprintln!("--- server log ---\n{}", cluster.log());
     }
-    assert!(output.status.success(), "the inspector run failed:\n{said}");
+    assert!(ok, "the inspector run failed:\n{said}");
     assert!(
         screenshot.exists(),
         "a screenshot at {}",
