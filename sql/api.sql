@@ -35,6 +35,12 @@ BEGIN
         END IF;
     END LOOP;
     DELETE FROM realtime.messages_default WHERE inserted_at < cutoff;
+    -- A resume from before what was just dropped is told that it may miss messages.
+    UPDATE realtime.replay_horizon
+       SET lost_through = greatest(lost_through,
+                                   (SELECT max(last_lsn) FROM realtime.replay_days WHERE day < cutoff))
+     WHERE EXISTS (SELECT 1 FROM realtime.replay_days WHERE day < cutoff);
+    DELETE FROM realtime.replay_days WHERE day < cutoff;
     -- Presence events are kept as long as messages.
     DELETE FROM realtime.presence_events WHERE at < now() - keep;
     PERFORM realtime._create_partitions();

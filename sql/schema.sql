@@ -11,6 +11,10 @@ CREATE TABLE realtime.messages (
     inserted_at timestamp without time zone NOT NULL DEFAULT now(),
     id uuid NOT NULL DEFAULT gen_random_uuid(),
     binary_payload bytea,
+    -- The message's offset: its commit LSN and index in its transaction, written back by the
+    -- worker once delivered (see realtime.replay_horizon).
+    commit_lsn pg_lsn,
+    commit_index integer,
     CONSTRAINT messages_pkey PRIMARY KEY (id, inserted_at),
     CONSTRAINT messages_payload_exclusive CHECK (payload IS NULL OR binary_payload IS NULL) NOT VALID
 ) PARTITION BY RANGE (inserted_at);
@@ -22,6 +26,10 @@ COMMENT ON TABLE realtime.messages IS
 -- Replay reads the newest private broadcasts of a topic.
 CREATE INDEX messages_inserted_at_topic_index ON realtime.messages (inserted_at DESC, topic)
     WHERE extension = 'broadcast' AND private IS TRUE;
+
+-- A resume reads the messages of a topic after an offset.
+CREATE INDEX messages_topic_offset_index ON realtime.messages (topic, commit_lsn, commit_index)
+    WHERE commit_lsn IS NOT NULL;
 
 -- No policy: ordinary roles see and write nothing until the owner writes policies.
 ALTER TABLE realtime.messages ENABLE ROW LEVEL SECURITY;
@@ -64,3 +72,29 @@ AS $$
 $$;
 
 SELECT realtime._create_partitions();
+
+-- What a resume (config.broadcast.replay.offset) can no longer give. One row: offsets up to
+-- lost_through may have successors that are gone, dropped by retention or never given an
+-- offset because the worker stopped without storing it (worker_running is left true by a
+-- worker that did not stop cleanly). Kept by the worker and by maintain_partitions.
+CREATE TABLE realtime.replay_horizon (
+    lost_through pg_lsn NOT NULL DEFAULT '0/0',
+    worker_running boolean NOT NULL DEFAULT false,
+    single_row boolean PRIMARY KEY DEFAULT true CHECK (single_row)
+);
+INSERT INTO realtime.replay_horizon DEFAULT VALUES;
+
+-- The newest offset stored for each day of inserted_at: when a day is dropped by retention,
+-- lost_through moves up to it.
+CREATE TABLE realtime.replay_days (
+    day date PRIMARY KEY,
+    last_lsn pg_lsn NOT NULL
+);
+
+REVOKE ALL ON TABLE realtime.replay_horizon, realtime.replay_days FROM PUBLIC;
+GRANT SELECT ON TABLE realtime.replay_horizon, realtime.replay_days TO pg_monitor;
+COMMENT ON TABLE realtime.replay_horizon IS
+    'Offsets up to lost_through may have successors that are no longer stored (retention, or a worker that '
+    'stopped without storing offsets); a resume from such an offset is told so. Kept by the worker.';
+COMMENT ON TABLE realtime.replay_days IS
+    'Internal: the newest stored offset per day of realtime.messages.inserted_at, for realtime.replay_horizon.';

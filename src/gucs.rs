@@ -62,8 +62,12 @@ static MAX_CHANNELS_PER_CONNECTION: GucSetting<i32> = GucSetting::<i32>::new(100
 /// Frames that may wait for one slow connection before it is disconnected.
 static OUTBOUND_QUEUE: GucSetting<i32> = GucSetting::<i32>::new(1024);
 
-/// Largest `config.broadcast.replay.limit` honoured (Supabase caps it at 25).
-static REPLAY_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(25);
+/// Largest `config.broadcast.replay.limit` honoured (Supabase caps it at 25; a resume after an
+/// offset wants everything it missed).
+static REPLAY_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(1000);
+
+/// Public channels may replay their stored messages too (anyone can then read them).
+static PUBLIC_REPLAY: GucSetting<bool> = GucSetting::<bool>::new(false);
 
 /// Presence calls (track/untrack) one channel may make per window; 0 turns the limit off.
 static PRESENCE_CALLS_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(5);
@@ -292,11 +296,11 @@ pub fn init() {
     );
     GucRegistry::define_int_guc(
         c"realtime.replay_limit",
-        c"Most stored messages one private join may replay (config.broadcast.replay.limit).",
-        c"Supabase caps the limit at 25; larger requests are clamped to this value.",
+        c"Most stored messages one join may replay (config.broadcast.replay.limit).",
+        c"Larger requests are clamped to this value, and a resume that misses more is told so. A `since` replay without a limit gets 25, as in Supabase.",
         &REPLAY_LIMIT,
         1,
-        100_000,
+        10_000,
         GucContext::Sighup,
         none,
     );
@@ -355,6 +359,14 @@ pub fn init() {
         c"Write socket presence joins, updates and leaves into realtime.presence_events.",
         c"Rows are written by the primary's worker in batches; put triggers on the table to react to them.",
         &PRESENCE_EVENTS,
+        GucContext::Sighup,
+        none,
+    );
+    GucRegistry::define_bool_guc(
+        c"realtime.public_replay",
+        c"Let joins of public channels replay stored messages (config.broadcast.replay).",
+        c"Off as in Supabase: anyone may join a public channel, so anyone could then read its stored history.",
+        &PUBLIC_REPLAY,
         GucContext::Sighup,
         none,
     );
@@ -630,6 +642,7 @@ pub fn server_config() -> Config {
         worker_threads: count(&WORKER_THREADS),
         authorize_private: true,
         max_replay_limit: count(&REPLAY_LIMIT),
+        public_replay: PUBLIC_REPLAY.get(),
         presence_calls_limit: PRESENCE_CALLS_LIMIT.get().max(0) as u32,
         presence_calls_window: seconds(&PRESENCE_CALLS_WINDOW).max(Duration::from_secs(1)),
         outbound_queue_bytes: kb_bytes(&OUTBOUND_QUEUE_SIZE),

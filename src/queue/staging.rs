@@ -216,6 +216,7 @@ pub fn stage_relay(envelope: &[u8]) -> Result<(), RealtimeError> {
         topic: "bus",
         event: "",
         id: "",
+        inserted_at: 0,
         private: false,
         kind: PayloadKind::Relay,
         payload: envelope,
@@ -228,6 +229,7 @@ pub fn stage_presence_sync(topic: &str, private: bool) -> Result<(), RealtimeErr
         topic,
         event: "",
         id: "",
+        inserted_at: 0,
         private,
         kind: PayloadKind::PresenceSync,
         payload: &[],
@@ -298,6 +300,8 @@ fn stage_row(trigger: &PgTrigger<'_>) -> Result<(), RealtimeError> {
     let private: bool = row.get_by_name("private").map_err(datum)?.unwrap_or(false);
     let id: Option<pgrx::Uuid> = row.get_by_name("id").map_err(datum)?;
     let id = id.map(|u| u.to_string()).unwrap_or_default();
+    let inserted_at: Option<Timestamp> = row.get_by_name("inserted_at").map_err(datum)?;
+    let inserted_at = inserted_at.map_or(0, Timestamp::into_inner);
     require_checked_topic(&topic, messages)?;
     let json = payload_text(trigger)?;
     let binary: Option<&[u8]> = row.get_by_name("binary_payload").map_err(datum)?;
@@ -311,6 +315,7 @@ fn stage_row(trigger: &PgTrigger<'_>) -> Result<(), RealtimeError> {
         topic: &topic,
         event: &event,
         id: &id,
+        inserted_at,
         private,
         kind,
         payload: &payload,

@@ -12,15 +12,27 @@ use pgrx::PgOid;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::spi::OwnedPreparedStatement;
+use realtime_server::offset::Offset;
 use realtime_server::{
-    Authorization, AuthorizationPurpose, AuthorizationRequest, Claims, Payload, Refusal,
-    ReplayParams, Replayed,
+    Authorization, AuthorizationPurpose, AuthorizationRequest, Claims, Payload, Refusal, Replay,
+    ReplayFrom, ReplayGap, ReplayParams, Replayed,
 };
 
 const BROADCAST: &str = "broadcast";
 const PRESENCE: &str = "presence";
 /// A policy that runs longer than this fails the check instead of stalling the worker.
 const AUTHORIZATION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Bytes of payload one replay holds at most (`realtime.replay_limit` bounds the count): past
+/// it, the oldest messages are left out and the client is told.
+const REPLAY_BYTES: usize = 16 * 1024 * 1024;
+
+/// The rights on a public channel: no policy applies.
+pub const PUBLIC: Authorization = Authorization {
+    broadcast_read: true,
+    broadcast_write: true,
+    presence_read: true,
+    presence_write: true,
+};
 
 type KeptPlan = std::cell::OnceCell<OwnedPreparedStatement>;
 
@@ -247,7 +259,7 @@ fn write_checks(request: &AuthorizationRequest, write: &[&str]) -> Result<Vec<Ve
 /// that raises refuses that request alone ([`Refusal::RoleNotAllowed`], [`Refusal::Policy`]).
 pub fn answer_all(
     requests: &[AuthorizationRequest],
-) -> Vec<(Result<Authorization, Refusal>, Vec<Replayed>)> {
+) -> Vec<(Result<Authorization, Refusal>, Replay)> {
     // The policies' search_path is set once for the batch, not per check: the statements run
     // before the role is switched (the probe inserts, realtime._authorize_writes up to its
     // SET ROLE) name everything with its schema, so no other schema can shadow them.
@@ -296,6 +308,7 @@ pub fn explain_checks(
         presence: true,
         purpose: AuthorizationPurpose::Join,
         replay: None,
+        private: true,
     };
     let checks = [
         (false, BROADCAST),
@@ -325,7 +338,7 @@ pub fn explain_checks(
 pub fn with_local_replay(
     requests: &[AuthorizationRequest],
     forwarded: Vec<Result<Authorization, Refusal>>,
-) -> Vec<(Result<Authorization, Refusal>, Vec<Replayed>)> {
+) -> Vec<(Result<Authorization, Refusal>, Replay)> {
     requests
         .iter()
         .zip(forwarded)
@@ -336,63 +349,147 @@ pub fn with_local_replay(
         .collect()
 }
 
-fn replay_for(
-    request: &AuthorizationRequest,
-    rights: &Result<Authorization, Refusal>,
-) -> Vec<Replayed> {
+fn replay_for(request: &AuthorizationRequest, rights: &Result<Authorization, Refusal>) -> Replay {
     match (rights, request.replay) {
-        (Ok(r), Some(params)) if r.broadcast_read => match replay(&request.subtopic, params) {
-            Ok(messages) => messages,
-            Err(e) => {
-                // Joining still works; the client only misses the history.
-                log!("pg_realtime: replay for {} failed: {e}", request.subtopic);
-                Vec::new()
+        (Ok(r), Some(params)) if r.broadcast_read => {
+            match replay(&request.subtopic, request.private, params) {
+                Ok(replay) => replay,
+                Err(e) => {
+                    // Joining still works; the client only misses the history.
+                    log!("pg_realtime: replay for {} failed: {e}", request.subtopic);
+                    Replay::default()
+                }
             }
-        },
-        _ => Vec::new(),
+        }
+        _ => Replay::default(),
     }
 }
 
-/// Broadcast Replay (as Supabase): the newest `limit` stored private broadcasts of the topic
-/// since `since_ms`, oldest first. Read as the owner: the read check already passed.
-fn replay(topic: &str, params: ReplayParams) -> Result<Vec<Replayed>, String> {
+/// The stored broadcasts of a topic a join asked for, oldest first. `since` (Supabase's
+/// Broadcast Replay): the newest `limit` stored since then. `offset` (resume): the newest
+/// `limit` stored after it, in commit order, and whether any are missing. Read as the owner:
+/// the read check already passed. Expired messages (a `ttl` ran out) are not replayed.
+fn replay(topic: &str, private: bool, params: ReplayParams) -> Result<Replay, String> {
     transaction::rolled_back(AUTHORIZATION_TIMEOUT, || {
         Spi::connect(|client| {
+            // The newest `limit` messages after the start, then, newest first, as many as fit in
+            // REPLAY_BYTES; `fetched` (one more than the limit at most) tells whether anything
+            // was left out. The bound is applied in SQL, so the worker never holds more.
+            let (start, order) = match params.from {
+                ReplayFrom::Since(_) => (
+                    "inserted_at >= to_timestamp($3::float8 / 1000::float8)
+                     AND inserted_at < now() + interval '1 minute' AND $4::int4 IS NOT NULL",
+                    "inserted_at, commit_lsn, commit_index",
+                ),
+                ReplayFrom::After(_) => (
+                    "commit_lsn IS NOT NULL
+                     AND (commit_lsn, commit_index) > ($3::text::pg_lsn, $4::int4)",
+                    "commit_lsn, commit_index",
+                ),
+            };
+            let descending = order.replace(',', " DESC,") + " DESC";
+            let query = format!(
+                "SELECT id::text, event, payload::text, binary_payload,
+                        (commit_lsn - '0/0'::pg_lsn)::int8, commit_index, fetched FROM (
+                     SELECT *, count(*) OVER () AS fetched,
+                            row_number() OVER (ORDER BY {descending}) AS n,
+                            sum(coalesce(octet_length(payload::text), octet_length(binary_payload), 0))
+                                OVER (ORDER BY {descending}) AS bytes
+                       FROM (SELECT id, event, payload, binary_payload, inserted_at, commit_lsn, commit_index
+                               FROM realtime.messages
+                              WHERE topic = $1 AND private = $2 AND extension = 'broadcast'
+                                AND event IS NOT NULL AND {start}
+                              ORDER BY {descending} LIMIT $5 + 1) AS newest) AS sized
+                  WHERE n <= $5 AND bytes <= $6
+                  ORDER BY {order}"
+            );
+            let (since_ms, lsn, index) = match params.from {
+                ReplayFrom::Since(ms) => (ms, String::new(), 0),
+                ReplayFrom::After(o) => {
+                    (0, o.lsn_text(), i32::try_from(o.index).unwrap_or(i32::MAX))
+                }
+            };
+            let lsn_or_since: pgrx::datum::DatumWithOid<'_> = match params.from {
+                ReplayFrom::Since(_) => since_ms.into(),
+                ReplayFrom::After(_) => lsn.into(),
+            };
             let rows = client
                 .select(
-                    "SELECT id::text, event, payload::text, binary_payload FROM (
-                         SELECT id, event, payload, binary_payload, inserted_at
-                           FROM realtime.messages
-                          WHERE topic = $1 AND private AND extension = 'broadcast'
-                            AND event IS NOT NULL
-                            AND inserted_at >= to_timestamp($2::float8 / 1000::float8)
-                            AND inserted_at < now() + interval '1 minute'
-                          ORDER BY inserted_at DESC LIMIT $3) AS newest
-                      ORDER BY inserted_at",
+                    &query,
                     None,
-                    &[topic.into(), params.since_ms.into(), params.limit.into()],
+                    &[
+                        topic.into(),
+                        private.into(),
+                        lsn_or_since,
+                        index.into(),
+                        params.limit.into(),
+                        (REPLAY_BYTES as i64).into(),
+                    ],
                 )
                 .map_err(|e| e.to_string())?;
-            let mut out = Vec::new();
+            let mut fetched = 0i64;
+            let mut messages = Vec::new();
             for row in rows {
                 let get_text = |i: usize| row.get::<String>(i).map_err(|e| e.to_string());
                 let id = get_text(1)?.unwrap_or_default();
                 let event = get_text(2)?.unwrap_or_default();
                 let json = get_text(3)?;
                 let binary = row.get::<Vec<u8>>(4).map_err(|e| e.to_string())?;
+                let lsn = row.get::<i64>(5).map_err(|e| e.to_string())?;
+                let index = row.get::<i32>(6).map_err(|e| e.to_string())?;
+                fetched = row.get::<i64>(7).map_err(|e| e.to_string())?.unwrap_or(0);
                 let payload = match (json, binary) {
                     (_, Some(bytes)) => Payload::Binary(bytes.into()),
                     (Some(text), None) => Payload::Json(text.into()),
                     (None, None) => Payload::Json(bytes::Bytes::from_static(b"{}")),
                 };
-                out.push(Replayed { id, event, payload });
+                let offset = lsn
+                    .zip(index)
+                    .map(|(lsn, index)| Offset::new(lsn as u64, index as u32));
+                messages.push(Replayed {
+                    id,
+                    event,
+                    payload,
+                    offset,
+                });
             }
-            Ok(out)
+            // Only a resume promises everything after a point; `since` asks for the newest.
+            let ReplayFrom::After(after) = params.from else {
+                return Ok(Replay {
+                    messages,
+                    gap: None,
+                });
+            };
+            let lost_through = client
+                .select(
+                    "SELECT (lost_through - '0/0'::pg_lsn)::int8 FROM realtime.replay_horizon",
+                    Some(1),
+                    &[],
+                )
+                .map_err(|e| e.to_string())?
+                .first()
+                .get::<i64>(1)
+                .map_err(|e| e.to_string())?
+                .unwrap_or(0);
+            // Messages that may be gone weigh more than messages left out by the limit.
+            let gap = if after.lsn < lost_through as u64 {
+                Some(ReplayGap::NotKept)
+            } else if fetched > messages.len() as i64 {
+                Some(ReplayGap::Limit {
+                    limit: messages.len() as i64,
+                })
+            } else {
+                None
+            };
+            Ok(Replay { messages, gap })
         })
     })
 }
 
 fn rights(request: &AuthorizationRequest) -> Result<Authorization, Refusal> {
+    if !request.private {
+        return Ok(PUBLIC);
+    }
     // Reads at join, writes at the first write (as Supabase): most subscribers never write.
     let extensions = if request.presence {
         vec![BROADCAST, PRESENCE]

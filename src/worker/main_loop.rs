@@ -67,6 +67,7 @@ pub fn run(database_name: &str) {
             next_maintenance = next_maintenance.min(Instant::now() + maintenance::interval());
         }
         main_loop.deliver();
+        main_loop.link.store_offsets_if_due();
         main_loop.pump_bus();
         if Instant::now() >= next_maintenance && !standby {
             next_maintenance = Instant::now() + maintenance::run();
@@ -149,6 +150,9 @@ impl MainLoop {
         let mut own = self.own_poll_interval();
         if self.link.presence_events_waiting() {
             own = own.min(PRESENCE_EVENTS_POLL);
+        }
+        if let Some(due) = self.link.offsets_due_in() {
+            own = own.min(due);
         }
         if !self.link.is_standby() {
             return self.link.bus_poll().map_or(own, |flush| own.min(flush));

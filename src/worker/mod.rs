@@ -10,6 +10,7 @@
 //! - `presence_events`: socket presence changes written into `realtime.presence_events`;
 //! - `admin`: answers SQL backends' requests about sockets (list them, close some);
 //! - `maintenance`: daily partitions and retention;
+//! - `offset_writer`: delivered messages' offsets, stored on their rows for resumes;
 //! - `transaction`: the worker's own transactions, with timeouts and savepoints;
 //! - `logging`: log records from the network threads, written by the main thread;
 //! - `usage`: the worker's memory and what holds it, published for `realtime.stats()`;
@@ -25,6 +26,7 @@ mod bus_writer;
 mod logging;
 mod main_loop;
 mod maintenance;
+mod offset_writer;
 mod presence;
 mod presence_events;
 mod queue_reader;

@@ -6,6 +6,7 @@ use crate::queue::shmem;
 use commit_ring::{Message, PayloadKind, Pending};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
+use realtime_server::offset::Offset;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -25,6 +26,10 @@ pub struct Committed {
     pub private: bool,
     pub kind: PayloadKind,
     pub payload: Vec<u8>,
+    /// The row's `inserted_at` (with `id`, where to write its offset back).
+    pub inserted_at: i64,
+    /// Its commit LSN and its index among its transaction's queued messages.
+    pub offset: Offset,
 }
 
 /// Takes up to [`BATCH`] ready transactions off the ring. Returns the committed messages of
@@ -39,7 +44,7 @@ pub fn drain(database: u32) -> (Vec<Committed>, Option<Pending>) {
                 discarded += u64::from(record.message_count());
                 continue;
             }
-            for body in record.messages() {
+            for (index, body) in record.messages().enumerate() {
                 match Message::decode(body) {
                     Ok(m) => out.push(Committed {
                         topic: m.topic.to_owned(),
@@ -48,6 +53,8 @@ pub fn drain(database: u32) -> (Vec<Committed>, Option<Pending>) {
                         private: m.private,
                         kind: m.kind,
                         payload: m.payload.to_vec(),
+                        inserted_at: m.inserted_at,
+                        offset: Offset::new(record.commit_lsn, index as u32),
                     }),
                     Err(_) => discarded += 1,
                 }

@@ -5,6 +5,7 @@
 use super::admin::Admin;
 use super::bus_reader::BusReader;
 use super::bus_writer::BusWriter;
+use super::offset_writer::{self, OffsetWriter};
 use super::presence_events::PresenceEvents;
 use super::queue_reader::Committed;
 use super::{authorization, logging, presence};
@@ -46,6 +47,8 @@ pub struct ServerLink {
     admin: Admin,
     /// Presence changes waiting to be written into `realtime.presence_events` (primary only).
     presence_events: PresenceEvents,
+    /// Offsets of delivered messages waiting to be stored on their rows (primary only).
+    offsets: OffsetWriter,
 }
 
 impl ServerLink {
@@ -83,6 +86,7 @@ impl ServerLink {
             Role::Standby(BusReader::start())
         } else {
             presence::forget_sockets();
+            offset_writer::mark_running();
             Role::Primary(BusWriter::start(&server))
         };
         presence::load_all(&server);
@@ -92,6 +96,7 @@ impl ServerLink {
             role,
             admin: Admin::default(),
             presence_events: PresenceEvents::default(),
+            offsets: OffsetWriter::default(),
         }
     }
 
@@ -223,12 +228,34 @@ impl ServerLink {
         if batch.is_empty() {
             return;
         }
+        // A replay must see the offset of every message delivered before it.
+        if batch.iter().any(|r| r.replay.is_some()) {
+            self.offsets.flush();
+        }
         let answers = match self.role {
             Role::Primary(_) => authorization::answer_all(&batch),
-            Role::Standby(_) => authorization::with_local_replay(
-                &batch,
-                self.server.forward_authorizations(&batch, FORWARD_TIMEOUT),
-            ),
+            Role::Standby(_) => {
+                // Public channels have no checks to forward (they come here only to replay).
+                let private: Vec<AuthorizationRequest> =
+                    batch.iter().filter(|r| r.private).cloned().collect();
+                let mut forwarded = self
+                    .server
+                    .forward_authorizations(&private, FORWARD_TIMEOUT)
+                    .into_iter();
+                let rights = batch
+                    .iter()
+                    .map(|r| {
+                        if r.private {
+                            forwarded
+                                .next()
+                                .unwrap_or(Err(realtime_server::Refusal::AuthorizationTimeout))
+                        } else {
+                            Ok(authorization::PUBLIC)
+                        }
+                    })
+                    .collect();
+                authorization::with_local_replay(&batch, rights)
+            }
         };
         for (request, (answer, replay)) in batch.iter().zip(answers) {
             self.server
@@ -269,12 +296,16 @@ impl ServerLink {
                     continue;
                 }
             };
+            if let Role::Primary(_) = self.role {
+                self.offsets.push(&m.id, m.inserted_at, m.offset);
+            }
             let message = DbBroadcast {
                 topic: m.topic,
                 event: m.event,
                 private: m.private,
                 id: m.id,
                 payload,
+                offset: Some(m.offset),
             };
             if relaying {
                 frames.push(database_frame(&message));
@@ -339,8 +370,23 @@ impl ServerLink {
         self.server.reload(gucs::server_config());
     }
 
-    /// Closes every socket with a close frame, then stops the network threads.
-    pub fn shutdown(self) {
+    /// How long until delivered messages' offsets must be stored; None when none wait.
+    pub fn offsets_due_in(&self) -> Option<Duration> {
+        self.offsets.due_in()
+    }
+
+    pub fn store_offsets_if_due(&mut self) {
+        self.offsets.flush_if_due();
+    }
+
+    /// Closes every socket with a close frame, then stops the network threads. On the
+    /// primary, the offsets of everything delivered are stored first, and the stop recorded
+    /// as clean.
+    pub fn shutdown(mut self) {
+        if let Role::Primary(_) = self.role {
+            self.offsets.flush();
+            offset_writer::mark_stopped();
+        }
         self.server.shutdown(SHUTDOWN_GRACE);
         logging::flush();
     }
@@ -355,5 +401,6 @@ fn database_frame(m: &DbBroadcast) -> Frame {
         id: m.id.clone(),
         binary: matches!(m.payload, Payload::Binary(_)),
         payload: m.payload.bytes().to_vec(),
+        offset: m.offset,
     }
 }

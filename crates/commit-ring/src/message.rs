@@ -1,8 +1,9 @@
 //! The encoding of one broadcast message inside a ring entry.
 //!
-//! Layout: flags (1 byte: bit 0 private, bit 1 binary payload), then topic, event and id, each
-//! as a u32 length and UTF-8 bytes, then the payload (the rest). JSON payloads are stored as
-//! their text so the worker can forward them without parsing.
+//! Layout: flags (1 byte: bit 0 private, bit 1 binary payload), the row's `inserted_at` (8
+//! bytes), then topic, event and id, each as a u32 length and UTF-8 bytes, then the payload
+//! (the rest). JSON payloads are stored as their text so the worker can forward them without
+//! parsing.
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PayloadKind {
@@ -21,6 +22,9 @@ pub struct Message<'a> {
     pub topic: &'a str,
     pub event: &'a str,
     pub id: &'a str,
+    /// The row's `inserted_at` (PostgreSQL's microseconds since 2000-01-01), its partition
+    /// key: with `id` it finds the row again (0 when there is no row).
+    pub inserted_at: i64,
     pub private: bool,
     pub kind: PayloadKind,
     pub payload: &'a [u8],
@@ -51,7 +55,7 @@ const RELAY: u8 = 8;
 impl<'a> Message<'a> {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(
-            1 + 12 + self.topic.len() + self.event.len() + self.id.len() + self.payload.len(),
+            1 + 8 + 12 + self.topic.len() + self.event.len() + self.id.len() + self.payload.len(),
         );
         let mut flags = 0;
         if self.private {
@@ -64,6 +68,7 @@ impl<'a> Message<'a> {
             PayloadKind::Relay => flags |= RELAY,
         }
         out.push(flags);
+        out.extend_from_slice(&self.inserted_at.to_le_bytes());
         for field in [self.topic, self.event, self.id] {
             out.extend_from_slice(&(field.len() as u32).to_le_bytes());
             out.extend_from_slice(field.as_bytes());
@@ -73,7 +78,13 @@ impl<'a> Message<'a> {
     }
 
     pub fn decode(bytes: &'a [u8]) -> Result<Message<'a>, DecodeError> {
-        let (&flags, mut rest) = bytes.split_first().ok_or(DecodeError::Truncated)?;
+        let (&flags, rest) = bytes.split_first().ok_or(DecodeError::Truncated)?;
+        if rest.len() < 8 {
+            return Err(DecodeError::Truncated);
+        }
+        let (inserted_at, mut rest) = rest.split_at(8);
+        let mut at = [0u8; 8];
+        at.copy_from_slice(inserted_at);
         let mut fields = [""; 3];
         for field in &mut fields {
             if rest.len() < 4 {
@@ -92,6 +103,7 @@ impl<'a> Message<'a> {
             topic: fields[0],
             event: fields[1],
             id: fields[2],
+            inserted_at: i64::from_le_bytes(at),
             private: flags & PRIVATE != 0,
             kind: if flags & RELAY != 0 {
                 PayloadKind::Relay
@@ -117,6 +129,7 @@ mod tests {
             topic: "room:1",
             event: "INSERT",
             id: "5f0c7d3e-0000-4000-8000-000000000000",
+            inserted_at: 851_043_723_000_001,
             private: true,
             kind: PayloadKind::Json,
             payload: br#"{"a":1}"#,
@@ -151,6 +164,7 @@ mod tests {
             topic: "t",
             event: "e",
             id: "i",
+            inserted_at: -1,
             private: false,
             kind: PayloadKind::Json,
             payload: b"{}",
@@ -164,7 +178,8 @@ mod tests {
             );
         }
         let mut bad = bytes.clone();
-        bad[5] = 0xff;
+        // The topic's one byte: after the flags, inserted_at and its length.
+        bad[13] = 0xff;
         assert_eq!(Message::decode(&bad), Err(DecodeError::NotUtf8));
     }
 }

@@ -13,14 +13,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::oneshot;
 
 use crate::events::{
-    Authorization, AuthorizationPurpose, AuthorizationRequest, EventQueue, ReplayParams, Replayed,
+    Authorization, AuthorizationPurpose, AuthorizationRequest, EventQueue, Replay, ReplayParams,
 };
 use crate::jwt::Claims;
 use crate::refusal::Refusal;
 use crate::registry::PendingSubscription;
 
 /// The rights, and the stored messages to replay (empty unless the join asked for replay).
-pub(crate) type Answer = Result<(Authorization, Vec<Replayed>), Refusal>;
+pub(crate) type Answer = Result<(Authorization, Replay), Refusal>;
 
 /// What a join that asked for replay needs to be subscribed the moment it is answered: see
 /// [`crate::Server::complete_authorization`].
@@ -56,6 +56,8 @@ pub(crate) struct Ask<'a> {
     pub presence: bool,
     pub purpose: AuthorizationPurpose,
     pub replay: Option<ReplayParams>,
+    /// False only for a public join that asked for replay.
+    pub private: bool,
     /// Only with `replay`.
     pub subscribe: Option<PreSubscribe>,
 }
@@ -134,6 +136,7 @@ impl Authorizer {
             presence: ask.presence,
             purpose: ask.purpose,
             replay: ask.replay,
+            private: ask.private,
         };
         if !events.push_authorize(request, max_pending, |id| self.is_pending(id)) {
             return (Err(Refusal::TooManyWaiting), None);
@@ -177,7 +180,7 @@ impl Authorizer {
         &self,
         id: u64,
         answer: Answer,
-        subscribe: impl FnOnce(&PreSubscribe, &Authorization, &[Replayed]) -> PendingSubscription,
+        subscribe: impl FnOnce(&PreSubscribe, &Authorization, &Replay) -> PendingSubscription,
     ) -> bool {
         let Some(w) = self.take(id) else {
             return false;

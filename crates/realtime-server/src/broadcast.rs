@@ -142,6 +142,18 @@ pub(crate) fn id_meta(id: &str) -> Bytes {
     Bytes::from(format!("{{\"id\":{}}}", protocol::json_string(id)))
 }
 
+/// `{"id":"<id>","offset":"<offset>"}` for a stored message (only the id when its offset is
+/// unknown).
+pub(crate) fn stored_meta(id: &str, offset: Option<crate::offset::Offset>) -> Bytes {
+    match offset {
+        Some(offset) => Bytes::from(format!(
+            "{{\"id\":{},\"offset\":\"{offset}\"}}",
+            protocol::json_string(id)
+        )),
+        None => id_meta(id),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

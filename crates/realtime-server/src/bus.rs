@@ -36,6 +36,7 @@ pub enum Frame {
         id: String,
         binary: bool,
         payload: Vec<u8>,
+        offset: Option<crate::offset::Offset>,
     },
     /// A client broadcast (WebSocket or REST) made on the sending node.
     Broadcast {
@@ -112,6 +113,7 @@ mod tests {
                     id: "0b6f".into(),
                     binary: false,
                     payload: br#"{"a":1}"#.to_vec(),
+                    offset: Some(crate::offset::Offset::new(0x1_0000_0028, 3)),
                 },
                 Frame::Broadcast {
                     topic: "room".into(),

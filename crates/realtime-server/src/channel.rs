@@ -7,7 +7,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 use tokio::time::Instant;
 
-use crate::events::{Authorization, ReplayParams};
+use crate::events::{Authorization, ReplayFrom};
 use crate::jwt::Claims;
 use crate::protocol::{Inbound, InboundPayload};
 use crate::registry::TopicKey;
@@ -22,7 +22,7 @@ pub(crate) struct JoinRequest {
     pub presence_enabled: bool,
     pub presence_key: Option<String>,
     /// `config.broadcast.replay`: None when absent, `Err` when its parameters are invalid.
-    pub replay: Option<Result<ReplayParams, ()>>,
+    pub replay: Option<Result<ReplayAsk, ()>>,
     /// Number of postgres_changes bindings requested (not supported by this server).
     pub postgres_changes: usize,
     pub access_token: Option<String>,
@@ -37,16 +37,30 @@ fn flexible_bool(v: Option<&Value>) -> bool {
     }
 }
 
-/// Supabase's rules: `since` is a required integer (ms since the epoch); `limit` an integer,
-/// 25 when missing (clamped to the configured maximum later).
-fn parse_replay(v: &Value) -> Result<ReplayParams, ()> {
+/// `config.broadcast.replay` as the client asked it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplayAsk {
+    pub from: ReplayFrom,
+    /// None when missing: the join picks the default for `from`.
+    pub limit: Option<i64>,
+}
+
+/// Supabase's rules for `since`: a required integer (ms since the epoch), and `limit` an
+/// integer when present (clamped to the configured maximum later). `offset`, this server's
+/// resume, takes the place of `since`: the text of a delivered message's `meta.offset`.
+fn parse_replay(v: &Value) -> Result<ReplayAsk, ()> {
     let obj = v.as_object().ok_or(())?;
-    let since_ms = obj.get("since").and_then(Value::as_i64).ok_or(())?;
-    let limit = match obj.get("limit") {
-        None | Some(Value::Null) => 25,
-        Some(l) => l.as_i64().ok_or(())?,
+    let from = match obj.get("offset") {
+        None | Some(Value::Null) => {
+            ReplayFrom::Since(obj.get("since").and_then(Value::as_i64).ok_or(())?)
+        }
+        Some(offset) => ReplayFrom::After(offset.as_str().ok_or(())?.parse().map_err(|_| ())?),
     };
-    Ok(ReplayParams { since_ms, limit })
+    let limit = match obj.get("limit") {
+        None | Some(Value::Null) => None,
+        Some(l) => Some(l.as_i64().ok_or(())?),
+    };
+    Ok(ReplayAsk { from, limit })
 }
 
 pub(crate) fn parse_join(payload: &RawValue) -> JoinRequest {
@@ -318,12 +332,47 @@ mod tests {
         assert_eq!(r.postgres_changes, 1);
         assert_eq!(
             r.replay,
-            Some(Ok(ReplayParams {
-                since_ms: 1,
-                limit: 25
+            Some(Ok(ReplayAsk {
+                from: ReplayFrom::Since(1),
+                limit: None
             }))
         );
         let bad = parse(r#"{"config":{"broadcast":{"replay":{"since":"x"}}}}"#);
         assert_eq!(bad.replay, Some(Err(())));
+    }
+
+    #[test]
+    fn replay_may_resume_after_an_offset_instead_of_since() {
+        let r = parse(
+            r#"{"config":{"broadcast":{"replay":{"offset":"0000000001A2B3C4-00000001","limit":5}}}}"#,
+        );
+        assert_eq!(
+            r.replay,
+            Some(Ok(ReplayAsk {
+                from: ReplayFrom::After(crate::offset::Offset::new(0x1A2B3C4, 1)),
+                limit: Some(5)
+            }))
+        );
+        // The offset wins over since; a malformed offset or limit is invalid, never ignored.
+        let both = parse(
+            r#"{"config":{"broadcast":{"replay":{"since":1,"offset":"0000000001A2B3C4-00000001"}}}}"#,
+        );
+        assert!(matches!(
+            both.replay,
+            Some(Ok(ReplayAsk {
+                from: ReplayFrom::After(_),
+                ..
+            }))
+        ));
+        for bad in [
+            r#"{"offset":"1/2"}"#,
+            r#"{"offset":7}"#,
+            r#"{"offset":"0000000001A2B3C4-00000001","limit":"all"}"#,
+        ] {
+            let r = parse(&format!(
+                r#"{{"config":{{"broadcast":{{"replay":{bad}}}}}}}"#
+            ));
+            assert_eq!(r.replay, Some(Err(())), "{bad}");
+        }
     }
 }

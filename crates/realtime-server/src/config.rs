@@ -33,8 +33,11 @@ pub struct Config {
     pub authorize_private: bool,
     /// How long a private join waits for the worker's authorization answer.
     pub authorization_timeout: Duration,
-    /// Upper bound of `config.broadcast.replay.limit` (Supabase: 25).
+    /// Upper bound of `config.broadcast.replay.limit` (Supabase: 25; here 1,000 by default).
     pub max_replay_limit: usize,
+    /// Public channels may replay too (`realtime.public_replay`); anyone can then read their
+    /// stored history. Off as in Supabase.
+    pub public_replay: bool,
     /// Presence calls (track/untrack) one channel may make per window; 0 = unlimited.
     pub presence_calls_limit: u32,
     pub presence_calls_window: Duration,
@@ -137,7 +140,8 @@ impl Default for Config {
             worker_threads: 2,
             authorize_private: false,
             authorization_timeout: Duration::from_secs(10),
-            max_replay_limit: 25,
+            max_replay_limit: 1000,
+            public_replay: false,
             presence_calls_limit: 5,
             presence_calls_window: Duration::from_secs(30),
             outbound_queue_bytes: 16 * 1024 * 1024,

@@ -66,14 +66,44 @@ pub struct AuthorizationRequest {
     /// Broadcast Replay asked by the join (Supabase's `config.broadcast.replay`); the worker answers with the stored
     /// messages when the read check passes. `limit` is already clamped to the setting.
     pub replay: Option<ReplayParams>,
+    /// A private channel: its RLS policies decide. Only a public join that asked for replay
+    /// (with `realtime.public_replay` on) reaches the worker without it, and may read.
+    pub private: bool,
 }
 
-/// `config.broadcast.replay` of a private join.
+/// `config.broadcast.replay` of a join.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReplayParams {
-    /// Milliseconds since the epoch.
-    pub since_ms: i64,
+    pub from: ReplayFrom,
     pub limit: i64,
+}
+
+/// Where a replay starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplayFrom {
+    /// Supabase's `since`: the newest messages stored since this many milliseconds since the
+    /// epoch.
+    Since(i64),
+    /// `offset`: every message stored after this one (resume).
+    After(crate::offset::Offset),
+}
+
+/// The stored messages a join gets before live ones, oldest first.
+#[derive(Clone, Debug, Default)]
+pub struct Replay {
+    pub messages: Vec<Replayed>,
+    /// Messages after the asked offset that the replay could not give; told to the client.
+    pub gap: Option<ReplayGap>,
+}
+
+/// Why a resume could not give every message after its offset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplayGap {
+    /// More messages followed than the limit allowed: only the newest were replayed.
+    Limit { limit: i64 },
+    /// Messages after the offset may have been removed (retention) or never stored with an
+    /// offset (a crash of the server right after they were delivered).
+    NotKept,
 }
 
 /// A stored broadcast message sent to a joining client with `meta.replayed`.
@@ -82,6 +112,8 @@ pub struct Replayed {
     pub id: String,
     pub event: String,
     pub payload: crate::protocol::Payload,
+    /// Its offset; None for a message stored before offsets were kept.
+    pub offset: Option<crate::offset::Offset>,
 }
 
 /// The worker's answer: which extensions the token may read/write on that topic.

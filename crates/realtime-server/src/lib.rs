@@ -17,6 +17,7 @@ mod http;
 mod inspector;
 pub mod jwt;
 mod metrics;
+pub mod offset;
 mod outbound;
 mod presence;
 mod presence_diffs;
@@ -42,8 +43,8 @@ use tokio::sync::{mpsc, watch};
 pub use config::{Config, NodeConfig};
 pub use error::ServerError;
 pub use events::{
-    Authorization, AuthorizationPurpose, AuthorizationRequest, Event, PresenceChange, ReplayParams,
-    Replayed,
+    Authorization, AuthorizationPurpose, AuthorizationRequest, Event, PresenceChange, Replay,
+    ReplayFrom, ReplayGap, ReplayParams, Replayed,
 };
 pub use jwt::Claims;
 pub use metrics::WorkerStats;
@@ -53,7 +54,7 @@ pub use refusal::write_denied;
 pub use topic::MAX_STORED_TOPIC_BYTES;
 pub use usage::{ChannelInfo, ConnectionInfo, DisconnectTarget, Usage};
 
-use broadcast::{Body, Outgoing, id_meta};
+use broadcast::{Body, Outgoing, stored_meta};
 use broker::Broker;
 use broker::replicated::ReplicatedBroker;
 use events::EventQueue;
@@ -114,6 +115,8 @@ pub struct DbBroadcast {
     /// `realtime.messages.id` (uuid text); subscribers get it as `meta.id`.
     pub id: String,
     pub payload: Payload,
+    /// Its place in the commit order; subscribers get it as `meta.offset`.
+    pub offset: Option<offset::Offset>,
 }
 
 /// State shared by every task of the server.
@@ -548,13 +551,13 @@ impl Server {
         &self,
         id: u64,
         result: Result<Authorization, Refusal>,
-        replay: Vec<Replayed>,
+        replay: Replay,
     ) -> bool {
         let inner = &self.inner;
         inner
             .authz
             .complete(id, result.map(|a| (a, replay)), |pre, a, replay| {
-                let replayed = registry::replayed_ids(replay);
+                let replayed = registry::replayed_ids(&replay.messages);
                 let reads = registry::Reads::of(a);
                 // Messages wait in a queue of their own, bounded like the connection's, until
                 // the connection takes the subscription over.
@@ -791,7 +794,7 @@ async fn dispatch_db_messages(
             Body::User {
                 event: msg.event,
                 payload: msg.payload,
-                meta: Some(id_meta(&msg.id)),
+                meta: Some(stored_meta(&msg.id, msg.offset)),
             },
         )
         .with_origin_id(msg.id);

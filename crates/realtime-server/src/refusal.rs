@@ -207,6 +207,18 @@ pub fn write_denied(subtopic: &str) -> String {
 /// reply: realtime-js then reports CHANNEL_ERROR and leaves by itself.
 pub(crate) const POSTGRES_CHANGES_UNSUPPORTED: &str = "postgres_changes is not supported by pg_realtime: use broadcast from the database (realtime.broadcast_changes / realtime.send) instead";
 
+/// The `message` of the `system` error a resuming join gets after its ok reply when it cannot
+/// be given every message after its offset. It starts with `Replay gap:` so a client can tell
+/// it from other system messages.
+pub(crate) fn replay_gap_message(gap: crate::events::ReplayGap) -> String {
+    match gap {
+        crate::events::ReplayGap::Limit { limit } => format!(
+            "Replay gap: more than {limit} messages were stored after this offset; only the newest {limit} were replayed"
+        ),
+        crate::events::ReplayGap::NotKept => "Replay gap: messages after this offset may no longer be stored (removed by retention, or never given an offset because the server crashed); those still stored were replayed".to_string(),
+    }
+}
+
 /// Why the server closes a WebSocket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Close {

@@ -79,6 +79,7 @@ async fn may_write(inner: &Inner, subtopic: &str, claims: &Claims, headers_json:
             presence: false,
             purpose: AuthorizationPurpose::Write,
             replay: None,
+            private: true,
             subscribe: None,
         })
         .await

@@ -9,7 +9,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::*;
 use realtime_server::protocol::binary::decode_user_broadcast;
-use realtime_server::{Authorization, Config, DbBroadcast, Event, Payload, Replayed, Server};
+use realtime_server::{
+    Authorization, Config, DbBroadcast, Event, Payload, Replay, Replayed, Server,
+};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -249,6 +251,7 @@ async fn outbound_queues_are_bounded_in_bytes() {
             private: false,
             id: i.to_string(),
             payload: Payload::Binary(chunk.clone()),
+            offset: None,
         });
         next_binary(&mut fast).await;
         if server.connection_count() == 1 {
@@ -283,7 +286,7 @@ async fn writes_held_for_a_write_check_are_bounded_in_bytes() {
     )
     .await;
     let join = next_authorization(&server).await;
-    assert!(server.complete_authorization(join.id, Ok(read_only()), Vec::new()));
+    assert!(server.complete_authorization(join.id, Ok(read_only()), Replay::default()));
     assert_eq!(next_json(&mut ws).await[4]["status"], "ok");
     let big = "x".repeat(300_000);
     for i in 0..4 {
@@ -307,7 +310,7 @@ async fn writes_held_for_a_write_check_are_bounded_in_bytes() {
             broadcast_write: true,
             ..read_only()
         }),
-        Vec::new()
+        Replay::default()
     ));
     for i in 0..3 {
         let reply = next_json(&mut ws).await;
@@ -371,7 +374,7 @@ async fn pending_private_joins_are_capped_per_connection() {
     let asked = authorizations_now(&server).await;
     assert_eq!(asked.len(), 3, "nothing queued for the refused join");
     // Answering one makes room for another.
-    assert!(server.complete_authorization(asked[0].id, Ok(read_only()), Vec::new()));
+    assert!(server.complete_authorization(asked[0].id, Ok(read_only()), Replay::default()));
     assert_eq!(next_json(&mut ws).await[4]["status"], "ok");
     send_text(&mut ws, private_join("4", "t4")).await;
     sync(&mut ws, "h").await;
@@ -411,7 +414,7 @@ async fn a_left_pending_join_is_forgotten_so_join_leave_loops_queue_nothing() {
     // The leave aborts the task that waits for the answer; the runtime drops it (and the
     // request with it) on its next turn, not within the leave itself.
     eventually(|| !server.authorization_pending(asked.id)).await;
-    assert!(!server.complete_authorization(asked.id, Ok(read_only()), Vec::new()));
+    assert!(!server.complete_authorization(asked.id, Ok(read_only()), Replay::default()));
     stop(unwrap_arc(server)).await;
 }
 
@@ -474,6 +477,7 @@ fn db(topic: &str, event: &str, private: bool, id: &str) -> DbBroadcast {
         private,
         id: id.into(),
         payload: Payload::Json(Bytes::from_static(b"{}")),
+        offset: None,
     }
 }
 
@@ -511,10 +515,18 @@ async fn replayed_and_live_copies_arrive_once_and_in_order() {
         id: "1".into(),
         event: "old".into(),
         payload: Payload::Json(Bytes::from_static(b"{}")),
+        offset: None,
     };
     // As the worker does: answer, then publish what committed after the replay's snapshot
     // (and a message the replay already holds), before the connection has seen the answer.
-    assert!(server.complete_authorization(asked.id, Ok(read_only()), vec![old]));
+    assert!(server.complete_authorization(
+        asked.id,
+        Ok(read_only()),
+        Replay {
+            messages: vec![old],
+            gap: None
+        }
+    ));
     server.publish(db("hist", "old", true, "1"));
     server.publish(db("hist", "live", true, "2"));
     assert_eq!(next_json(&mut ws).await[4]["status"], "ok");
@@ -561,7 +573,7 @@ async fn a_replaying_join_on_a_stuck_connection_does_not_hold_back_database_mess
     let mut reader = connect(addr, "2.0.0").await;
     join_v2(&mut reader, "room", "1", json!({})).await;
     for r in &asked {
-        assert!(server.complete_authorization(r.id, Ok(read_only()), Vec::new()));
+        assert!(server.complete_authorization(r.id, Ok(read_only()), Replay::default()));
     }
     server.publish(db("r0", "for-stuck", true, "a"));
     server.publish(db("room", "for-reader", false, "b"));
@@ -881,7 +893,7 @@ async fn an_access_token_flood_keeps_one_refresh_check_per_channel() {
     let mut ws = connect(addr, "2.0.0").await;
     send_text(&mut ws, private_join("1", "vip")).await;
     let join = next_authorization(&server).await;
-    assert!(server.complete_authorization(join.id, Ok(read_only()), Vec::new()));
+    assert!(server.complete_authorization(join.id, Ok(read_only()), Replay::default()));
     assert_eq!(next_json(&mut ws).await[4]["status"], "ok");
     for i in 0..2000 {
         let t = token_with(json!({"role": "anon", "exp": now() + 3600, "n": i}));
@@ -899,7 +911,7 @@ async fn an_access_token_flood_keeps_one_refresh_check_per_channel() {
     assert!(asked.len() <= 1, "{} requests for the worker", asked.len());
     // The last token's check is answered, and the channel stays.
     if let Some(last) = asked.last() {
-        assert!(server.complete_authorization(last.id, Ok(read_only()), Vec::new()));
+        assert!(server.complete_authorization(last.id, Ok(read_only()), Replay::default()));
     }
     sync(&mut ws, "h2").await;
     assert_eq!(server.usage().channels, 1);
@@ -924,7 +936,7 @@ async fn writes_held_for_write_checks_are_bounded_per_connection() {
         )
         .await;
         let join = next_authorization(&server).await;
-        assert!(server.complete_authorization(join.id, Ok(read_only()), Vec::new()));
+        assert!(server.complete_authorization(join.id, Ok(read_only()), Replay::default()));
         assert_eq!(next_json(&mut ws).await[4]["status"], "ok");
     }
     // Three channels' first writes fit the connection's bound; the fourth does not, however
@@ -961,7 +973,7 @@ async fn writes_held_for_write_checks_are_bounded_per_connection() {
         ..read_only()
     };
     for a in &asked {
-        server.complete_authorization(a.id, Ok(writes), Vec::new());
+        server.complete_authorization(a.id, Ok(writes), Replay::default());
     }
     eventually(|| server.usage().held_write_bytes == 0).await;
     others_are_served(addr).await;

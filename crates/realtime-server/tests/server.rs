@@ -9,7 +9,7 @@ use common::*;
 use futures_util::StreamExt;
 use realtime_server::protocol::Payload;
 use realtime_server::protocol::binary::{decode_user_broadcast, encode_user_broadcast_push};
-use realtime_server::{Authorization, AuthorizationPurpose, Config, DbBroadcast};
+use realtime_server::{Authorization, AuthorizationPurpose, Config, DbBroadcast, Replay};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -383,6 +383,7 @@ async fn publish_delivers_with_meta_id() {
         private: true,
         id: "p".into(),
         payload: Payload::Json(Bytes::from_static(b"{}")),
+        offset: None,
     });
     server.publish(DbBroadcast {
         topic: "db".into(),
@@ -390,6 +391,7 @@ async fn publish_delivers_with_meta_id() {
         private: false,
         id: "11111111-2222-3333-4444-555555555555".into(),
         payload: Payload::Json(Bytes::from_static(b"{\"record\":{\"id\":1}}")),
+        offset: None,
     });
     let k4 = decode_user_broadcast(&next_binary(&mut v2).await).unwrap();
     assert_eq!(k4.event, "INSERT");
@@ -407,6 +409,7 @@ async fn publish_delivers_with_meta_id() {
         private: false,
         id: "b".into(),
         payload: Payload::Binary(Bytes::from_static(&[7, 8])),
+        offset: None,
     });
     server.publish(DbBroadcast {
         topic: "db".into(),
@@ -414,6 +417,7 @@ async fn publish_delivers_with_meta_id() {
         private: false,
         id: "c".into(),
         payload: Payload::Json(Bytes::from_static(b"{}")),
+        offset: None,
     });
     let k4 = decode_user_broadcast(&next_binary(&mut v2).await).unwrap();
     assert_eq!(
@@ -688,6 +692,7 @@ async fn slow_consumer_is_disconnected_without_hurting_others() {
             private: false,
             id: i.to_string(),
             payload: Payload::Binary(chunk.clone()),
+            offset: None,
         });
         next_binary(&mut fast).await;
         received += 1;
@@ -808,7 +813,7 @@ async fn private_join_through_the_authorization_hook() {
             broadcast_write: true,
             ..Default::default()
         }),
-        Vec::new()
+        Replay::default()
     ));
     assert_eq!(
         next_json(&mut ws).await[4],
@@ -822,6 +827,7 @@ async fn private_join_through_the_authorization_hook() {
         private: false,
         id: "1".into(),
         payload: Payload::Json(Bytes::from_static(b"{}")),
+        offset: None,
     });
     server.publish(DbBroadcast {
         topic: "vip".into(),
@@ -829,6 +835,7 @@ async fn private_join_through_the_authorization_hook() {
         private: true,
         id: "2".into(),
         payload: Payload::Json(Bytes::from_static(b"{}")),
+        offset: None,
     });
     assert_eq!(
         decode_user_broadcast(&next_binary(&mut ws).await)
@@ -861,7 +868,7 @@ async fn writes_beyond_the_hold_of_a_running_write_check_are_refused_not_lost_si
             broadcast_read: true,
             ..Default::default()
         }),
-        Vec::new()
+        Replay::default()
     ));
     assert_eq!(next_json(&mut ws).await[4]["status"], "ok");
 
@@ -890,7 +897,7 @@ async fn writes_beyond_the_hold_of_a_running_write_check_are_refused_not_lost_si
             broadcast_write: true,
             ..Default::default()
         }),
-        Vec::new()
+        Replay::default()
     ));
     for i in 0..256 {
         let reply = next_json(&mut ws).await;

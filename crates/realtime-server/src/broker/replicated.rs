@@ -265,12 +265,14 @@ impl ReplicatedBroker {
                     id,
                     binary,
                     payload,
+                    offset,
                 } => publish_db(DbBroadcast {
                     topic,
                     event,
                     private,
                     id,
                     payload: payload_of(binary, payload),
+                    offset,
                 }),
                 Frame::Broadcast {
                     topic,

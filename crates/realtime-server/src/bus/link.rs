@@ -371,6 +371,7 @@ pub fn decode_requests(text: &str) -> Result<Vec<AuthorizationRequest>, String> 
                 AuthorizationPurpose::Join
             },
             replay: None,
+            private: true,
         })
         .collect())
 }
@@ -464,6 +465,7 @@ mod tests {
             presence: true,
             purpose: AuthorizationPurpose::Write,
             replay: None,
+            private: true,
         };
         let back = decode_requests(&encode_requests(&[req])).expect("decodes");
         assert_eq!(back.len(), 1);

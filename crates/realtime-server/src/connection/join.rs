@@ -10,12 +10,15 @@ use crate::authz::{Answer, Ask, PreSubscribe};
 use crate::broadcast::{Body, Outgoing};
 use crate::broker::Subscriber;
 use crate::channel::{Channel, JoinRequest, WriteCheck, expiry_instant, parse_join};
-use crate::events::{Authorization, AuthorizationPurpose, ReplayParams, Replayed};
+use crate::events::{Authorization, AuthorizationPurpose, Replay, ReplayFrom, ReplayParams};
 use crate::jwt::{Claims, unix_now};
 use crate::protocol::Inbound;
-use crate::refusal::{POSTGRES_CHANGES_UNSUPPORTED, Refusal, ReplyError};
+use crate::refusal::{POSTGRES_CHANGES_UNSUPPORTED, Refusal, ReplyError, replay_gap_message};
 use crate::registry::{Expiry, PendingSubscription, replayed_ids};
 use crate::topic::{self, MAX_SUBTOPIC_BYTES, TopicKey};
+
+/// Supabase's `config.broadcast.replay.limit` when a `since` replay gives none.
+const SUPABASE_REPLAY_LIMIT: i64 = 25;
 
 /// A join that passed the connection's checks.
 pub(super) struct Joining {
@@ -98,12 +101,22 @@ impl Conn {
         };
         let replay = match req.replay {
             None => None,
-            Some(_) if !req.private => return refuse(self, Refusal::ReplayOnPublic),
+            Some(_) if !req.private && !cfg.public_replay => {
+                return refuse(self, Refusal::ReplayOnPublic);
+            }
             Some(Err(())) => return refuse(self, Refusal::ReplayInvalid),
-            Some(Ok(p)) => Some(ReplayParams {
-                limit: p.limit.clamp(1, cfg.max_replay_limit.max(1) as i64),
-                ..p
-            }),
+            Some(Ok(ask)) => {
+                let max = cfg.max_replay_limit.max(1) as i64;
+                // `since` keeps Supabase's default of 25; a resume wants all it missed.
+                let default = match ask.from {
+                    ReplayFrom::Since(_) => SUPABASE_REPLAY_LIMIT,
+                    ReplayFrom::After(_) => max,
+                };
+                Some(ReplayParams {
+                    from: ask.from,
+                    limit: ask.limit.unwrap_or(default).clamp(1, max),
+                })
+            }
         };
         if req.private {
             let pending = self
@@ -125,10 +138,10 @@ impl Conn {
             expires: crate::registry::expiry(claims.exp),
             claims,
         };
-        if joining.req.private {
+        if joining.req.private || replay.is_some() {
             self.authorize_join(joining, replay);
         } else {
-            self.start_channel(joining, None, Vec::new(), None);
+            self.start_channel(joining, None, Replay::default(), None);
         }
     }
 
@@ -141,7 +154,7 @@ impl Conn {
         // `Server::complete_authorization`), so nothing committed after its snapshot is missed.
         let subscribe = replay.map(|_| PreSubscribe {
             key: TopicKey {
-                private: true,
+                private: joining.req.private,
                 subtopic: joining.subtopic.clone(),
             },
             vsn: self.vsn,
@@ -162,6 +175,7 @@ impl Conn {
                     presence: joining.req.presence_enabled,
                     purpose: AuthorizationPurpose::Join,
                     replay,
+                    private: joining.req.private,
                     subscribe,
                 })
                 .await;
@@ -197,7 +211,9 @@ impl Conn {
         self.topics.remove(&joining.topic);
         let refusal = match answer {
             Ok((a, replay)) if a.broadcast_read || a.presence_read => {
-                return self.start_channel(joining, Some(a), replay, subscription);
+                // A public channel came here only to replay; RLS rights are for private ones.
+                let authorization = joining.req.private.then_some(a);
+                return self.start_channel(joining, authorization, replay, subscription);
             }
             Ok(_) => Refusal::ReadDenied {
                 subtopic: joining.subtopic,
@@ -217,7 +233,7 @@ impl Conn {
         &mut self,
         j: Joining,
         authorization: Option<Authorization>,
-        replay: Vec<Replayed>,
+        replay: Replay,
         subscription: Option<PendingSubscription>,
     ) {
         let key = TopicKey {
@@ -225,7 +241,7 @@ impl Conn {
             subtopic: j.subtopic,
         };
         let reads = super::rights::reads_of(authorization);
-        let replayed = replayed_ids(&replay);
+        let replayed = replayed_ids(&replay.messages);
         let subscribe_now = subscription.is_none() && (reads.broadcast || reads.presence);
         let mut sub_id = subscribe_now.then(|| {
             self.inner.broker.subscribe(
@@ -261,11 +277,24 @@ impl Conn {
             let state = self.inner.broker.presence_state(&key);
             self.push_presence_state(join_ref, &j.topic, &state);
         }
+        if let Some(gap) = replay.gap {
+            self.push_system_error(
+                join_ref,
+                &j.topic,
+                "broadcast",
+                &replay_gap_message(gap),
+                &key.subtopic,
+            );
+        }
         self.inner
             .metrics
-            .messages_in(crate::metrics::Source::Replay, replay.len() as u64);
-        for r in replay {
-            let meta = json!({"replayed": true, "id": r.id}).to_string();
+            .messages_in(crate::metrics::Source::Replay, replay.messages.len() as u64);
+        for r in replay.messages {
+            let mut meta = json!({"replayed": true, "id": r.id});
+            if let Some(offset) = r.offset {
+                meta["offset"] = json!(offset.to_string());
+            }
+            let meta = meta.to_string();
             let out = Outgoing::new(
                 j.topic.clone(),
                 Body::User {

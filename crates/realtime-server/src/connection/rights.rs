@@ -38,6 +38,7 @@ impl Conn {
                     presence,
                     purpose,
                     replay: None,
+                    private: true,
                     subscribe: None,
                 })
                 .await

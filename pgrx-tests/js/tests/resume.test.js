@@ -1,0 +1,109 @@
+// Gap-free delivery with the stock client: remember the last `meta.offset`, rejoin with it.
+// The pattern below is the one the README shows.
+'use strict'
+const { test, after } = require('node:test')
+const assert = require('node:assert/strict')
+const { client, waitFor, sleep, sql, closeAll, topic, jwt } = require('./helpers')
+
+after(closeAll)
+
+const serviceKey = () => jwt({ role: 'service_role' })
+
+/**
+ * A private channel that resumes after the last message it saw whenever realtime-js joins it
+ * again (after a reconnect, too): the join payload holds the same `replay` object, so moving
+ * its offset moves every later join. `raw` gets every delivery, `seen` the ones kept.
+ */
+function resumable(supabase, room) {
+  const replay = { since: Date.now() }
+  const raw = []
+  const seen = []
+  const gaps = []
+  const channel = supabase.channel(room, { config: { private: true, broadcast: { replay } } })
+  channel.on('broadcast', { event: '*' }, (m) => {
+    raw.push(m)
+    const offset = m.meta && m.meta.offset
+    if (offset) {
+      if (replay.offset && offset <= replay.offset) return
+      replay.offset = offset
+    }
+    seen.push(m)
+  })
+  channel.on('system', {}, (s) => {
+    if (typeof s.message === 'string' && s.message.startsWith('Replay gap:')) gaps.push(s.message)
+  })
+  const subscribed = new Promise((resolve, reject) => {
+    channel.subscribe((status, err) => {
+      if (status === 'SUBSCRIBED') resolve()
+      else if (status === 'CHANNEL_ERROR' && !seen.length) reject(err || new Error(status))
+    })
+  })
+  return { channel, replay, raw, seen, gaps, subscribed }
+}
+
+const send = (room, n) =>
+  sql(`SELECT realtime.send(jsonb_build_object('n', $1::int), 'e', $2, true)`, [n, room])
+
+test('database messages carry an offset, in commit order', async () => {
+  const room = topic('offsets')
+  const r = resumable(client({ key: serviceKey() }), room)
+  await r.subscribed
+  for (let n = 1; n <= 3; n++) await send(room, n)
+  await waitFor(() => r.seen.length === 3, 10000, 'three messages')
+  const offsets = r.seen.map((m) => m.meta.offset)
+  assert.ok(offsets.every((o) => /^[0-9A-F]{16}-[0-9A-F]{8}$/.test(o)), offsets.join())
+  assert.deepEqual([...offsets].sort(), offsets)
+  assert.equal(new Set(offsets).size, 3)
+  assert.deepEqual(r.seen.map((m) => m.payload.n), [1, 2, 3])
+})
+
+test('a subscriber that misses messages rejoins with its last offset and gets exactly those, then live ones', async () => {
+  const room = topic('missed')
+  const supabase = client({ key: serviceKey() })
+  const first = resumable(supabase, room)
+  await first.subscribed
+  await send(room, 0)
+  await waitFor(() => first.seen.length === 1, 10000, 'the first message')
+  const last = first.replay.offset
+  await supabase.removeChannel(first.channel)
+
+  for (let n = 1; n <= 5; n++) await send(room, n)
+  // A fresh channel that starts from the remembered offset.
+  const again = resumable(supabase, room)
+  again.replay.offset = last
+  await again.subscribed
+  await waitFor(() => again.seen.length === 5, 10000, 'the five missed messages')
+  assert.deepEqual(again.seen.map((m) => m.payload.n), [1, 2, 3, 4, 5])
+  assert.ok(again.seen.every((m) => m.meta.replayed === true))
+  await send(room, 6)
+  await waitFor(() => again.seen.length === 6, 10000, 'the live message')
+  assert.equal(again.seen[5].payload.n, 6)
+  assert.equal(again.seen[5].meta.replayed, undefined)
+  await sleep(300)
+  assert.equal(again.raw.length, 6, 'the server sent nothing twice')
+  assert.deepEqual(again.gaps, [])
+})
+
+test('across a worker restart the client reconnects by itself and misses nothing', async () => {
+  const room = topic('restart')
+  const r = resumable(client({ key: serviceKey() }), room)
+  await r.subscribed
+  await send(room, 0)
+  await waitFor(() => r.seen.length === 1, 10000, 'the first message')
+
+  // SIGTERM: the worker stores the offsets it delivered, closes every socket and is started
+  // again by the postmaster a few seconds later; realtime-js reconnects and rejoins.
+  const { rows } = await sql(
+    `SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE backend_type = 'pg_realtime'`
+  )
+  assert.equal(rows.length, 1)
+  // Sent while the client has no socket: they wait in the commit queue for the next worker.
+  for (let n = 1; n <= 5; n++) await send(room, n)
+  await waitFor(() => r.seen.length >= 6, 60000, 'the missed messages after the reconnect')
+  await send(room, 6)
+  await waitFor(() => r.seen.length === 7, 10000, 'the live message')
+  assert.deepEqual(r.seen.map((m) => m.payload.n), [0, 1, 2, 3, 4, 5, 6])
+  await sleep(300)
+  assert.equal(r.raw.length, 7, 'the server sent nothing twice')
+  assert.deepEqual(r.gaps, [], 'a clean restart loses nothing')
+})

@@ -1,0 +1,395 @@
+//! Offsets and resume: every stored message is delivered with its offset (`meta.offset`, in
+//! commit order), and a join that names the last offset it saw
+//! (`config.broadcast.replay.offset`) gets exactly the messages stored after it, then live
+//! ones; what the server can no longer give is reported, never hidden.
+
+use realtime_integration_tests::{Cluster, Socket, eventually, jwt};
+use serde_json::{Value, json};
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(15);
+/// How long a test listens for something that must not arrive.
+const QUIET: Duration = Duration::from_millis(500);
+
+fn service_token() -> String {
+    jwt(json!({"role": "service_role"}))
+}
+
+/// A socket joined to the private `topic`, optionally resuming after `offset`.
+fn join(cluster: &Cluster, topic: &str, replay: Option<Value>) -> Socket {
+    let mut s = Socket::connect(cluster, &service_token(), "1.0.0");
+    let mut broadcast = json!({"self": false});
+    if let Some(replay) = replay {
+        broadcast["replay"] = replay;
+    }
+    let reply = s.join(topic, json!({"broadcast": broadcast, "private": true}));
+    assert_eq!(reply["status"], "ok", "{reply}");
+    s
+}
+
+fn send(c: &mut postgres::Client, topic: &str, n: i32) {
+    c.execute(
+        "SELECT realtime.send(jsonb_build_object('n', $1::int), 'e', $2, true)",
+        &[&n, &topic],
+    )
+    .expect("send");
+}
+
+/// The next broadcast: (n, meta).
+fn next(s: &mut Socket) -> (i64, Value) {
+    let m = s.recv_event("broadcast", WAIT).expect("a broadcast");
+    (
+        m.payload["payload"]["n"].as_i64().expect("n"),
+        m.payload["meta"].clone(),
+    )
+}
+
+fn offset_of(meta: &Value) -> String {
+    meta["offset"]
+        .as_str()
+        .unwrap_or_else(|| panic!("meta has an offset: {meta}"))
+        .to_string()
+}
+
+/// Everything that arrives within `QUIET`: (event, payload).
+fn drain(s: &mut Socket) -> Vec<(String, Value)> {
+    let mut out = Vec::new();
+    while let Some(frame) = s.recv(QUIET) {
+        if let Some(m) = realtime_test_client::phoenix::Message::from_frame(&frame, s.vsn) {
+            out.push((m.event, m.payload));
+        }
+    }
+    out
+}
+
+/// Waits until the offsets of everything delivered so far are stored (they are written back
+/// in batches after delivery).
+fn wait_for_offsets(cluster: &Cluster, topic: &str, count: i64) {
+    let mut c = cluster.connect();
+    let stored = eventually(WAIT, || {
+        let row = c
+            .query_one(
+                "SELECT count(*) FROM realtime.messages WHERE topic = $1 AND commit_lsn IS NOT NULL",
+                &[&topic],
+            )
+            .expect("count");
+        row.get::<_, i64>(0) >= count
+    });
+    assert!(
+        stored,
+        "the offsets of {count} messages on {topic} are stored"
+    );
+}
+
+#[test]
+fn stored_messages_carry_their_offsets_in_commit_order() {
+    let cluster = Cluster::start("resume_offsets", &[]);
+    let mut s = join(&cluster, "order", None);
+    let mut a = cluster.connect();
+    let mut b = cluster.connect();
+    // A sends first but commits last: offsets follow the commit order, not the sending order.
+    a.batch_execute("BEGIN").expect("begin");
+    send(&mut a, "order", 1);
+    send(&mut b, "order", 2);
+    send(&mut a, "order", 3);
+    a.batch_execute("COMMIT").expect("commit");
+    let got: Vec<(i64, Value)> = (0..3).map(|_| next(&mut s)).collect();
+    let ns: Vec<i64> = got.iter().map(|(n, _)| *n).collect();
+    assert_eq!(ns, vec![2, 1, 3], "delivered in commit order");
+    let offsets: Vec<String> = got.iter().map(|(_, meta)| offset_of(meta)).collect();
+    assert!(
+        offsets[0] < offsets[1] && offsets[1] < offsets[2],
+        "{offsets:?}"
+    );
+    // One transaction, one commit LSN: its messages differ only in their index.
+    assert_eq!(offsets[1][..16], offsets[2][..16], "{offsets:?}");
+    assert_eq!(&offsets[1][17..], "00000000");
+    assert_eq!(&offsets[2][17..], "00000001");
+    for (_, meta) in &got {
+        assert!(meta["id"].is_string(), "{meta}");
+    }
+    // The same offsets are stored on the rows.
+    wait_for_offsets(&cluster, "order", 3);
+    let mut c = cluster.connect();
+    for (n, meta) in &got {
+        let row = c
+            .query_one(
+                "SELECT lpad(to_hex((commit_lsn - '0/0'::pg_lsn)::int8), 16, '0') || '-' ||
+                        lpad(to_hex(commit_index), 8, '0')
+                   FROM realtime.messages WHERE id = $1::text::uuid",
+                &[&meta["id"].as_str().expect("id")],
+            )
+            .expect("the stored row");
+        assert_eq!(
+            row.get::<_, String>(0).to_uppercase(),
+            offset_of(meta),
+            "message {n}"
+        );
+    }
+}
+
+#[test]
+fn a_resume_gets_exactly_what_was_missed_then_live_ones() {
+    let cluster = Cluster::start("resume_exact", &[]);
+    let mut c = cluster.connect();
+    let mut s = join(&cluster, "missed", None);
+    send(&mut c, "missed", 0);
+    let (_, meta) = next(&mut s);
+    let last = offset_of(&meta);
+    drop(s);
+    for n in 1..=5 {
+        send(&mut c, "missed", n);
+    }
+    // A message elsewhere is not part of this topic's history.
+    send(&mut c, "elsewhere", 99);
+    wait_for_offsets(&cluster, "missed", 6);
+
+    let mut s = join(&cluster, "missed", Some(json!({"offset": last})));
+    let mut replayed = Vec::new();
+    for _ in 1..=5 {
+        let (n, meta) = next(&mut s);
+        assert_eq!(meta["replayed"], true, "{meta}");
+        replayed.push((n, offset_of(&meta)));
+    }
+    let ns: Vec<i64> = replayed.iter().map(|(n, _)| *n).collect();
+    assert_eq!(ns, vec![1, 2, 3, 4, 5]);
+    assert!(replayed.windows(2).all(|w| w[0].1 < w[1].1));
+    send(&mut c, "missed", 6);
+    let (n, meta) = next(&mut s);
+    assert_eq!(n, 6, "then live");
+    assert!(meta.get("replayed").is_none(), "{meta}");
+    assert!(offset_of(&meta) > replayed[4].1);
+    let rest = drain(&mut s);
+    assert!(
+        rest.iter()
+            .all(|(event, _)| event != "broadcast" && event != "system"),
+        "nothing twice and no gap reported: {rest:?}"
+    );
+
+    // Resuming from the newest offset gives nothing; an offset from the future neither.
+    let newest = offset_of(&meta);
+    let mut s = join(&cluster, "missed", Some(json!({"offset": newest})));
+    assert!(drain(&mut s).iter().all(|(event, _)| event != "broadcast"));
+    let mut s = join(
+        &cluster,
+        "missed",
+        Some(json!({"offset": "7FFFFFFFFFFFFFFF-00000000"})),
+    );
+    assert!(drain(&mut s).iter().all(|(event, _)| event != "broadcast"));
+}
+
+/// The worker restarts cleanly (it stores the offsets it delivered before it stops): a resume
+/// from before the restart gets every message sent before, while and after it, and no gap.
+#[test]
+fn a_resume_works_across_a_restart() {
+    let cluster = Cluster::start("resume_restart", &[]);
+    let mut c = cluster.connect();
+    let mut s = join(&cluster, "restart", None);
+    send(&mut c, "restart", 0);
+    let (_, meta) = next(&mut s);
+    let last = offset_of(&meta);
+    drop(s);
+    send(&mut c, "restart", 1);
+    send(&mut c, "restart", 2);
+    drop(c);
+    cluster.restart();
+    let mut c = cluster.connect();
+    send(&mut c, "restart", 3);
+    wait_for_offsets(&cluster, "restart", 4);
+    let mut s = join(&cluster, "restart", Some(json!({"offset": last})));
+    let ns: Vec<i64> = (0..3).map(|_| next(&mut s).0).collect();
+    assert_eq!(ns, vec![1, 2, 3]);
+    let rest = drain(&mut s);
+    assert!(
+        rest.iter().all(|(event, _)| event != "system"),
+        "a clean restart loses nothing: {rest:?}"
+    );
+}
+
+/// A server that crashed may have delivered messages whose offsets it never stored: a resume
+/// from before the crash still gets what is stored, and is told it may have missed some.
+#[test]
+fn a_resume_from_before_a_crash_is_told_it_may_have_missed_messages() {
+    let cluster = Cluster::start("resume_crash", &[]);
+    cluster.expect_kill();
+    let mut c = cluster.connect();
+    let mut s = join(&cluster, "crash", None);
+    send(&mut c, "crash", 0);
+    let last = offset_of(&next(&mut s).1);
+    drop(s);
+    send(&mut c, "crash", 1);
+    wait_for_offsets(&cluster, "crash", 2);
+    // The offsets are written without waiting for the disk; a synchronous commit flushes them.
+    send(&mut c, "elsewhere", 0);
+    drop(c);
+    let before = cluster.log().len();
+    cluster.kill();
+    cluster.start_again();
+    assert!(cluster.log().len() > before);
+    let mut s = join(&cluster, "crash", Some(json!({"offset": last})));
+    let got = drain(&mut s);
+    let system: Vec<&Value> = got
+        .iter()
+        .filter(|(e, _)| e == "system")
+        .map(|(_, p)| p)
+        .collect();
+    assert_eq!(system.len(), 1, "{got:?}");
+    assert_eq!(system[0]["status"], "error");
+    assert_eq!(system[0]["extension"], "broadcast");
+    let text = system[0]["message"].as_str().expect("message");
+    assert!(text.starts_with("Replay gap:"), "{text}");
+    let ns: Vec<i64> = got
+        .iter()
+        .filter(|(e, _)| e == "broadcast")
+        .map(|(_, p)| p["payload"]["n"].as_i64().expect("n"))
+        .collect();
+    assert_eq!(ns, vec![1], "what was stored is still replayed");
+    // After the crash, offsets from now on are whole again.
+    let mut c = cluster.connect();
+    let mut s = join(&cluster, "crash", None);
+    send(&mut c, "crash", 2);
+    let fresh = offset_of(&next(&mut s).1);
+    drop(s);
+    send(&mut c, "crash", 3);
+    wait_for_offsets(&cluster, "crash", 4);
+    let mut s = join(&cluster, "crash", Some(json!({"offset": fresh})));
+    let got = drain(&mut s);
+    assert!(got.iter().all(|(e, _)| e != "system"), "{got:?}");
+}
+
+#[test]
+fn more_than_the_limit_or_past_retention_is_reported() {
+    let cluster = Cluster::start("resume_gaps", &["realtime.replay_limit = 3"]);
+    let mut c = cluster.connect();
+    let mut s = join(&cluster, "gaps", None);
+    send(&mut c, "gaps", 0);
+    let last = offset_of(&next(&mut s).1);
+    drop(s);
+    for n in 1..=5 {
+        send(&mut c, "gaps", n);
+    }
+    wait_for_offsets(&cluster, "gaps", 6);
+
+    // Only the newest 3 (the setting caps what the client asks), and the client is told.
+    let mut s = join(
+        &cluster,
+        "gaps",
+        Some(json!({"offset": last, "limit": 100})),
+    );
+    let got = drain(&mut s);
+    let ns: Vec<i64> = got
+        .iter()
+        .filter(|(e, _)| e == "broadcast")
+        .map(|(_, p)| p["payload"]["n"].as_i64().expect("n"))
+        .collect();
+    assert_eq!(ns, vec![3, 4, 5]);
+    let gap = got
+        .iter()
+        .find(|(e, _)| e == "system")
+        .expect("a gap notice");
+    let text = gap.1["message"].as_str().expect("message");
+    assert!(
+        text.starts_with("Replay gap: more than 3 messages"),
+        "{text}"
+    );
+
+    // Retention drops the day the offset belongs to: the client is told, not silently served
+    // what is left.
+    c.batch_execute(
+        "UPDATE realtime.replay_days SET day = current_date - 30;
+         SELECT realtime.maintain_partitions();",
+    )
+    .expect("retention");
+    let lost: bool = c
+        .query_one(
+            "SELECT lost_through > '0/0' FROM realtime.replay_horizon",
+            &[],
+        )
+        .expect("horizon")
+        .get(0);
+    assert!(lost);
+    let mut s = join(&cluster, "gaps", Some(json!({"offset": last, "limit": 3})));
+    let got = drain(&mut s);
+    let gap = got
+        .iter()
+        .find(|(e, _)| e == "system")
+        .expect("a gap notice");
+    let text = gap.1["message"].as_str().expect("message");
+    assert!(text.contains("no longer be stored"), "{text}");
+}
+
+#[test]
+fn public_channels_replay_only_when_allowed() {
+    let cluster = Cluster::start("resume_public", &[]);
+    let mut c = cluster.connect();
+    let join_public = |replay: Value| {
+        let mut s = Socket::connect(&cluster, &service_token(), "1.0.0");
+        let reply = s.join(
+            "open",
+            json!({"broadcast": {"replay": replay}, "private": false}),
+        );
+        (s, reply)
+    };
+    c.execute(
+        "SELECT realtime.send('{\"n\": 1}', 'e', 'open', false)",
+        &[],
+    )
+    .expect("send");
+    wait_for_offsets(&cluster, "open", 1);
+    let (_, reply) = join_public(json!({"offset": "0000000000000000-00000000"}));
+    assert_eq!(reply["status"], "error", "{reply}");
+    assert_eq!(
+        reply["response"]["reason"],
+        "UnableToReplayMessages: Replay is not allowed for public channels"
+    );
+
+    c.batch_execute("ALTER SYSTEM SET realtime.public_replay = on; SELECT pg_reload_conf();")
+        .expect("setting");
+    let mut replayed = None;
+    let allowed = eventually(WAIT, || {
+        let (mut s, reply) = join_public(json!({"offset": "0000000000000000-00000000"}));
+        if reply["status"] != "ok" {
+            return false;
+        }
+        replayed = s.recv_event("broadcast", WAIT);
+        true
+    });
+    assert!(allowed, "public replay is allowed once the setting is on");
+    let m = replayed.expect("the public message is replayed");
+    assert_eq!(m.payload["payload"]["n"], 1);
+    assert_eq!(m.payload["meta"]["replayed"], true);
+    // Private messages of the same name are not public history.
+    c.execute("SELECT realtime.send('{\"n\": 2}', 'e', 'open', true)", &[])
+        .expect("send");
+    wait_for_offsets(&cluster, "open", 2);
+    let (mut s, reply) = join_public(json!({"offset": "0000000000000000-00000000"}));
+    assert_eq!(reply["status"], "ok", "{reply}");
+    let ns: Vec<i64> = drain(&mut s)
+        .iter()
+        .filter(|(e, _)| e == "broadcast")
+        .map(|(_, p)| p["payload"]["n"].as_i64().expect("n"))
+        .collect();
+    assert_eq!(ns, vec![1]);
+}
+
+#[test]
+fn a_malformed_offset_is_refused_with_a_clear_reason() {
+    let cluster = Cluster::start("resume_malformed", &[]);
+    for bad in [
+        json!({"offset": "yesterday"}),
+        json!({"offset": 12}),
+        json!({"offset": "0/16B3F28"}),
+        json!({"offset": "0000000000000000-00000000", "limit": "all"}),
+    ] {
+        let mut s = Socket::connect(&cluster, &service_token(), "1.0.0");
+        let reply = s.join(
+            "bad",
+            json!({"broadcast": {"replay": bad}, "private": true}),
+        );
+        assert_eq!(reply["status"], "error", "{bad}: {reply}");
+        assert_eq!(
+            reply["response"]["reason"], "UnableToReplayMessages: Replay params are not valid",
+            "{bad}"
+        );
+    }
+}

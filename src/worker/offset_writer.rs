@@ -1,0 +1,145 @@
+//! Offsets written back into `realtime.messages`, so that a client can resume after the last
+//! message it saw (`config.broadcast.replay.offset`).
+//!
+//! A message's offset is its commit LSN and its index in its transaction, known only once it
+//! has committed: the worker learns it when it takes the message off the commit queue, in
+//! commit order, and stores it on the row here, in batches, in its own transactions. The
+//! worker flushes before it answers a resume, so a resume sees the offset of every message
+//! delivered before it. What a crash loses before a flush is reported to resuming clients
+//! through the replay horizon (see [`mark_running`]).
+
+use super::transaction;
+use pgrx::prelude::*;
+use realtime_server::offset::Offset;
+use std::time::{Duration, Instant};
+
+/// How long a delivered message's offset may wait to be stored.
+pub const FLUSH_AFTER: Duration = Duration::from_millis(100);
+/// Offsets stored per transaction; more waiting are flushed at once.
+const BATCH: usize = 5_000;
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Default)]
+pub struct OffsetWriter {
+    ids: Vec<String>,
+    inserted_at: Vec<Timestamp>,
+    lsns: Vec<String>,
+    indexes: Vec<i32>,
+    /// When the oldest waiting offset was delivered.
+    oldest: Option<Instant>,
+    /// The last flush failed (logged once until one succeeds).
+    failing: bool,
+}
+
+impl OffsetWriter {
+    /// Remembers a delivered message's offset. Messages without a row id (none are queued
+    /// today) have nothing to store it on.
+    pub fn push(&mut self, id: &str, inserted_at: i64, offset: Offset) {
+        if id.is_empty() {
+            return;
+        }
+        self.ids.push(id.to_string());
+        self.inserted_at
+            .push(Timestamp::saturating_from_raw(inserted_at));
+        self.lsns.push(offset.lsn_text());
+        self.indexes
+            .push(i32::try_from(offset.index).unwrap_or(i32::MAX));
+        self.oldest.get_or_insert_with(Instant::now);
+        if self.ids.len() >= BATCH {
+            self.flush();
+        }
+    }
+
+    /// How long until the waiting offsets are due; None when none wait.
+    pub fn due_in(&self) -> Option<Duration> {
+        self.oldest.map(|t| FLUSH_AFTER.saturating_sub(t.elapsed()))
+    }
+
+    pub fn flush_if_due(&mut self) {
+        if self.due_in() == Some(Duration::ZERO) {
+            self.flush();
+        }
+    }
+
+    /// Stores every waiting offset, in one transaction. On failure they are dropped (their
+    /// messages were delivered; a resume across them then misses them, which the replay
+    /// horizon cannot tell, so the failure is logged).
+    pub fn flush(&mut self) {
+        self.oldest = None;
+        if self.ids.is_empty() {
+            return;
+        }
+        let count = self.ids.len();
+        let ids = std::mem::take(&mut self.ids);
+        let inserted_at = std::mem::take(&mut self.inserted_at);
+        let lsns = std::mem::take(&mut self.lsns);
+        let indexes = std::mem::take(&mut self.indexes);
+        let result = transaction::try_spi(TIMEOUT, move || {
+            // Losing these to an OS crash is the same as losing them to a worker crash, which
+            // the replay horizon reports; a synchronous flush per batch would slow delivery.
+            Spi::run("SET LOCAL synchronous_commit = off")?;
+            // Partition pruning on inserted_at finds each row with one index probe.
+            // The newest offset per day goes to realtime.replay_days, for the replay horizon
+            // when retention drops that day.
+            Spi::run_with_args(
+                "WITH stored AS (
+                     UPDATE realtime.messages AS m
+                        SET commit_lsn = u.lsn::pg_lsn, commit_index = u.idx
+                       FROM ROWS FROM (pg_catalog.unnest($1::text[]), pg_catalog.unnest($2::timestamp[]),
+                                       pg_catalog.unnest($3::text[]), pg_catalog.unnest($4::int4[]))
+                            AS u(id, at, lsn, idx)
+                      WHERE m.id = u.id::uuid AND m.inserted_at = u.at
+                  RETURNING m.inserted_at::date AS day, m.commit_lsn)
+                 INSERT INTO realtime.replay_days AS d (day, last_lsn)
+                 SELECT day, max(commit_lsn) FROM stored GROUP BY day
+                 ON CONFLICT (day) DO UPDATE
+                    SET last_lsn = greatest(d.last_lsn, excluded.last_lsn)",
+                &[
+                    ids.into(),
+                    inserted_at.into(),
+                    lsns.into(),
+                    indexes.into(),
+                ],
+            )
+        });
+        match result {
+            Ok(()) => self.failing = false,
+            Err(e) => {
+                if !std::mem::replace(&mut self.failing, true) {
+                    log!(
+                        "pg_realtime: cannot store the offsets of {count} delivered messages \
+                         (later failures are not logged until one succeeds): {e}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// At start on the primary: if the last worker did not stop cleanly, offsets it delivered may
+/// never have been stored, so every offset before now may have lost successors; resuming
+/// clients from before now are told so. Then marks this worker running.
+pub fn mark_running() {
+    let result = transaction::try_spi(TIMEOUT, || {
+        Spi::run(
+            "UPDATE realtime.replay_horizon
+                SET lost_through = CASE WHEN worker_running
+                                        THEN greatest(lost_through, pg_catalog.pg_current_wal_lsn())
+                                        ELSE lost_through END,
+                    worker_running = true",
+        )
+    });
+    if let Err(e) = result {
+        log!("pg_realtime: cannot read the replay horizon: {e}");
+    }
+}
+
+/// At a clean stop on the primary, after the last flush.
+pub fn mark_stopped() {
+    let result = transaction::try_spi(TIMEOUT, || {
+        Spi::run("UPDATE realtime.replay_horizon SET worker_running = false")
+    });
+    if let Err(e) = result {
+        log!("pg_realtime: cannot record a clean stop in the replay horizon: {e}");
+    }
+}
