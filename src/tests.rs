@@ -46,6 +46,7 @@ mod tests {
                 id: "x".into(),
                 binary: false,
                 payload: b"{}".to_vec(),
+                offset: None,
             }],
         };
         Spi::run_with_args("SELECT realtime._node_relay($1)", &[forged.encode().into()]).unwrap();
@@ -177,6 +178,26 @@ mod tests {
             )
             .unwrap(),
             Some(true)
+        );
+    }
+
+    #[pg_test]
+    fn the_replay_horizon_is_the_owners_alone() {
+        for table in ["realtime.replay_horizon", "realtime.replay_days"] {
+            let open = Spi::get_one_with_args::<bool>(
+                "SELECT has_table_privilege('public', $1, 'SELECT')
+                     OR has_table_privilege('public', $1, 'INSERT')
+                     OR has_table_privilege('public', $1, 'UPDATE')
+                     OR has_table_privilege('public', $1, 'DELETE')",
+                &[table.into()],
+            )
+            .unwrap();
+            assert_eq!(open, Some(false), "{table}");
+        }
+        // One row, always.
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT count(*) FROM realtime.replay_horizon").unwrap(),
+            Some(1)
         );
     }
 

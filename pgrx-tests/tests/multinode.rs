@@ -115,17 +115,22 @@ fn next_message(s: &mut Socket, limit: Duration, what: &str) -> Option<Message> 
 }
 
 /// The payloads of the next `n` broadcasts whose user event is `event` (others are skipped).
+/// Fails when none of them arrives for `WAIT` (the replies to its own heartbeats do not count,
+/// or a node that stopped delivering would keep the test waiting forever).
 fn user_events(s: &mut Socket, event: &str, n: usize, what: &str) -> Vec<Value> {
     let mut got = Vec::with_capacity(n);
+    let mut deadline = Instant::now() + WAIT;
     while got.len() < n {
-        let m = next_message(s, WAIT, what).unwrap_or_else(|| {
-            panic!(
-                "{what}: {} of {n} `{event}` broadcasts arrived, then nothing: {got:?}",
-                got.len()
-            )
-        });
+        let m = next_message(s, deadline.saturating_duration_since(Instant::now()), what)
+            .unwrap_or_else(|| {
+                panic!(
+                    "{what}: {} of {n} `{event}` broadcasts arrived, then nothing for {WAIT:?}: {got:?}",
+                    got.len()
+                )
+            });
         if m.event == "broadcast" && m.payload["event"] == event {
             got.push(m.payload["payload"].clone());
+            deadline = Instant::now() + WAIT;
         }
     }
     got
