@@ -1119,16 +1119,28 @@ fn a_primary_restart_loses_nothing_for_clients_on_standbys() {
             send_sql(&mut c, "steady", &json!({"i": i}));
         }
     }
-    for (name, s) in &mut subs {
-        let got: Vec<i64> = user_events(s, "e", 40, name)
-            .iter()
-            .map(|p| p["i"].as_i64().expect("i"))
-            .collect();
-        assert_eq!(
-            got,
-            (0..40).collect::<Vec<_>>(),
-            "{name}: everything committed before and after the primary's restart, in order"
-        );
+    let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        for (name, s) in &mut subs {
+            let got: Vec<i64> = user_events(s, "e", 40, name)
+                .iter()
+                .map(|p| p["i"].as_i64().expect("i"))
+                .collect();
+            assert_eq!(
+                got,
+                (0..40).collect::<Vec<_>>(),
+                "{name}: everything committed before and after the primary's restart, in order"
+            );
+        }
+    }));
+    if let Err(failure) = checked {
+        for (name, node) in [
+            ("primary", &primary),
+            ("standby 1", &s1),
+            ("standby 2", &s2),
+        ] {
+            eprintln!("--- {name}'s log ---\n{}", node.log());
+        }
+        std::panic::resume_unwind(failure);
     }
     // Client broadcasts still cross between the standbys.
     let (_, mut on_s2) = subs.into_iter().nth(1).expect("standby 2's subscriber");
