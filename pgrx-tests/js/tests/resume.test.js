@@ -12,10 +12,12 @@ const serviceKey = () => jwt({ role: 'service_role' })
 /**
  * A private channel that resumes after the last message it saw whenever realtime-js joins it
  * again (after a reconnect, too): the join payload holds the same `replay` object, so moving
- * its offset moves every later join. `raw` gets every delivery, `seen` the ones kept.
+ * its offset moves every later join. `offset`: where a new channel starts (the join is sent
+ * at once when the socket is open). `raw` gets every delivery, `seen` the ones kept.
  */
-function resumable(supabase, room) {
+function resumable(supabase, room, offset) {
   const replay = { since: Date.now() }
+  if (offset) replay.offset = offset
   const raw = []
   const seen = []
   const gaps = []
@@ -69,8 +71,7 @@ test('a subscriber that misses messages rejoins with its last offset and gets ex
 
   for (let n = 1; n <= 5; n++) await send(room, n)
   // A fresh channel that starts from the remembered offset.
-  const again = resumable(supabase, room)
-  again.replay.offset = last
+  const again = resumable(supabase, room, last)
   await again.subscribed
   await waitFor(() => again.seen.length === 5, 10000, 'the five missed messages')
   assert.deepEqual(again.seen.map((m) => m.payload.n), [1, 2, 3, 4, 5])
@@ -84,26 +85,40 @@ test('a subscriber that misses messages rejoins with its last offset and gets ex
   assert.deepEqual(again.gaps, [])
 })
 
-test('across a worker restart the client reconnects by itself and misses nothing', async () => {
+test('across a crash of the worker the client reconnects by itself and misses nothing', async () => {
   const room = topic('restart')
   const r = resumable(client({ key: serviceKey() }), room)
   await r.subscribed
   await send(room, 0)
   await waitFor(() => r.seen.length === 1, 10000, 'the first message')
 
-  // SIGTERM: the worker stores the offsets it delivered, closes every socket and is started
-  // again by the postmaster a few seconds later; realtime-js reconnects and rejoins.
-  const { rows } = await sql(
-    `SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE backend_type = 'pg_realtime'`
-  )
+  // SIGKILL: the postmaster resets every backend and starts the worker again at once;
+  // realtime-js reconnects within a second and rejoins with the offset it moved along.
+  // (A clean restart of the worker keeps its sockets closed for the restart delay, 5 s,
+  // which Node 20's WebSocket does not retry after its first refused reconnect; the raw-frame
+  // tests cover the clean restart.)
+  const { rows } = await sql(`SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_realtime'`)
   assert.equal(rows.length, 1)
-  // Sent while the client has no socket: they wait in the commit queue for the next worker.
-  for (let n = 1; n <= 5; n++) await send(room, n)
+  process.kill(rows[0].pid, 'SIGKILL')
+  const sent = []
+  const deadline = Date.now() + 90000
+  for (let n = 1; n <= 5 && Date.now() < deadline; ) {
+    try {
+      await send(room, n)
+      sent.push(n)
+      n++
+    } catch (e) {
+      await sleep(200) // the database is still recovering
+    }
+  }
+  assert.deepEqual(sent, [1, 2, 3, 4, 5])
   await waitFor(() => r.seen.length >= 6, 60000, 'the missed messages after the reconnect')
   await send(room, 6)
   await waitFor(() => r.seen.length === 7, 10000, 'the live message')
   assert.deepEqual(r.seen.map((m) => m.payload.n), [0, 1, 2, 3, 4, 5, 6])
   await sleep(300)
   assert.equal(r.raw.length, 7, 'the server sent nothing twice')
-  assert.deepEqual(r.gaps, [], 'a clean restart loses nothing')
+  // After a crash the server cannot know whether it stored every offset it delivered, so a
+  // resume from before it may be told of a gap; nothing is missing here all the same.
+  assert.ok(r.gaps.every((g) => g.startsWith('Replay gap:')))
 })
