@@ -175,10 +175,23 @@ impl BusWriter {
         }
         self.recorded
             .retain(|_, s| s.heard.elapsed() < FORGET_AFTER);
+        self.record(false);
+    }
+
+    /// At a clean stop: the standbys heard from since their rows were last written are
+    /// recorded now, so that the next start writes the bus from its first message even when
+    /// a standby joined less than a tick before this stop.
+    pub fn record_before_stop(&mut self) {
+        self.record(true);
+    }
+
+    /// Writes the rows of `realtime.nodes` that are due (all those heard from since their last
+    /// write when `now`).
+    fn record(&mut self, now: bool) {
         let due: Vec<(i64, String)> = self
             .recorded
             .iter()
-            .filter(|(_, s)| s.written.is_none_or(|t| t.elapsed() >= RECORD_EVERY))
+            .filter(|(_, s)| now || s.written.is_none_or(|t| t.elapsed() >= RECORD_EVERY))
             .filter(|(_, s)| s.written.is_none_or(|t| s.heard > t))
             .map(|(id, s)| (*id as i64, s.name.clone()))
             .collect();

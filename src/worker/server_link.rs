@@ -383,9 +383,10 @@ impl ServerLink {
     /// primary, the offsets of everything delivered are stored first, and the stop recorded
     /// as clean.
     pub fn shutdown(mut self) {
-        if let Role::Primary(_) = self.role {
+        if let Role::Primary(writer) = &mut self.role {
             self.offsets.flush();
             offset_writer::mark_stopped();
+            writer.record_before_stop();
         }
         self.server.shutdown(SHUTDOWN_GRACE);
         logging::flush();
