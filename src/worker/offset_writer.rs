@@ -78,6 +78,9 @@ impl OffsetWriter {
             // Losing these to an OS crash is the same as losing them to a worker crash, which
             // the replay horizon reports; a synchronous flush per batch would slow delivery.
             Spi::run("SET LOCAL synchronous_commit = off")?;
+            // One index probe per row whatever the table's size: never a join that scans it.
+            Spi::run("SET LOCAL enable_hashjoin = off")?;
+            Spi::run("SET LOCAL enable_mergejoin = off")?;
             // Partition pruning on inserted_at finds each row with one index probe.
             // The newest offset per day goes to realtime.replay_days, for the replay horizon
             // when retention drops that day.
