@@ -1257,3 +1257,55 @@ fn supabase_js_across_nodes() {
     }
     assert!(ok, "the supabase-js multi-node suite failed");
 }
+
+/// Offsets are the same on every node, and a resume on a standby right after a message gets
+/// it, although the primary writes its offset back onto the row only after delivering it.
+#[test]
+fn a_resume_on_a_standby_gets_exactly_what_was_missed() {
+    let (primary, s1, _s2) = three_nodes("mn_resume", &["realtime.public_replay = on"]);
+    let mut watcher = subscriber(&s1, "resume");
+    let mut on_primary = subscriber(&primary, "resume");
+    let mut c = primary.connect();
+    send_sql(&mut c, "resume", &json!({"i": 0}));
+    let first = next_broadcast_meta(&mut watcher, "standby 1");
+    let same = next_broadcast_meta(&mut on_primary, "primary");
+    assert_eq!(first["offset"], same["offset"], "one offset on every node");
+    let last = first["offset"].as_str().expect("offset").to_string();
+    for i in 1..=3 {
+        send_sql(&mut c, "resume", &json!({"i": i}));
+    }
+    // Once the standby delivered them, a resume there must find them, offsets stored or not.
+    let seen: Vec<i64> = user_events(&mut watcher, "e", 3, "standby 1")
+        .iter()
+        .map(|p| p["i"].as_i64().expect("i"))
+        .collect();
+    assert_eq!(seen, vec![1, 2, 3]);
+    let mut resumed = socket(&s1);
+    join_ok(
+        &mut resumed,
+        "resume",
+        json!({"broadcast": {"replay": {"offset": last}}, "private": false}),
+    );
+    let got: Vec<i64> = user_events(&mut resumed, "e", 3, "the resume on standby 1")
+        .iter()
+        .map(|p| p["i"].as_i64().expect("i"))
+        .collect();
+    assert_eq!(got, vec![1, 2, 3]);
+    let extra: Vec<Message> = drain(&mut resumed, Duration::from_millis(500))
+        .into_iter()
+        .filter(|m| m.event == "broadcast" || m.event == "system")
+        .collect();
+    assert!(extra.is_empty(), "nothing twice, no gap: {extra:?}");
+}
+
+/// The `meta` of the next broadcast.
+fn next_broadcast_meta(s: &mut Socket, what: &str) -> Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let m = next_message(s, deadline.saturating_duration_since(Instant::now()), what)
+            .unwrap_or_else(|| panic!("{what}: no broadcast within {WAIT:?}"));
+        if m.event == "broadcast" {
+            return m.payload["meta"].clone();
+        }
+    }
+}

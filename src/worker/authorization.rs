@@ -334,19 +334,104 @@ pub fn explain_checks(
 }
 
 /// On a standby: the checks run on the primary (`forwarded` are their answers), the replay
-/// reads this node's own copy of the stored messages.
+/// reads this node's own copy of the stored messages, completed for a resume by the messages
+/// this node delivered whose offsets have not reached its copy yet (`delivered`).
 pub fn with_local_replay(
     requests: &[AuthorizationRequest],
     forwarded: Vec<Result<Authorization, Refusal>>,
+    delivered: &super::offset_writer::DeliveredOffsets,
 ) -> Vec<(Result<Authorization, Refusal>, Replay)> {
     requests
         .iter()
         .zip(forwarded)
         .map(|(request, rights)| {
-            let replay = replay_for(request, &rights);
+            let mut replay = replay_for(request, &rights);
+            if let (Ok(r), Some(params)) = (&rights, request.replay)
+                && let ReplayFrom::After(after) = params.from
+                && r.broadcast_read
+            {
+                let pending = delivered.after(&request.subtopic, request.private, after);
+                if let Err(e) = add_unstored(
+                    &mut replay,
+                    &request.subtopic,
+                    request.private,
+                    pending,
+                    params.limit,
+                ) {
+                    log!("pg_realtime: replay for {} failed: {e}", request.subtopic);
+                }
+            }
             (rights, replay)
         })
         .collect()
+}
+
+/// Adds to a resume the messages of `pending` (delivered here, offsets known) that its query
+/// did not find because their offsets are not in this node's copy yet; keeps the newest
+/// `limit`, oldest first.
+fn add_unstored(
+    replay: &mut Replay,
+    topic: &str,
+    private: bool,
+    pending: Vec<(String, Offset)>,
+    limit: i64,
+) -> Result<(), String> {
+    let have: std::collections::HashSet<&str> =
+        replay.messages.iter().map(|m| m.id.as_str()).collect();
+    let wanted: std::collections::HashMap<String, Offset> = pending
+        .into_iter()
+        .filter(|(id, _)| !have.contains(id.as_str()))
+        .collect();
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<String> = wanted.keys().cloned().collect();
+    let found = transaction::rolled_back(AUTHORIZATION_TIMEOUT, || {
+        Spi::connect(|client| {
+            let rows = client
+                .select(
+                    "SELECT id::text, event, payload::text, binary_payload
+                       FROM realtime.messages
+                      WHERE id = ANY($1::text[]::uuid[]) AND topic = $2 AND private = $3
+                        AND extension = 'broadcast' AND event IS NOT NULL",
+                    None,
+                    &[ids.into(), topic.into(), private.into()],
+                )
+                .map_err(|e| e.to_string())?;
+            let mut out = Vec::new();
+            for row in rows {
+                let get_text = |i: usize| row.get::<String>(i).map_err(|e| e.to_string());
+                let id = get_text(1)?.unwrap_or_default();
+                let event = get_text(2)?.unwrap_or_default();
+                let json = get_text(3)?;
+                let binary = row.get::<Vec<u8>>(4).map_err(|e| e.to_string())?;
+                let payload = match (json, binary) {
+                    (_, Some(bytes)) => Payload::Binary(bytes.into()),
+                    (Some(text), None) => Payload::Json(text.into()),
+                    (None, None) => Payload::Json(bytes::Bytes::from_static(b"{}")),
+                };
+                let offset = wanted.get(&id).copied();
+                out.push(Replayed {
+                    id,
+                    event,
+                    payload,
+                    offset,
+                });
+            }
+            Ok(out)
+        })
+    })?;
+    replay.messages.extend(found);
+    replay.messages.sort_by_key(|m| m.offset);
+    let limit = usize::try_from(limit.max(1)).unwrap_or(usize::MAX);
+    if replay.messages.len() > limit {
+        let cut = replay.messages.len() - limit;
+        replay.messages.drain(..cut);
+        replay.gap.get_or_insert(ReplayGap::Limit {
+            limit: limit as i64,
+        });
+    }
+    Ok(())
 }
 
 fn replay_for(request: &AuthorizationRequest, rights: &Result<Authorization, Refusal>) -> Replay {

@@ -146,3 +146,55 @@ pub fn mark_stopped() {
         log!("pg_realtime: cannot record a clean stop in the replay horizon: {e}");
     }
 }
+
+/// How long a standby remembers the offsets of the database messages it delivered: the
+/// primary writes an offset back onto its row about 100 ms after delivering it, and that
+/// write reaches this standby's copy a moment after the message itself.
+const KEEP_DELIVERED: Duration = Duration::from_secs(30);
+/// At most this many are remembered (about 10 MB).
+const MAX_DELIVERED: usize = 100_000;
+
+/// On a standby: the offsets of the database messages it delivered lately, so that a resume
+/// served here right after a message also finds that message while its row, in this node's
+/// copy, does not show its offset yet.
+#[derive(Default)]
+pub struct DeliveredOffsets {
+    entries: std::collections::VecDeque<Delivered>,
+}
+
+struct Delivered {
+    at: Instant,
+    topic: String,
+    private: bool,
+    id: String,
+    offset: Offset,
+}
+
+impl DeliveredOffsets {
+    pub fn record(&mut self, topic: &str, private: bool, id: &str, offset: Offset) {
+        while self
+            .entries
+            .front()
+            .is_some_and(|d| d.at.elapsed() > KEEP_DELIVERED)
+            || self.entries.len() >= MAX_DELIVERED
+        {
+            self.entries.pop_front();
+        }
+        self.entries.push_back(Delivered {
+            at: Instant::now(),
+            topic: topic.to_string(),
+            private,
+            id: id.to_string(),
+            offset,
+        });
+    }
+
+    /// (id, offset) of the messages of (topic, private) delivered after `after`.
+    pub fn after(&self, topic: &str, private: bool, after: Offset) -> Vec<(String, Offset)> {
+        self.entries
+            .iter()
+            .filter(|d| d.offset > after && d.private == private && d.topic == topic)
+            .map(|d| (d.id.clone(), d.offset))
+            .collect()
+    }
+}

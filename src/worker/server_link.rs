@@ -5,7 +5,7 @@
 use super::admin::Admin;
 use super::bus_reader::BusReader;
 use super::bus_writer::BusWriter;
-use super::offset_writer::{self, OffsetWriter};
+use super::offset_writer::{self, DeliveredOffsets, OffsetWriter};
 use super::presence_events::PresenceEvents;
 use super::queue_reader::Committed;
 use super::{authorization, logging, presence};
@@ -49,6 +49,8 @@ pub struct ServerLink {
     presence_events: PresenceEvents,
     /// Offsets of delivered messages waiting to be stored on their rows (primary only).
     offsets: OffsetWriter,
+    /// Offsets of the database messages this standby delivered lately (standby only).
+    delivered: DeliveredOffsets,
 }
 
 impl ServerLink {
@@ -97,6 +99,7 @@ impl ServerLink {
             admin: Admin::default(),
             presence_events: PresenceEvents::default(),
             offsets: OffsetWriter::default(),
+            delivered: DeliveredOffsets::default(),
         }
     }
 
@@ -185,7 +188,21 @@ impl ServerLink {
                 let mut sql_presence = BTreeSet::new();
                 for bytes in envelopes {
                     match Envelope::decode(&bytes) {
-                        Ok(e) => sql_presence.extend(self.server.apply_envelope(e)),
+                        Ok(e) => {
+                            for frame in &e.frames {
+                                if let Frame::Database {
+                                    topic,
+                                    private,
+                                    id,
+                                    offset: Some(offset),
+                                    ..
+                                } = frame
+                                {
+                                    self.delivered.record(topic, *private, id, *offset);
+                                }
+                            }
+                            sql_presence.extend(self.server.apply_envelope(e));
+                        }
                         Err(e) => log!("pg_realtime: skipping a bus message: {e}"),
                     }
                 }
@@ -254,7 +271,7 @@ impl ServerLink {
                         }
                     })
                     .collect();
-                authorization::with_local_replay(&batch, rights)
+                authorization::with_local_replay(&batch, rights, &self.delivered)
             }
         };
         for (request, (answer, replay)) in batch.iter().zip(answers) {
