@@ -11,6 +11,8 @@ CREATE TABLE realtime.messages (
     inserted_at timestamp without time zone NOT NULL DEFAULT now(),
     id uuid NOT NULL DEFAULT gen_random_uuid(),
     binary_payload bytea,
+    -- Set for client broadcasts stored with persist: {"ttl": N}; replay skips the row after it.
+    expires_at timestamp without time zone,
     CONSTRAINT messages_pkey PRIMARY KEY (id, inserted_at),
     CONSTRAINT messages_payload_exclusive CHECK (payload IS NULL OR binary_payload IS NULL) NOT VALID
 ) PARTITION BY RANGE (inserted_at);

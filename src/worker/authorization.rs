@@ -205,7 +205,10 @@ type Verdict = (Option<String>, bool);
 
 /// Runs `realtime._authorize_writes` for one request; inside a (sub)transaction that is rolled
 /// back.
-fn write_checks(request: &AuthorizationRequest, write: &[&str]) -> Result<Vec<Verdict>, String> {
+pub(super) fn write_checks(
+    request: &AuthorizationRequest,
+    write: &[&str],
+) -> Result<Vec<Verdict>, String> {
     let error = |e: spi::SpiError| e.to_string();
     let text = PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTOID);
     let texts = PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTARRAYOID);
@@ -367,6 +370,7 @@ fn replay(topic: &str, params: ReplayParams) -> Result<Vec<Replayed>, String> {
                             AND event IS NOT NULL
                             AND inserted_at >= to_timestamp($2::float8 / 1000::float8)
                             AND inserted_at < now() + interval '1 minute'
+                            AND (expires_at IS NULL OR expires_at > now())
                           ORDER BY inserted_at DESC LIMIT $3) AS newest
                       ORDER BY inserted_at",
                     None,
