@@ -124,6 +124,10 @@ fn insert(r: &PersistRequest) -> Result<String, String> {
         ),
         Payload::Binary(b) => (None, Some(b.to_vec())),
     };
+    // PostgreSQL text cannot hold a NUL (a binary payload may).
+    if r.event.contains('\0') || json.as_deref().is_some_and(|j| j.contains('\0')) {
+        return Err("the event or payload contains a NUL character".into());
+    }
     let ttl: Option<f64> = r.ttl_seconds.map(|t| t as f64);
     Spi::get_one_with_args::<String>(
         INSERT,
