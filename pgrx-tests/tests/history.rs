@@ -410,3 +410,26 @@ fn rest_persist_stores_before_answering_and_refuses_public_channels() {
     assert_eq!(status, 403, "{body}");
     assert_eq!(stored_rows(&cluster, "persist-rest"), 1);
 }
+
+#[test]
+fn a_standby_refuses_persist_and_says_the_primary_serves_it() {
+    let primary = Cluster::start_primary("persist_primary", &[]);
+    primary.execute(POLICIES);
+    let standby = Cluster::start_standby(&primary, "persist_standby", &[]);
+    let config = json!({"private": true, "broadcast": {"ack": true}});
+    let mut sender = joined(&standby, &member(), "persist-standby", config.clone());
+    let mut reader = joined(&primary, &member(), "persist-standby", config);
+    let reply = send_persisted(
+        &mut sender,
+        "persist-standby",
+        r#"{"persist":true}"#,
+        &json!({}),
+    );
+    let why = "persist is served by the primary node: connect to the primary to store messages";
+    assert_eq!(
+        reply,
+        json!({"status": "error", "response": {"reason": why, "error": why}})
+    );
+    assert!(broadcasts(&mut reader).is_empty(), "nothing delivered");
+    assert_eq!(stored_rows(&primary, "persist-standby"), 0);
+}
