@@ -433,3 +433,37 @@ fn a_standby_refuses_persist_and_says_the_primary_serves_it() {
     assert!(broadcasts(&mut reader).is_empty(), "nothing delivered");
     assert_eq!(stored_rows(&primary, "persist-standby"), 0);
 }
+
+#[test]
+fn a_stored_broadcast_is_replayed_to_a_later_join_until_it_expires() {
+    let cluster = cluster("persist_replay");
+    let config = json!({"private": true, "broadcast": {"ack": true}});
+    let mut sender = joined(&cluster, &member(), "persist-replay", config);
+    let mut ids = Vec::new();
+    for n in 0..2 {
+        let reply = send_persisted(
+            &mut sender,
+            "persist-replay",
+            r#"{"persist":{"ttl":3600}}"#,
+            &json!({"n": n}),
+        );
+        assert_eq!(reply["status"], "ok", "{reply}");
+        ids.push(reply["response"]["id"].as_str().unwrap().to_string());
+    }
+    // The first one's ttl has run out (set in the past rather than waited for).
+    cluster
+        .connect()
+        .execute(
+            "UPDATE realtime.messages SET expires_at = now() - interval '1 second'
+              WHERE id = $1::text::uuid",
+            &[&ids[0]],
+        )
+        .unwrap();
+    let replaying = json!({"private": true, "broadcast": {"replay": {"since": 0, "limit": 10}}});
+    let mut late = joined(&cluster, &member(), "persist-replay", replaying);
+    let got = broadcasts(&mut late);
+    assert_eq!(got.len(), 1, "only the unexpired one: {got:?}");
+    assert_eq!(got[0].payload["payload"], json!({"n": 1}));
+    assert_eq!(got[0].payload["meta"]["id"], ids[1].as_str());
+    assert_eq!(got[0].payload["meta"]["replayed"], true);
+}
