@@ -11,6 +11,8 @@ CREATE TABLE realtime.messages (
     inserted_at timestamp without time zone NOT NULL DEFAULT now(),
     id uuid NOT NULL DEFAULT gen_random_uuid(),
     binary_payload bytea,
+    -- Set for client broadcasts stored with persist: {"ttl": N}; replay skips the row after it.
+    expires_at timestamp without time zone,
     -- The message's offset: its commit LSN and index in its transaction, written back by the
     -- worker once delivered (see realtime.replay_horizon).
     commit_lsn pg_lsn,

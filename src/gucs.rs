@@ -643,6 +643,7 @@ pub fn server_config() -> Config {
         authorize_private: true,
         max_replay_limit: count(&REPLAY_LIMIT),
         public_replay: PUBLIC_REPLAY.get(),
+        max_persist_ttl: retention(),
         presence_calls_limit: PRESENCE_CALLS_LIMIT.get().max(0) as u32,
         presence_calls_window: seconds(&PRESENCE_CALLS_WINDOW).max(Duration::from_secs(1)),
         outbound_queue_bytes: kb_bytes(&OUTBOUND_QUEUE_SIZE),

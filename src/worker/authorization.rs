@@ -217,7 +217,10 @@ type Verdict = (Option<String>, bool);
 
 /// Runs `realtime._authorize_writes` for one request; inside a (sub)transaction that is rolled
 /// back.
-fn write_checks(request: &AuthorizationRequest, write: &[&str]) -> Result<Vec<Verdict>, String> {
+pub(super) fn write_checks(
+    request: &AuthorizationRequest,
+    write: &[&str],
+) -> Result<Vec<Verdict>, String> {
     let error = |e: spi::SpiError| e.to_string();
     let text = PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTOID);
     let texts = PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTARRAYOID);
@@ -393,7 +396,8 @@ fn add_unstored(
                     "SELECT id::text, event, payload::text, binary_payload
                        FROM realtime.messages
                       WHERE id = ANY($1::text[]::uuid[]) AND topic = $2 AND private = $3
-                        AND extension = 'broadcast' AND event IS NOT NULL",
+                        AND extension = 'broadcast' AND event IS NOT NULL
+                        AND (expires_at IS NULL OR expires_at > now())",
                     None,
                     &[ids.into(), topic.into(), private.into()],
                 )
@@ -484,6 +488,7 @@ fn replay(topic: &str, private: bool, params: ReplayParams) -> Result<Replay, St
                                FROM realtime.messages
                               WHERE topic = $1 AND private = $2 AND extension = 'broadcast'
                                 AND event IS NOT NULL AND {start}
+                                AND (expires_at IS NULL OR expires_at > now())
                               ORDER BY {descending} LIMIT $5 + 1) AS newest) AS sized
                   WHERE n <= $5 AND bytes <= $6
                   ORDER BY {order}"

@@ -6,6 +6,7 @@
 //! - `queue_reader`: takes committed messages off the shared-memory commit queue;
 //! - `server_link`: starts the socket server, hands it messages, answers its events;
 //! - `authorization`: RLS checks and replay for private channels;
+//! - `persist`: client broadcasts sent with `persist`, checked and stored in `realtime.messages`;
 //! - `presence`: the SQL mirror of socket presence and SQL-tracked presence;
 //! - `presence_events`: socket presence changes written into `realtime.presence_events`;
 //! - `admin`: answers SQL backends' requests about sockets (list them, close some);
@@ -27,6 +28,7 @@ mod logging;
 mod main_loop;
 mod maintenance;
 mod offset_writer;
+mod persist;
 mod presence;
 mod presence_events;
 mod queue_reader;

@@ -8,7 +8,7 @@ use super::bus_writer::BusWriter;
 use super::offset_writer::{self, DeliveredOffsets, OffsetWriter};
 use super::presence_events::PresenceEvents;
 use super::queue_reader::Committed;
-use super::{authorization, logging, presence};
+use super::{authorization, logging, persist, presence};
 use crate::gucs;
 use bytes::Bytes;
 use commit_ring::PayloadKind;
@@ -118,6 +118,7 @@ impl ServerLink {
     pub fn handle_events(&mut self) {
         logging::flush();
         let mut presence_changes = Vec::new();
+        let mut to_store = Vec::new();
         for event in self.server.poll_events() {
             match event {
                 Event::Presence(change) => presence_changes.push(change),
@@ -127,9 +128,11 @@ impl ServerLink {
                     unsafe { pg_sys::proc_exit(1) };
                 }
                 Event::Authorize(request) => self.authorizations.push_back(request),
+                Event::Persist(request) => to_store.push(request),
             }
         }
         self.answer_authorizations();
+        self.store_persisted(to_store);
         // Only the primary can write; it mirrors the members of every node.
         if matches!(self.role, Role::Primary(_)) {
             self.presence_events.record(&presence_changes);
@@ -277,6 +280,17 @@ impl ServerLink {
         for (request, (answer, replay)) in batch.iter().zip(answers) {
             self.server
                 .complete_authorization(request.id, answer, replay);
+        }
+    }
+
+    /// Stores the messages clients sent with `persist`, in one transaction, and answers each
+    /// after the commit (before the commit queue is drained, so that a sender left out by
+    /// `broadcast.self` is known when its row is delivered).
+    fn store_persisted(&mut self, mut requests: Vec<realtime_server::PersistRequest>) {
+        requests.retain(|r| self.server.persist_pending(r.id));
+        let answers = persist::store_all(&requests, self.is_standby());
+        for (request, answer) in requests.iter().zip(answers) {
+            self.server.complete_persist(request.id, answer);
         }
     }
 

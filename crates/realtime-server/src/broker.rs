@@ -33,7 +33,8 @@ pub(crate) trait Broker: Send + Sync {
 
     /// Delivers to this node's subscribers only: database messages, which every node receives
     /// from the bus in commit order by itself.
-    fn deliver(&self, key: &TopicKey, msg: &Outgoing) -> usize;
+    /// `exclude` is the sender of a stored client broadcast without `broadcast.self`.
+    fn deliver(&self, key: &TopicKey, msg: &Outgoing, exclude: Option<SubId>) -> usize;
 
     /// Subscribes `sub` to `key` (broadcasts and presence diffs, as its reads allow).
     fn subscribe(&self, key: TopicKey, sub: Subscriber) -> SubId;

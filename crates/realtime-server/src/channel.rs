@@ -134,6 +134,9 @@ pub(crate) struct Channel {
     pub refresh_check: Option<Check>,
     /// The write check, if it runs.
     pub write_check: Option<Check>,
+    /// Whether the INSERT policies let this token store messages (`extension =
+    /// 'persistence'`): None until a store asked, forgotten with each new token.
+    pub persist_right: Option<bool>,
 }
 
 /// A task waiting for the worker on a channel's behalf; dropping it (with its channel, or

@@ -48,6 +48,15 @@ pub struct Config {
     /// write checks run; past it (or past 256 messages on one channel) further writes are
     /// refused.
     pub max_held_write_bytes: usize,
+    /// Longest `persist` ttl (`realtime.retention`): a stored message is kept at least that
+    /// long anyway.
+    pub max_persist_ttl: Duration,
+    /// Broadcasts with `persist` one connection may have waiting to be stored at once.
+    pub max_persist_per_connection: usize,
+    /// Broadcasts with `persist` waiting for the worker over all connections, in messages and
+    /// in bytes; past them a new one is refused.
+    pub max_persist_queued: usize,
+    pub max_persist_queued_bytes: usize,
     /// Private joins of one connection that may wait for authorization at once.
     pub max_pending_joins_per_connection: usize,
     /// Authorization requests (joins, token refreshes, write checks, REST) that may wait for
@@ -146,6 +155,10 @@ impl Default for Config {
             presence_calls_window: Duration::from_secs(30),
             outbound_queue_bytes: 16 * 1024 * 1024,
             max_held_write_bytes: 8 * 1024 * 1024,
+            max_persist_ttl: Duration::from_secs(3 * 24 * 3600),
+            max_persist_per_connection: 64,
+            max_persist_queued: 10_000,
+            max_persist_queued_bytes: 16 * 1024 * 1024,
             max_pending_joins_per_connection: 16,
             max_pending_authorizations: 10_000,
             joins_per_second: 20.0,

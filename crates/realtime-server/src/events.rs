@@ -17,6 +17,39 @@ pub enum Event {
     Authorize(AuthorizationRequest),
     /// A socket's presence changed; the worker mirrors it so SQL can read it.
     Presence(PresenceChange),
+    /// Store a client broadcast sent with `persist` in `realtime.messages` (after checking the
+    /// persistence right when `check` is set) and answer with
+    /// [`crate::Server::complete_persist`]. The committed row is delivered like any database
+    /// message.
+    Persist(PersistRequest),
+}
+
+/// A client broadcast to store. `claims`, `headers_json` and `subtopic` are set for the
+/// persistence check as for a write check ([`AuthorizationRequest`]).
+#[derive(Clone, Debug)]
+pub struct PersistRequest {
+    pub id: u64,
+    pub subtopic: String,
+    pub claims: Claims,
+    pub headers_json: String,
+    /// The persistence right is not known yet: probe the INSERT policies with
+    /// `extension = 'persistence'` first (the broadcast write right was checked already).
+    pub check: bool,
+    pub event: String,
+    pub payload: crate::protocol::Payload,
+    /// Seconds the message is kept (`expires_at`), at most `realtime.retention`.
+    pub ttl_seconds: Option<u64>,
+}
+
+impl PersistRequest {
+    /// What the request holds, as counted against the queue's byte bound.
+    pub(crate) fn size(&self) -> usize {
+        self.subtopic.len()
+            + self.claims.json.len()
+            + self.headers_json.len()
+            + self.event.len()
+            + self.payload.len()
+    }
 }
 
 /// One change of socket presence. `owner` identifies the joined channel that tracked.
@@ -129,6 +162,9 @@ struct Queued {
     events: VecDeque<Event>,
     /// How many of `events` are [`Event::Authorize`].
     authorizations: usize,
+    /// How many of `events` are [`Event::Persist`], and their bytes.
+    persists: usize,
+    persist_bytes: usize,
 }
 
 pub(crate) struct EventQueue {
@@ -142,6 +178,8 @@ impl EventQueue {
             queue: Mutex::new(Queued {
                 events: VecDeque::new(),
                 authorizations: 0,
+                persists: 0,
+                persist_bytes: 0,
             }),
             wake,
         }
@@ -189,6 +227,29 @@ impl EventQueue {
         true
     }
 
+    /// Queues a request to store a message unless `max` requests or `max_bytes` bytes of them
+    /// wait already (one request still fits an empty queue).
+    pub(crate) fn push_persist(
+        &self,
+        request: PersistRequest,
+        max: usize,
+        max_bytes: usize,
+    ) -> bool {
+        let size = request.size();
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if q.persists >= max.max(1)
+            || (q.persists > 0 && q.persist_bytes.saturating_add(size) > max_bytes)
+        {
+            return false;
+        }
+        q.persists += 1;
+        q.persist_bytes += size;
+        q.events.push_back(Event::Persist(request));
+        drop(q);
+        self.wake.signal();
+        true
+    }
+
     /// Wakes the main thread without an event (it has something else to look at).
     pub(crate) fn nudge(&self) {
         self.wake.signal();
@@ -200,6 +261,8 @@ impl EventQueue {
         self.wake.reset();
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         q.authorizations = 0;
+        q.persists = 0;
+        q.persist_bytes = 0;
         q.events.drain(..).collect()
     }
 

@@ -19,6 +19,7 @@ pub mod jwt;
 mod metrics;
 pub mod offset;
 mod outbound;
+mod persist;
 mod presence;
 mod presence_diffs;
 pub mod protocol;
@@ -43,14 +44,14 @@ use tokio::sync::{mpsc, watch};
 pub use config::{Config, NodeConfig};
 pub use error::ServerError;
 pub use events::{
-    Authorization, AuthorizationPurpose, AuthorizationRequest, Event, PresenceChange, Replay,
-    ReplayFrom, ReplayGap, ReplayParams, Replayed,
+    Authorization, AuthorizationPurpose, AuthorizationRequest, Event, PersistRequest,
+    PresenceChange, Replay, ReplayFrom, ReplayGap, ReplayParams, Replayed,
 };
 pub use jwt::Claims;
 pub use metrics::WorkerStats;
 pub use protocol::Payload;
-pub use refusal::Refusal;
 pub use refusal::write_denied;
+pub use refusal::{PersistError, Refusal};
 pub use topic::MAX_STORED_TOPIC_BYTES;
 pub use usage::{ChannelInfo, ConnectionInfo, DisconnectTarget, Usage};
 
@@ -127,6 +128,7 @@ pub(crate) struct Inner {
     pub(crate) broker: Arc<dyn Broker>,
     pub(crate) events: Arc<EventQueue>,
     pub(crate) authz: authz::Authorizer,
+    pub(crate) persister: persist::Persister,
     pub(crate) active_connections: AtomicUsize,
     pub(crate) shutdown: watch::Receiver<bool>,
     /// Fixed at start: the WebSocket limits are set per upgrade but the REST body limit is
@@ -379,6 +381,7 @@ impl Server {
             broker: broker.clone(),
             events,
             authz: authz::Authorizer::default(),
+            persister: persist::Persister::default(),
             active_connections: AtomicUsize::new(0),
             shutdown: shutdown_rx,
             max_frame_bytes,
@@ -468,7 +471,7 @@ impl Server {
         let mut events = self.inner.events.drain();
         events.retain(|e| match e {
             Event::Authorize(r) => self.inner.authz.is_pending(r.id),
-            _ => true,
+            e => persist::still_wanted(&self.inner.persister, e),
         });
         events
     }
@@ -575,6 +578,18 @@ impl Server {
                 );
                 registry::PendingSubscription::new(inner.clone(), pre.key.clone(), sub, staged)
             })
+    }
+
+    /// Answers a [`Event::Persist`] request after its row committed (`Ok` with the row's id) or
+    /// with why it was not stored; returns false when nobody waits any more. Call it before
+    /// [`Server::publish`]es that row, so that its sender is left out as `broadcast.self` asks.
+    pub fn complete_persist(&self, id: u64, result: Result<String, PersistError>) -> bool {
+        self.inner.persister.complete(id, result)
+    }
+
+    /// Whether somebody still waits for persist request `id` (the worker skips the others).
+    pub fn persist_pending(&self, id: u64) -> bool {
+        self.inner.persister.is_pending(id)
     }
 
     /// Sets the members tracked from SQL (`realtime.track`) on one topic to exactly `members`
@@ -785,6 +800,8 @@ async fn dispatch_db_messages(
             );
             continue;
         }
+        // A stored client broadcast is not sent back to its sender without `broadcast.self`.
+        let exclude = inner.persister.take_exclude(&msg.id);
         let key = TopicKey {
             private: msg.private,
             subtopic: msg.topic,
@@ -798,7 +815,7 @@ async fn dispatch_db_messages(
             },
         )
         .with_origin_id(msg.id);
-        inner.broker.deliver(&key, &out);
+        inner.broker.deliver(&key, &out, exclude);
         inner.metrics.messages_in(metrics::Source::Database, 1);
     }
 }

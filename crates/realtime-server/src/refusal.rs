@@ -7,6 +7,8 @@
 //! - [`ChannelClosed`]: the `message` of the `system` error that shuts a channel down.
 //! - [`Close`]: the code and reason of a close frame.
 //! - [`HttpRefusal`] and [`FieldError`]: HTTP answers (WebSocket upgrade, REST).
+//! - [`PersistError`]: why a broadcast with `persist` was not stored (WebSocket error reply
+//!   and REST answer).
 //! - the texts of [`JwtError`] in each of these places.
 
 use crate::jwt::JwtError;
@@ -201,6 +203,44 @@ pub fn write_denied(subtopic: &str) -> String {
         subtopic: subtopic.to_string(),
     }
     .to_string()
+}
+
+/// Why a broadcast with `persist` was not stored (and so not delivered). Its text is the
+/// `reason` (and `error`, which realtime-js hands back from `send()`) of the error reply to an
+/// acked broadcast, and the `message` of a REST refusal. The worker answers a failed store
+/// with one ([`crate::Server::complete_persist`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PersistError {
+    #[error("persist is only available on private channels")]
+    PublicChannel,
+    /// The INSERT policies refused the probe row with `extension = 'persistence'`.
+    #[error(
+        "Unauthorized: You do not have permissions to store messages on this Channel topic: {subtopic}"
+    )]
+    Denied { subtopic: String },
+    /// A role that may not be used, or a policy that raised: the text says which.
+    #[error("Unauthorized: {0}")]
+    Policy(String),
+    #[error("persist must be true or an object such as {{\"ttl\": 3600}}")]
+    Malformed,
+    #[error("persist ttl must be a whole number of seconds from 1 to {max} (realtime.retention)")]
+    BadTtl { max: u64 },
+    /// Past the connection's or the server's bound of messages waiting to be stored.
+    #[error("Too many messages are waiting to be stored")]
+    TooManyWaiting,
+    /// Standbys are read-only.
+    #[error("persist is served by the primary node: connect to the primary to store messages")]
+    Standby,
+    /// The insert failed (a trigger or constraint raised, the commit failed...).
+    #[error("The message could not be stored: {0}")]
+    StoreFailed(String),
+    /// The worker did not answer within `authorization_timeout`; the message may still be
+    /// stored (and then delivered).
+    #[error("The database did not confirm the message in time; it may still be stored")]
+    Timeout,
+    /// The server does not store messages (no worker answers).
+    #[error("persist is not available on this server")]
+    Unavailable,
 }
 
 /// The `message` of the `system` error a join that asks for postgres_changes gets after its ok

@@ -20,7 +20,7 @@ use crate::http::json_response;
 use crate::jwt::{Claims, unix_now};
 use crate::metrics::Source;
 use crate::protocol::Payload;
-use crate::refusal::{FieldError, HttpRefusal};
+use crate::refusal::{FieldError, HttpRefusal, PersistError};
 use crate::topic::{self, MAX_SUBTOPIC_BYTES, TopicKey};
 
 /// `{"message": <refusal>}` with `status`.
@@ -29,6 +29,21 @@ fn refused(status: StatusCode, refusal: HttpRefusal) -> Response {
 }
 
 /// A field's errors as the 422 answer lists them.
+/// A REST broadcast with `persist` that was not stored.
+fn persist_refused(e: PersistError) -> Response {
+    let status = match e {
+        PersistError::PublicChannel | PersistError::Malformed | PersistError::BadTtl { .. } => {
+            StatusCode::UNPROCESSABLE_ENTITY
+        }
+        PersistError::Denied { .. } | PersistError::Policy(_) => StatusCode::FORBIDDEN,
+        PersistError::TooManyWaiting => StatusCode::TOO_MANY_REQUESTS,
+        PersistError::Standby | PersistError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        PersistError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        PersistError::StoreFailed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    json_response(status, json!({"message": e.to_string()}))
+}
+
 fn field_errors(e: FieldError) -> Value {
     json!([e.to_string()])
 }
@@ -468,8 +483,37 @@ pub(crate) async fn single(
     let private = query
         .get("private")
         .is_some_and(|p| p.eq_ignore_ascii_case("true"));
-    if private && !may_write(&inner, &topic, &claims, &all_headers_json(&headers)).await {
+    let persist = match crate::persist::from_query(&query, inner.config().max_persist_ttl.as_secs())
+    {
+        Ok(p) => p,
+        Err(e) => return persist_refused(e),
+    };
+    if persist.is_some() && !private {
+        return persist_refused(PersistError::PublicChannel);
+    }
+    let headers_json = all_headers_json(&headers);
+    if private && !may_write(&inner, &topic, &claims, &headers_json).await {
         return refused(StatusCode::FORBIDDEN, HttpRefusal::Unauthorized);
+    }
+    if let Some(ttl) = persist {
+        // Stored before the answer; delivered, like any database message, once committed.
+        let stored = inner
+            .persist(crate::persist::Ask {
+                subtopic: &topic,
+                claims: &claims,
+                headers_json: &headers_json,
+                check: true,
+                event,
+                payload,
+                ttl,
+                exclude: None,
+            })
+            .await;
+        inner.metrics.messages_in(Source::Rest, 1);
+        return match stored {
+            Ok(id) => json_response(StatusCode::ACCEPTED, json!({ "id": id })),
+            Err(e) => persist_refused(e),
+        };
     }
     let out = Outgoing::new(
         topic::full(&topic),

@@ -59,7 +59,7 @@ test('database messages carry an offset, in commit order', async () => {
   assert.deepEqual(r.seen.map((m) => m.payload.n), [1, 2, 3])
 })
 
-test('a subscriber that misses messages rejoins with its last offset and gets exactly those, then live ones', async () => {
+test('a subscriber that misses database and persisted messages rejoins with its last offset and gets exactly those, then live ones', async () => {
   const room = topic('missed')
   const supabase = client({ key: serviceKey() })
   const first = resumable(supabase, room)
@@ -69,7 +69,21 @@ test('a subscriber that misses messages rejoins with its last offset and gets ex
   const last = first.replay.offset
   await supabase.removeChannel(first.channel)
 
-  for (let n = 1; n <= 5; n++) await send(room, n)
+  // Missed meanwhile: database messages and client broadcasts stored with `persist`, mixed.
+  const sender = client({ key: serviceKey() }).channel(room, {
+    config: { private: true, broadcast: { ack: true } },
+  })
+  await new Promise((resolve, reject) =>
+    sender.subscribe((status, err) => (status === 'SUBSCRIBED' ? resolve() : err && reject(err))),
+  )
+  for (let n = 1; n <= 5; n++) {
+    if (n % 2 === 0) {
+      const sent = await sender.send({ type: 'broadcast', event: 'e', payload: { n }, persist: true })
+      assert.equal(sent, 'ok', `persisted ${n}`)
+    } else {
+      await send(room, n)
+    }
+  }
   // A fresh channel that starts from the remembered offset.
   const again = resumable(supabase, room, last)
   await again.subscribed

@@ -65,8 +65,8 @@ impl Broker for MemoryBroker {
         self.registry.fanout(key, msg, exclude, Kind::Broadcast)
     }
 
-    fn deliver(&self, key: &TopicKey, msg: &Outgoing) -> usize {
-        self.registry.fanout(key, msg, None, Kind::Broadcast)
+    fn deliver(&self, key: &TopicKey, msg: &Outgoing, exclude: Option<SubId>) -> usize {
+        self.registry.fanout(key, msg, exclude, Kind::Broadcast)
     }
 
     fn subscribe(&self, key: TopicKey, sub: Subscriber) -> SubId {

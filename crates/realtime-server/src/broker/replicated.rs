@@ -468,8 +468,8 @@ impl Broker for ReplicatedBroker {
         n
     }
 
-    fn deliver(&self, key: &TopicKey, msg: &Outgoing) -> usize {
-        self.memory.deliver(key, msg)
+    fn deliver(&self, key: &TopicKey, msg: &Outgoing, exclude: Option<SubId>) -> usize {
+        self.memory.deliver(key, msg, exclude)
     }
 
     fn subscribe(&self, key: TopicKey, sub: Subscriber) -> SubId {

@@ -333,6 +333,7 @@ impl Conn {
             generation: self.next_id(),
             refresh_check: None,
             write_check: None,
+            persist_right: None,
         };
         self.topics
             .insert(j.topic, TopicState::Joined(Box::new(channel)));

@@ -76,6 +76,8 @@ enum Internal {
         generation: u64,
         answer: Result<Authorization, Refusal>,
     },
+    /// The worker stored a broadcast sent with `persist`, or says why not.
+    Persisted(Box<broadcast::Persisted>),
 }
 
 struct Conn {
@@ -97,6 +99,8 @@ struct Conn {
     /// Join rate limit (token bucket): joins left, and when it was last refilled.
     join_tokens: f64,
     join_refilled: Instant,
+    /// Broadcasts with `persist` waiting for the worker.
+    persisting: usize,
 }
 
 impl Drop for Conn {
@@ -130,6 +134,7 @@ impl Conn {
             delayed_join_errors: Arc::new(AtomicUsize::new(0)),
             join_tokens,
             join_refilled: Instant::now(),
+            persisting: 0,
         }
     }
 
@@ -245,6 +250,7 @@ impl Conn {
                 generation,
                 answer,
             } => self.refresh_authorized(&topic, generation, answer),
+            Internal::Persisted(p) => self.persisted(*p),
         }
     }
 

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use super::Conn;
 use crate::broadcast::Frame;
 use crate::protocol::{self, Inbound};
-use crate::refusal::{PAYLOAD_SIZE_EXCEEDED, Refusal, ReplyError};
+use crate::refusal::{PAYLOAD_SIZE_EXCEEDED, PersistError, Refusal, ReplyError};
 
 /// Join error replies one connection may have waiting for `join_error_delay`.
 const MAX_DELAYED_JOIN_ERRORS: usize = 16;
@@ -83,6 +83,18 @@ impl Conn {
     /// `error` with `{"reason": ..}`.
     pub(super) fn reply_error<'a>(&self, to: impl Into<To<'a>>, e: ReplyError) {
         self.reply(to.into(), "error", json!({"reason": e.to_string()}));
+    }
+
+    /// `ok` to an acked broadcast that was stored: `{"id": <the row's id>}`.
+    pub(super) fn reply_stored<'a>(&self, to: impl Into<To<'a>>, id: &str) {
+        self.reply(to.into(), "ok", json!({ "id": id }));
+    }
+
+    /// `error` to a broadcast with `persist` that was not stored. The text is both `reason`
+    /// (as every error reply) and `error`, which realtime-js's `send()` resolves with.
+    pub(super) fn reply_persist_error<'a>(&self, to: impl Into<To<'a>>, e: &PersistError) {
+        let text = e.to_string();
+        self.reply(to.into(), "error", json!({"reason": text, "error": text}));
     }
 
     /// `error` with an empty response (a presence message without the write right).

@@ -53,6 +53,7 @@ impl Conn {
         if matches!(ch.writes, WriteCheck::Known { .. }) {
             ch.writes = WriteCheck::Unchecked;
         }
+        ch.persist_right = None;
         ch.generation = generation;
         // The check of an older token is no longer wanted: its request is forgotten now.
         ch.refresh_check = None;
