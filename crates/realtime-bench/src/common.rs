@@ -291,9 +291,10 @@ impl Report {
         );
     }
 
-    /// What the database did over the window: commits/s (`xact_commit` of `pg_stat_database`,
-    /// whatever committed them), WAL bytes per message sent, and, when counted, the window's
-    /// stored messages and the transactions that stored them.
+    /// What the database did over the window: commits/s as `pg_stat_database.xact_commit` has
+    /// them (sessions report theirs; the pg_realtime worker's do not show there), WAL bytes per
+    /// message sent, and, when counted, the window's stored messages and the transactions that
+    /// stored them (the worker's commits that carried rows).
     pub fn add_database(
         &mut self,
         before: DbReading,
@@ -303,7 +304,7 @@ impl Report {
         secs: f64,
     ) {
         let commits = after.xact_commit.saturating_sub(before.xact_commit);
-        self.add("commits_per_sec", round2(commits as f64 / secs));
+        self.add("xact_commits_per_sec", round2(commits as f64 / secs));
         let wal = after.wal_bytes.saturating_sub(before.wal_bytes);
         self.add(
             "wal_bytes_per_message",
