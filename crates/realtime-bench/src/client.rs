@@ -89,6 +89,8 @@ pub struct JoinOptions {
     pub private: bool,
     /// The channel's own token (a user's JWT), as realtime-js sends it; else the connect token.
     pub access_token: Option<String>,
+    /// `broadcast.ack`: the server answers every broadcast with a `phx_reply`.
+    pub ack: bool,
 }
 
 /// Opens a WebSocket for `topic` from `source`; for Phoenix also joins `realtime:<topic>`
@@ -156,7 +158,7 @@ fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default().read_buffer_size(16 * 1024)
 }
 
-/// The `phx_join` frame for `realtime:<topic>`: broadcast self/ack off, presence and privacy
+/// The `phx_join` frame for `realtime:<topic>`: broadcast self off, ack, presence and privacy
 /// as `options` say.
 pub fn join_frame(
     join_ref: &str,
@@ -176,7 +178,7 @@ pub fn join_frame(
         "phx_join",
         serde_json::json!({
             "config": {
-                "broadcast": {"self": false, "ack": false},
+                "broadcast": {"self": false, "ack": options.ack},
                 "presence": presence,
                 "private": options.private
             },
@@ -221,6 +223,26 @@ pub fn reply_to(text: &str, reference: &str) -> Result<Option<()>, String> {
     }
 }
 
+/// A `phx_reply` to a numeric ref (the refs [`broadcast`] gives): the ref, and Ok or the
+/// refusal. None for anything else, including replies to other refs (joins, heartbeats).
+pub fn numbered_reply(text: &str) -> Option<(u64, Result<(), String>)> {
+    if !text.contains("\"phx_reply\"") {
+        return None;
+    }
+    let serde_json::Value::Array(a) = serde_json::from_str(text).ok()? else {
+        return None;
+    };
+    if a.get(3).and_then(|v| v.as_str()) != Some("phx_reply") {
+        return None;
+    }
+    let reference = a.get(1)?.as_str()?.parse().ok()?;
+    let payload = a.get(4).cloned().unwrap_or_default();
+    match payload.get("status").and_then(|s| s.as_str()) {
+        Some("ok") => Some((reference, Ok(()))),
+        _ => Some((reference, Err(payload.to_string()))),
+    }
+}
+
 /// Joins a channel and waits for the ok.
 async fn join(ws: &mut Ws, topic: &str, token: &str, options: &JoinOptions) -> Result<(), String> {
     ws.send(Message::text(join_frame("1", topic, token, options)))
@@ -262,12 +284,14 @@ pub enum Frames {
     Binary,
 }
 
-/// One outgoing broadcast on `realtime:<topic>`.
+/// One outgoing broadcast on `realtime:<topic>`, its ref `seq`. `meta` (e.g. `{"persist":true}`)
+/// rides in binary frames only, as realtime-js sends it.
 pub fn broadcast(
     protocol: &Protocol,
     frames: Frames,
     topic: &str,
     seq: u64,
+    meta: &str,
     body: &str,
 ) -> Message {
     if !protocol.is_phoenix() {
@@ -279,11 +303,12 @@ pub fn broadcast(
         Frames::Text => Message::text(format!(
             r#"["1","{reference}","{full_topic}","broadcast",{{"type":"broadcast","event":"e","payload":{body}}}]"#
         )),
-        Frames::Binary => Message::binary(binary::user_broadcast_push(
+        Frames::Binary => Message::binary(binary::user_broadcast_push_with_meta(
             "1",
             &reference,
             &full_topic,
             "e",
+            meta.as_bytes(),
             body.as_bytes(),
             true,
         )),
@@ -390,6 +415,21 @@ mod tests {
         assert_eq!(find_stamp(br#"{"p": "x", "t": 12}"#), Some(12));
         assert_eq!(find_stamp(br#"{"t" : 34, "p" : "x"}"#), Some(34));
         assert_eq!(find_stamp(br#"{"t": "no"}"#), None);
+    }
+
+    #[test]
+    fn replies_to_numbered_refs() {
+        let ok = r#"["1","7","realtime:a","phx_reply",{"status":"ok","response":{"id":"x"}}]"#;
+        assert_eq!(numbered_reply(ok), Some((7, Ok(()))));
+        let refused =
+            r#"["1","8","realtime:a","phx_reply",{"status":"error","response":{"reason":"no"}}]"#;
+        assert!(matches!(numbered_reply(refused), Some((8, Err(_)))));
+        let heartbeat = r#"[null,"hb","phoenix","phx_reply",{"status":"ok","response":{}}]"#;
+        assert_eq!(numbered_reply(heartbeat), None);
+        assert_eq!(
+            numbered_reply(r#"[null,null,"realtime:a","broadcast",{}]"#),
+            None
+        );
     }
 
     #[test]

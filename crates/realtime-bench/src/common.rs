@@ -215,6 +215,14 @@ pub async fn close(mut ws: Ws) {
     let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(None)).await;
 }
 
+/// The database at one edge of a window: its committed transactions (as the statistics have
+/// them) and the WAL position, in bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct DbReading {
+    pub xact_commit: i64,
+    pub wal_bytes: u64,
+}
+
 /// The figures of one run, in order.
 pub struct Report {
     scenario: String,
@@ -281,6 +289,45 @@ impl Report {
             "generator_process",
             proc_delta_json(generator.0, generator.1),
         );
+    }
+
+    /// What the database did over the window: commits/s as `pg_stat_database.xact_commit` has
+    /// them (sessions report theirs; the pg_realtime worker's do not show there), WAL bytes per
+    /// message sent, and, when counted, the window's stored messages and the transactions that
+    /// stored them (the worker's commits that carried rows).
+    pub fn add_database(
+        &mut self,
+        before: DbReading,
+        after: DbReading,
+        stored: Option<(i64, i64)>,
+        messages: u64,
+        secs: f64,
+    ) {
+        let commits = after.xact_commit.saturating_sub(before.xact_commit);
+        self.add("xact_commits_per_sec", round2(commits as f64 / secs));
+        let wal = after.wal_bytes.saturating_sub(before.wal_bytes);
+        self.add(
+            "wal_bytes_per_message",
+            if messages > 0 {
+                json!(round2(wal as f64 / messages as f64))
+            } else {
+                json!(null)
+            },
+        );
+        if let Some((rows, transactions)) = stored {
+            self.add("stored_rows", rows);
+            self.add("store_transactions", transactions);
+            self.add(
+                "store_transactions_per_sec",
+                round2(transactions as f64 / secs),
+            );
+            if transactions > 0 {
+                self.add(
+                    "rows_per_store_transaction",
+                    round2(rows as f64 / transactions as f64),
+                );
+            }
+        }
     }
 
     pub fn to_json(&self) -> Value {

@@ -2,6 +2,8 @@
 //!
 //! ```text
 //! realtime-bench fanout      --jwt-secret S [--pubs 4 --topics 4 --subs 25 --rate 10000 --payload 100]
+//!                            [--frames text|binary --private true --persist true --ack true
+//!                            --pg CONN]  (private: signed-in users under policies the run installs)
 //! realtime-bench database    --jwt-secret S --pg CONN [--conns 8 --topics 10 --subs 10 --rate 1000]
 //! realtime-bench connections --jwt-secret S --pg CONN [--count 1000 --per-proc 5000 --topics 100]
 //! realtime-bench presence    --jwt-secret S [--members 100 --per-proc 5000 --timeout 60]

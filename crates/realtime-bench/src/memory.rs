@@ -89,6 +89,8 @@ pub async fn run(args: &Args) -> Result<Report, String> {
             rate: 12_000.0,
             size: 100,
             frames: Frames::Text,
+            private: false,
+            pushes: fanout::Pushes::default(),
         },
     )?;
     args.finish()?;

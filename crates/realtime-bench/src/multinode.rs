@@ -247,6 +247,7 @@ pub async fn run(args: &Args) -> Result<Report, String> {
                 ws,
                 nodes[pub_node].protocol.clone(),
                 Frames::Text,
+                fanout::Pushes::default(),
                 topic.clone(),
                 rate / pubs as f64,
                 window,

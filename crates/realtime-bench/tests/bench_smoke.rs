@@ -58,6 +58,38 @@ fn every_scenario_delivers() {
     );
     assert!(binary["received_deliveries"].as_u64() > Some(0), "{binary}");
 
+    // Private channels under the run's policies, every message stored, acked after its commit.
+    let persist = run(
+        &cluster,
+        "fanout",
+        &[
+            "--pubs",
+            "1",
+            "--topics",
+            "1",
+            "--subs",
+            "2",
+            "--rate",
+            "50",
+            "--persist",
+            "true",
+            "--ack",
+            "true",
+        ],
+    );
+    assert!(
+        persist["received_deliveries"].as_u64() > Some(0),
+        "{persist}"
+    );
+    assert!(persist["acked"].as_u64() > Some(0), "{persist}");
+    assert_eq!(persist["refused"], 0, "{persist}");
+    assert_eq!(persist["unanswered"], 0, "{persist}");
+    assert!(persist["stored_rows"].as_i64() > Some(0), "{persist}");
+    assert!(
+        persist["store_transactions"].as_i64() > Some(0),
+        "{persist}"
+    );
+
     let database = run(
         &cluster,
         "database",

@@ -26,8 +26,27 @@ pub fn user_broadcast_push(
     payload: &[u8],
     json: bool,
 ) -> Vec<u8> {
+    user_broadcast_push_with_meta(join_ref, reference, topic, event, b"", payload, json)
+}
+
+/// A kind-3 frame carrying `meta`, as realtime-js sends `send({..., persist})`:
+/// `{"persist":true}` or `{"persist":{"ttl":N}}`. Empty `meta` is [`user_broadcast_push`].
+pub fn user_broadcast_push_with_meta(
+    join_ref: &str,
+    reference: &str,
+    topic: &str,
+    event: &str,
+    meta: &[u8],
+    payload: &[u8],
+    json: bool,
+) -> Vec<u8> {
     let mut f = Vec::with_capacity(
-        7 + join_ref.len() + reference.len() + topic.len() + event.len() + payload.len(),
+        7 + join_ref.len()
+            + reference.len()
+            + topic.len()
+            + event.len()
+            + meta.len()
+            + payload.len(),
     );
     f.extend_from_slice(&[
         KIND_USER_BROADCAST_PUSH,
@@ -35,12 +54,13 @@ pub fn user_broadcast_push(
         reference.len() as u8,
         topic.len() as u8,
         event.len() as u8,
-        0,
+        meta.len() as u8,
         if json { ENCODING_JSON } else { ENCODING_BINARY },
     ]);
     for s in [join_ref, reference, topic, event] {
         f.extend_from_slice(s.as_bytes());
     }
+    f.extend_from_slice(meta);
     f.extend_from_slice(payload);
     f
 }
@@ -94,6 +114,17 @@ mod tests {
             user_broadcast_push("", "", "", "", b"\x00", false),
             [3, 0, 0, 0, 0, 0, 0, 0]
         );
+        let m = user_broadcast_push_with_meta(
+            "1",
+            "2",
+            "realtime:t",
+            "e",
+            br#"{"persist":true}"#,
+            b"{}",
+            true,
+        );
+        assert_eq!(m[..7], [3, 1, 1, 10, 1, 16, 1]);
+        assert_eq!(&m[7..], br#"12realtime:te{"persist":true}{}"#);
     }
 
     #[test]
