@@ -403,3 +403,28 @@ fn a_malformed_offset_is_refused_with_a_clear_reason() {
         );
     }
 }
+
+/// The worker's own transactions (here: the offsets it writes back) show in the statistics
+/// views like any session's.
+#[test]
+fn the_workers_writes_show_in_the_statistics_views() {
+    let cluster = Cluster::start("resume_stats", &[]);
+    let mut c = cluster.connect();
+    let updated = |c: &mut postgres::Client| -> i64 {
+        c.query_one(
+            "SELECT coalesce(sum(n_tup_upd), 0)::int8 FROM pg_stat_user_tables
+              WHERE schemaname = 'realtime' AND relname LIKE 'messages%'",
+            &[],
+        )
+        .expect("stats")
+        .get(0)
+    };
+    let before = updated(&mut c);
+    for n in 0..3 {
+        send(&mut c, "stats", n);
+    }
+    wait_for_offsets(&cluster, "stats", 3);
+    // Only the worker updates these rows (it stores their offsets).
+    let shown = eventually(WAIT, || updated(&mut c) >= before + 3);
+    assert!(shown, "the worker's updates reach pg_stat_user_tables");
+}

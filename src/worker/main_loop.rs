@@ -209,6 +209,11 @@ impl MainLoop {
             let worker = super::usage::publish(&self.link.usage());
             self.link.set_worker_stats(worker);
             super::allocator::give_back_when_idle();
+            // A client backend reports its statistics when it goes idle; the worker never
+            // does, so its transactions and row changes (stored offsets, persisted messages,
+            // presence) would not show in pg_stat_database and pg_stat_user_tables.
+            // SAFETY: the worker's main thread, between transactions.
+            unsafe { pg_sys::pgstat_report_stat(false) };
         }
     }
 
