@@ -6,7 +6,7 @@
 //! delivers nothing.
 
 use realtime_integration_tests::{Cluster, Socket, jwt};
-use realtime_test_client::binary::{ENCODING_JSON, KIND_USER_BROADCAST_PUSH};
+use realtime_test_client::binary::user_broadcast_push_with_meta;
 use realtime_test_client::phoenix::Message;
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -35,7 +35,8 @@ fn member() -> String {
     jwt(json!({"role": "authenticated", "sub": "member"}))
 }
 
-/// A kind-3 frame with metadata, as realtime-js builds it for `send({..., persist})`.
+/// A kind-3 frame with metadata and a JSON payload, as realtime-js builds it for
+/// `send({..., persist})`.
 fn push_with_meta(
     join_ref: &str,
     reference: &str,
@@ -44,20 +45,15 @@ fn push_with_meta(
     meta: &str,
     payload: &[u8],
 ) -> Vec<u8> {
-    let mut f = vec![
-        KIND_USER_BROADCAST_PUSH,
-        join_ref.len() as u8,
-        reference.len() as u8,
-        topic.len() as u8,
-        event.len() as u8,
-        meta.len() as u8,
-        ENCODING_JSON,
-    ];
-    for s in [join_ref, reference, topic, event, meta] {
-        f.extend_from_slice(s.as_bytes());
-    }
-    f.extend_from_slice(payload);
-    f
+    user_broadcast_push_with_meta(
+        join_ref,
+        reference,
+        topic,
+        event,
+        meta.as_bytes(),
+        payload,
+        true,
+    )
 }
 
 /// A socket joined to `realtime:<topic>` with `config`; the join's ref is "1".

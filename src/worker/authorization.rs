@@ -404,16 +404,7 @@ fn add_unstored(
                 .map_err(|e| e.to_string())?;
             let mut out = Vec::new();
             for row in rows {
-                let get_text = |i: usize| row.get::<String>(i).map_err(|e| e.to_string());
-                let id = get_text(1)?.unwrap_or_default();
-                let event = get_text(2)?.unwrap_or_default();
-                let json = get_text(3)?;
-                let binary = row.get::<Vec<u8>>(4).map_err(|e| e.to_string())?;
-                let payload = match (json, binary) {
-                    (_, Some(bytes)) => Payload::Binary(bytes.into()),
-                    (Some(text), None) => Payload::Json(text.into()),
-                    (None, None) => Payload::Json(bytes::Bytes::from_static(b"{}")),
-                };
+                let (id, event, payload) = stored_message(&row)?;
                 let offset = wanted.get(&id).copied();
                 out.push(Replayed {
                     id,
@@ -520,19 +511,10 @@ fn replay(topic: &str, private: bool, params: ReplayParams) -> Result<Replay, St
             let mut fetched = 0i64;
             let mut messages = Vec::new();
             for row in rows {
-                let get_text = |i: usize| row.get::<String>(i).map_err(|e| e.to_string());
-                let id = get_text(1)?.unwrap_or_default();
-                let event = get_text(2)?.unwrap_or_default();
-                let json = get_text(3)?;
-                let binary = row.get::<Vec<u8>>(4).map_err(|e| e.to_string())?;
+                let (id, event, payload) = stored_message(&row)?;
                 let lsn = row.get::<i64>(5).map_err(|e| e.to_string())?;
                 let index = row.get::<i32>(6).map_err(|e| e.to_string())?;
                 fetched = row.get::<i64>(7).map_err(|e| e.to_string())?.unwrap_or(0);
-                let payload = match (json, binary) {
-                    (_, Some(bytes)) => Payload::Binary(bytes.into()),
-                    (Some(text), None) => Payload::Json(text.into()),
-                    (None, None) => Payload::Json(bytes::Bytes::from_static(b"{}")),
-                };
                 let offset = lsn
                     .zip(index)
                     .map(|(lsn, index)| Offset::new(lsn as u64, index as u32));
@@ -574,6 +556,22 @@ fn replay(topic: &str, private: bool, params: ReplayParams) -> Result<Replay, St
             Ok(Replay { messages, gap })
         })
     })
+}
+
+/// A stored message's id, event and payload: the first four columns of a replay query
+/// (`id::text, event, payload::text, binary_payload`).
+fn stored_message(row: &spi::SpiHeapTupleData<'_>) -> Result<(String, String, Payload), String> {
+    let get_text = |i: usize| row.get::<String>(i).map_err(|e| e.to_string());
+    let id = get_text(1)?.unwrap_or_default();
+    let event = get_text(2)?.unwrap_or_default();
+    let json = get_text(3)?;
+    let binary = row.get::<Vec<u8>>(4).map_err(|e| e.to_string())?;
+    let payload = match (json, binary) {
+        (_, Some(bytes)) => Payload::Binary(bytes.into()),
+        (Some(text), None) => Payload::Json(text.into()),
+        (None, None) => Payload::Json(bytes::Bytes::from_static(b"{}")),
+    };
+    Ok((id, event, payload))
 }
 
 fn rights(request: &AuthorizationRequest) -> Result<Authorization, Refusal> {

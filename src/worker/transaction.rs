@@ -149,6 +149,29 @@ pub fn each_rolled_back<T, R>(
     items: &[T],
     body: impl Fn(&T) -> Result<R, String>,
 ) -> Vec<Result<R, String>> {
+    each_in_subtransaction(timeout, items, body, false)
+}
+
+/// Runs `body` once per item inside the current transaction, each item in its own
+/// subtransaction with its own statement timeout: kept (released) when `body` returns `Ok`,
+/// rolled back when it returns `Err` or raises, so one failing item fails alone and the others
+/// commit with the transaction.
+pub fn each_kept<T, R>(
+    timeout: Duration,
+    items: &[T],
+    body: impl Fn(&T) -> Result<R, String>,
+) -> Vec<Result<R, String>> {
+    each_in_subtransaction(Some(timeout), items, body, true)
+}
+
+/// The loop of [`each_rolled_back`] and [`each_kept`]: `keep` releases the subtransactions of
+/// the items whose `body` returned `Ok` instead of rolling them back.
+fn each_in_subtransaction<T, R>(
+    timeout: Option<Duration>,
+    items: &[T],
+    body: impl Fn(&T) -> Result<R, String>,
+    keep: bool,
+) -> Vec<Result<R, String>> {
     let mut results = Vec::with_capacity(items.len());
     for item in items {
         // What the subtransaction's start and rollback switch away from, as plpgsql restores
@@ -168,50 +191,13 @@ pub fn each_rolled_back<T, R>(
         })
         .catch_others(|caught| Err(caught_message(caught)))
         .execute();
-        // SAFETY: ends the subtransaction begun above and restores what its start switched away
-        // from, as PL/pgSQL does.
+        // SAFETY: ends the subtransaction begun above (keeping its work only when asked and on
+        // success) and restores what its start switched away from, as PL/pgSQL does.
         unsafe {
             if timeout.is_some() {
                 disable_timeout(STATEMENT_TIMEOUT, false);
             }
-            pg_sys::RollbackAndReleaseCurrentSubTransaction();
-            pg_sys::MemoryContextSwitchTo(context);
-            pg_sys::CurrentResourceOwner = owner;
-        }
-        results.push(result);
-    }
-    results
-}
-
-/// Runs `body` once per item inside the current transaction, each item in its own
-/// subtransaction with its own statement timeout: kept (released) when `body` returns `Ok`,
-/// rolled back when it returns `Err` or raises, so one failing item fails alone and the others
-/// commit with the transaction.
-pub fn each_kept<T, R>(
-    timeout: Duration,
-    items: &[T],
-    body: impl Fn(&T) -> Result<R, String>,
-) -> Vec<Result<R, String>> {
-    let mut results = Vec::with_capacity(items.len());
-    for item in items {
-        // SAFETY: plain reads of backend globals.
-        let (context, owner) =
-            unsafe { (pg_sys::CurrentMemoryContext, pg_sys::CurrentResourceOwner) };
-        // SAFETY: inside a transaction (the caller's).
-        unsafe { pg_sys::BeginInternalSubTransaction(std::ptr::null()) };
-        arm_timeout(timeout);
-        let run = std::panic::AssertUnwindSafe(|| body(item));
-        let result = PgTryBuilder::new(move || {
-            let run = run;
-            (run.0)()
-        })
-        .catch_others(|caught| Err(caught_message(caught)))
-        .execute();
-        // SAFETY: ends the subtransaction begun above (keeping its work only on success) and
-        // restores what its start switched away from, as PL/pgSQL does.
-        unsafe {
-            disable_timeout(STATEMENT_TIMEOUT, false);
-            if result.is_ok() {
+            if keep && result.is_ok() {
                 pg_sys::ReleaseCurrentSubTransaction();
             } else {
                 pg_sys::RollbackAndReleaseCurrentSubTransaction();
