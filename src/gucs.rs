@@ -120,6 +120,10 @@ static MAX_BATCH_MESSAGES: GucSetting<i32> = GucSetting::<i32>::new(1000);
 /// What `realtime.send` does when the insert fails.
 static SEND_ERRORS: GucSetting<SendErrors> = GucSetting::<SendErrors>::new(SendErrors::Warning);
 
+/// Whether a transaction whose only writes are `realtime.send` messages waits for its commit
+/// to reach disk (off: it commits as with `synchronous_commit = off`, for that transaction only).
+static SEND_SYNCHRONOUS_COMMIT: GucSetting<bool> = GucSetting::<bool>::new(true);
+
 #[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
 pub enum SendErrors {
     /// Supabase's behaviour: a WARNING, the message is lost, the caller's transaction goes on.
@@ -532,6 +536,14 @@ pub fn init() {
         GucContext::Userset,
         none,
     );
+    GucRegistry::define_bool_guc(
+        c"realtime.send_synchronous_commit",
+        c"Whether a transaction that only sends messages waits for its commit to reach disk.",
+        c"off: a transaction whose only writes are realtime.send messages commits as with synchronous_commit = off, so neither it nor its subscribers wait for the disk; a crash may then lose the last moments of such messages from realtime.messages (not from the clients that got them). Transactions that write anything else are never affected.",
+        &SEND_SYNCHRONOUS_COMMIT,
+        GucContext::Userset,
+        none,
+    );
 }
 
 /// A string setting as Rust text; unset and empty are the same.
@@ -617,6 +629,11 @@ pub fn max_payload_bytes() -> usize {
 /// Whether presence changes are written into `realtime.presence_events`.
 pub fn presence_events() -> bool {
     PRESENCE_EVENTS.get()
+}
+
+/// Whether message-only transactions wait for the disk at commit.
+pub fn send_synchronous_commit() -> bool {
+    SEND_SYNCHRONOUS_COMMIT.get()
 }
 
 /// What `realtime.send` does when storing fails.

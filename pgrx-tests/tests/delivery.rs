@@ -373,3 +373,74 @@ fn replay_then_live_has_no_gap_while_messages_keep_coming() {
     stop.store(true, Ordering::Relaxed);
     writer.join().expect("writer thread");
 }
+
+#[test]
+fn only_message_only_transactions_skip_the_disk_wait_and_only_when_asked() {
+    let cluster = Cluster::start("delivery_async_commit", &[]);
+    let mut s = subscriber(&cluster, "fast");
+    let mut c = cluster.connect();
+    c.batch_execute("CREATE TABLE public.orders (n int)")
+        .unwrap();
+    let async_commits = |c: &mut postgres::Client| -> i64 {
+        c.query_one("SELECT async_commits FROM realtime.stats()", &[])
+            .unwrap()
+            .get(0)
+    };
+    let mut expect = |c: &mut postgres::Client, sql: &str, more: i64, ns: &[i64]| {
+        let before = async_commits(c);
+        c.batch_execute(sql).unwrap();
+        assert_eq!(async_commits(c) - before, more, "{sql}");
+        let got: Vec<Value> = next_payloads(&mut s, ns.len())
+            .into_iter()
+            .map(|p| p["n"].clone())
+            .collect();
+        assert_eq!(
+            got,
+            ns.iter().map(|&n| json!(n)).collect::<Vec<_>>(),
+            "{sql}"
+        );
+    };
+    let send =
+        |n: i64| format!("SELECT realtime.send(jsonb_build_object('n', {n}), 'e', 'fast', false);");
+
+    // The default waits for the disk.
+    expect(&mut c, &send(1), 0, &[1]);
+
+    c.batch_execute("SET realtime.send_synchronous_commit = off")
+        .unwrap();
+    expect(&mut c, &send(2), 1, &[2]);
+    expect(
+        &mut c,
+        &format!("BEGIN; {} {} COMMIT;", send(3), send(3)),
+        1,
+        &[3, 3],
+    );
+    // Anything else written in the transaction, before or after, keeps it durable.
+    expect(
+        &mut c,
+        &format!(
+            "BEGIN; INSERT INTO public.orders VALUES (4); {} COMMIT;",
+            send(4)
+        ),
+        0,
+        &[4],
+    );
+    expect(
+        &mut c,
+        &format!(
+            "BEGIN; {} INSERT INTO public.orders VALUES (5); COMMIT;",
+            send(5)
+        ),
+        0,
+        &[5],
+    );
+    // The caller's own setting is back after the commit.
+    let setting: String = c.query_one("SHOW synchronous_commit", &[]).unwrap().get(0);
+    assert_eq!(setting, "on");
+    assert_eq!(
+        c.query_one("SELECT count(*) FROM public.orders", &[])
+            .unwrap()
+            .get::<_, i64>(0),
+        2
+    );
+}

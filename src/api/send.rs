@@ -12,6 +12,7 @@ use pgrx::prelude::*;
 
 use crate::error::RealtimeError;
 use crate::gucs::{self, SendErrors};
+use crate::queue::commit_mode;
 
 /// The payload gets the row's id unless it brings its own, as Supabase's `send` does.
 /// Everything is schema-qualified: the plan is parsed under the first caller's search_path.
@@ -118,6 +119,7 @@ unsafe fn send(
         b' ',
         if private.is_some() { b' ' } else { b'n' },
     ];
+    commit_mode::before_send();
     match gucs::send_errors() {
         // SAFETY: values and nulls match the kept plan's five parameters, and this backend is in
         // a transaction (a SQL function is running).
@@ -125,6 +127,7 @@ unsafe fn send(
         // SAFETY: as above.
         SendErrors::Warning => unsafe { insert_or_warn(insert_with, &mut values, &nulls) },
     }
+    commit_mode::after_send();
     pg_return_void()
 }
 

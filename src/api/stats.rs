@@ -36,6 +36,7 @@ fn stats() -> TableIterator<
         name!(publish_queue_bytes, Option<i64>),
         name!(usage_updated_at, Option<TimestampWithTimeZone>),
         name!(presence_events_dropped, i64),
+        name!(async_commits, i64),
     ),
 > {
     let s = shmem::stats();
@@ -66,6 +67,7 @@ fn stats() -> TableIterator<
             .then(|| TimestampWithTimeZone::try_from(updated_at).ok())
             .flatten(),
         counter(s.presence_events_dropped.load(Ordering::Relaxed)),
+        counter(s.async_commits.load(Ordering::Relaxed)),
     ))
 }
 

@@ -8,6 +8,7 @@
 //! backends ask the worker about its sockets and tell it to close some.
 
 pub mod commands;
+pub mod commit_mode;
 pub mod guard;
 pub mod shmem;
 pub mod staging;

@@ -20,6 +20,8 @@ const SEGMENT: &std::ffi::CStr = c"pg_realtime commit queue";
 pub struct Stats {
     /// Messages `realtime.send` could not store (and warned about).
     pub failed_sends: AtomicU64,
+    /// Message-only transactions committed without waiting for the disk.
+    pub async_commits: AtomicU64,
     /// Messages copied into the ring by committing transactions.
     pub queued: AtomicU64,
     /// Committed messages the worker handed to the socket server.

@@ -8,7 +8,7 @@
 //! worker delivers records in commit-LSN order (`commit_ring::ring` explains why that needs no
 //! lock between committers). Nothing that can fail runs after pre-commit.
 
-use super::{guard, shmem};
+use super::{commit_mode, guard, shmem};
 use crate::error::{MAX_EVENT_BYTES, MAX_TOPIC_BYTES, RealtimeError};
 use crate::gucs;
 use commit_ring::{Message, PayloadKind};
@@ -53,7 +53,11 @@ fn nest_level() -> i32 {
 unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     use pg_sys::XactEvent::*;
     match event {
-        XACT_EVENT_PRE_COMMIT | XACT_EVENT_PARALLEL_PRE_COMMIT => pre_commit(),
+        XACT_EVENT_PRE_COMMIT => {
+            pre_commit();
+            commit_mode::pre_commit();
+        }
+        XACT_EVENT_PARALLEL_PRE_COMMIT => pre_commit(),
         XACT_EVENT_PRE_PREPARE if CURRENT.with_borrow(|t| !t.staged.is_empty()) => {
             RealtimeError::PrepareAfterSend.raise();
         }
@@ -61,8 +65,12 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
             // The end of this transaction's commit record, set by RecordTransactionCommit.
             // SAFETY: a backend global, set by RecordTransactionCommit before this callback.
             finish(Some(unsafe { pg_sys::XactLastCommitEnd }));
+            commit_mode::end();
         }
-        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => finish(None),
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
+            finish(None);
+            commit_mode::end();
+        }
         _ => {}
     }
 }

@@ -3,7 +3,9 @@
 //! latency. The stamp is taken just before the statement is sent, so the latency includes the
 //! statement and its commit: what a user of `realtime.send` actually waits for.
 //!
-//! `--sql notify` runs the same load as INSERT + `pg_notify` for the LISTEN/NOTIFY bridge peer.
+//! `--sql notify` runs the same load as INSERT + `pg_notify` for the LISTEN/NOTIFY bridge peer;
+//! `--sql bare-notify` only calls `pg_notify` (nothing is kept: the simplest bridge a user could
+//! build, and the fastest commit there is).
 //! `--per-tx N` sends N messages per transaction (one statement, as a bulk write whose rows a
 //! trigger broadcasts would); `--rate` still counts messages.
 
@@ -29,7 +31,11 @@ const NOTIFY_SQL: &str = "WITH row AS (\
        RETURNING payload) \
      SELECT pg_notify($3::text, (SELECT payload::text FROM row))";
 
-/// The same two statements with `$4` messages each, told apart by `n` (NOTIFY folds identical
+/// The bridge with nothing kept: one `pg_notify` per message.
+const BARE_NOTIFY_SQL: &str =
+    "SELECT pg_notify($3::text, jsonb_build_object('t', $1::bigint, 'p', $2::text)::text)";
+
+/// The same statements with `$4` messages each, told apart by `n` (NOTIFY folds identical
 /// payloads of one transaction into one).
 const SEND_MANY_SQL: &str = "SELECT count(realtime.send(jsonb_build_object('t', $1::bigint, 'p', $2::text, 'n', g), 'e', $3::text, false)) \
      FROM generate_series(1, $4::int) AS g";
@@ -39,6 +45,19 @@ const NOTIFY_MANY_SQL: &str = "WITH rows AS (\
          FROM generate_series(1, $4::int) AS g \
        RETURNING payload) \
      SELECT count(pg_notify($3::text, payload::text)) FROM rows";
+const BARE_NOTIFY_MANY_SQL: &str = "SELECT count(pg_notify($3::text, \
+       jsonb_build_object('t', $1::bigint, 'p', $2::text, 'n', g)::text)) \
+     FROM generate_series(1, $4::int) AS g";
+
+fn sql_label(sql: &str) -> &'static str {
+    if sql == SEND_SQL || sql == SEND_MANY_SQL {
+        "realtime.send"
+    } else if sql == BARE_NOTIFY_SQL || sql == BARE_NOTIFY_MANY_SQL {
+        "pg_notify"
+    } else {
+        "insert + pg_notify"
+    }
+}
 
 pub struct Sent {
     pub in_window: u64,
@@ -126,7 +145,13 @@ pub async fn run(args: &Args) -> Result<Report, String> {
         ("realtime", _) => SEND_MANY_SQL,
         ("notify", 1) => NOTIFY_SQL,
         ("notify", _) => NOTIFY_MANY_SQL,
-        (other, _) => return Err(format!("--sql: realtime or notify, not {other:?}")),
+        ("bare-notify", 1) => BARE_NOTIFY_SQL,
+        ("bare-notify", _) => BARE_NOTIFY_MANY_SQL,
+        (other, _) => {
+            return Err(format!(
+                "--sql: realtime, notify or bare-notify, not {other:?}"
+            ));
+        }
     };
     args.finish()?;
     let conn_str = common
@@ -212,7 +237,7 @@ pub async fn run(args: &Args) -> Result<Report, String> {
         "params",
         json!({"conns": conns, "topics": topics, "subs_per_topic": subs, "rate": rate,
                "payload_bytes": size, "messages_per_transaction": per_tx,
-               "sql": if sql == SEND_SQL || sql == SEND_MANY_SQL { "realtime.send" } else { "insert + pg_notify" },
+               "sql": sql_label(sql),
                "duration_s": secs}),
     );
     report.add("sent_per_sec", round2(sent_in_window as f64 / secs));
