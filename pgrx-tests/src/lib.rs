@@ -340,6 +340,9 @@ impl Cluster {
             doomed.iter().all(|&pid| !process_alive(pid))
         });
         assert!(gone, "processes {doomed:?} survived SIGKILL");
+        // A new postmaster refuses to start while the old one is a zombie nobody reaped yet
+        // (its lock file names a process that still exists).
+        eventually(Duration::from_secs(30), || proc_stat(postmaster).is_none());
     }
 
     /// The node goes silent without closing anything, as behind a network partition: SIGSTOP

@@ -266,6 +266,102 @@ fn a_resume_from_before_a_crash_is_told_it_may_have_missed_messages() {
     assert!(got.iter().all(|(e, _)| e != "system"), "{got:?}");
 }
 
+/// A transaction that commits without waiting for the disk can be delivered and then lost in a
+/// crash, and the WAL written after the restart reuses its positions: a resume from its offset
+/// must be told, not silently skip what the restart wrote below that offset. Here the restart's
+/// own WAL carries the horizon past the lost offsets; when more was lost than the restart
+/// writes (an operating-system crash loses WAL that was written but not flushed), the offset
+/// names no stored message, which `an_offset_that_names_no_stored_message_is_reported` covers.
+#[test]
+fn a_resume_from_a_message_a_crash_took_back_is_told_so() {
+    // The WAL writer and the background writer stay away, so the last page of WAL of an
+    // asynchronous commit is still in shared memory when the node dies.
+    let cluster = Cluster::start(
+        "resume_async_crash",
+        &["wal_writer_delay = 10000ms", "bgwriter_lru_maxpages = 0"],
+    );
+    let mut c = cluster.connect();
+    let mut s = join(&cluster, "fast", None);
+    send(&mut c, "fast", 0);
+    next(&mut s);
+    wait_for_offsets(&cluster, "fast", 1);
+    // A commit that waits for the disk also flushes the offsets written back before it.
+    c.batch_execute("CREATE TABLE public.flushed ()")
+        .expect("durable commit");
+
+    c.batch_execute("SET realtime.send_synchronous_commit = off")
+        .expect("setting");
+    for n in 1..=20 {
+        send(&mut c, "fast", n);
+    }
+    let mut last = String::new();
+    for n in 1..=20 {
+        let (got, meta) = next(&mut s);
+        assert_eq!(got, n);
+        last = offset_of(&meta);
+    }
+    cluster.kill();
+    cluster.start_again();
+
+    let mut c = cluster.connect();
+    let kept: i64 = c
+        .query_one(
+            "SELECT count(*) FROM realtime.messages WHERE topic = 'fast' AND payload->>'n' = '20'",
+            &[],
+        )
+        .expect("count")
+        .get(0);
+    assert_eq!(kept, 0, "the last asynchronous commit died with the node");
+    send(&mut c, "fast", 21);
+    let mut s = join(&cluster, "fast", Some(json!({"offset": last})));
+    let got = drain(&mut s);
+    let system: Vec<&str> = got
+        .iter()
+        .filter(|(e, _)| e == "system")
+        .filter_map(|(_, p)| p["message"].as_str())
+        .collect();
+    assert_eq!(system.len(), 1, "{got:?}");
+    assert!(system[0].starts_with("Replay gap:"), "{}", system[0]);
+}
+
+/// Above the horizon, an offset that names no stored message (deleted, or never issued) is
+/// reported, and what is stored after it is still replayed.
+#[test]
+fn an_offset_that_names_no_stored_message_is_reported() {
+    let cluster = Cluster::start("resume_unknown_offset", &[]);
+    let mut c = cluster.connect();
+    let mut s = join(&cluster, "gone", None);
+    send(&mut c, "gone", 1);
+    let first = offset_of(&next(&mut s).1);
+    send(&mut c, "gone", 2);
+    next(&mut s);
+    wait_for_offsets(&cluster, "gone", 2);
+    c.execute(
+        "DELETE FROM realtime.messages WHERE topic = 'gone' AND payload->>'n' = '1'",
+        &[],
+    )
+    .expect("delete");
+    let mut s = join(&cluster, "gone", Some(json!({"offset": first})));
+    let got = drain(&mut s);
+    let system: Vec<&str> = got
+        .iter()
+        .filter(|(e, _)| e == "system")
+        .filter_map(|(_, p)| p["message"].as_str())
+        .collect();
+    assert_eq!(system.len(), 1, "{got:?}");
+    assert!(
+        system[0].starts_with("Replay gap: the message at this offset is not stored"),
+        "{}",
+        system[0]
+    );
+    let ns: Vec<i64> = got
+        .iter()
+        .filter(|(e, _)| e == "broadcast")
+        .map(|(_, p)| p["payload"]["n"].as_i64().expect("n"))
+        .collect();
+    assert_eq!(ns, vec![2]);
+}
+
 #[test]
 fn more_than_the_limit_or_past_retention_is_reported() {
     let cluster = Cluster::start("resume_gaps", &["realtime.replay_limit = 3"]);

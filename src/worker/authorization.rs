@@ -353,6 +353,12 @@ pub fn with_local_replay(
                 && let ReplayFrom::After(after) = params.from
                 && r.broadcast_read
             {
+                // This node's copy may not show the offset of a message it just delivered.
+                if replay.gap == Some(ReplayGap::UnknownOffset)
+                    && delivered.contains(&request.subtopic, after)
+                {
+                    replay.gap = None;
+                }
                 let pending = delivered.after(&request.subtopic, request.private, after);
                 if let Err(e) = add_unstored(
                     &mut replay,
@@ -543,9 +549,34 @@ fn replay(topic: &str, private: bool, params: ReplayParams) -> Result<Replay, St
                 .get::<i64>(1)
                 .map_err(|e| e.to_string())?
                 .unwrap_or(0);
+            // Above the horizon the offset must name a stored message: a message whose
+            // transaction committed without waiting for the disk may have been delivered and
+            // then lost in a crash, and WAL written after the restart reuses its positions. The
+            // zero offset ("from the start") names no message and needs none.
+            let anchored = || -> Result<bool, String> {
+                client
+                    .select(
+                        "SELECT EXISTS (SELECT FROM realtime.messages
+                                         WHERE topic = $1 AND commit_lsn = $2::text::pg_lsn
+                                           AND commit_index = $3)",
+                        Some(1),
+                        &[
+                            topic.into(),
+                            after.lsn_text().into(),
+                            (after.index as i32).into(),
+                        ],
+                    )
+                    .map_err(|e| e.to_string())?
+                    .first()
+                    .get::<bool>(1)
+                    .map(|found| found.unwrap_or(false))
+                    .map_err(|e| e.to_string())
+            };
             // Messages that may be gone weigh more than messages left out by the limit.
             let gap = if after.lsn < lost_through as u64 {
                 Some(ReplayGap::NotKept)
+            } else if after.lsn > 0 && !anchored()? {
+                Some(ReplayGap::UnknownOffset)
             } else if fetched > messages.len() as i64 {
                 Some(ReplayGap::Limit {
                     limit: messages.len() as i64,

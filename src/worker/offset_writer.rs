@@ -189,6 +189,13 @@ impl DeliveredOffsets {
         });
     }
 
+    /// Whether a message of `topic` was delivered here at `offset`.
+    pub fn contains(&self, topic: &str, offset: Offset) -> bool {
+        self.entries
+            .iter()
+            .any(|d| d.offset == offset && d.topic == topic)
+    }
+
     /// (id, offset) of the messages of (topic, private) delivered after `after`.
     pub fn after(&self, topic: &str, private: bool, after: Offset) -> Vec<(String, Offset)> {
         self.entries

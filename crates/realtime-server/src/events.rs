@@ -137,6 +137,10 @@ pub enum ReplayGap {
     /// Messages after the offset may have been removed (retention) or never stored with an
     /// offset (a crash of the server right after they were delivered).
     NotKept,
+    /// The message at the offset itself is not stored: the offset came from a message a crash
+    /// took back (a transaction committed without waiting for the disk) or that was deleted,
+    /// so what followed it cannot be told apart from what came after the restart.
+    UnknownOffset,
 }
 
 /// A stored broadcast message sent to a joining client with `meta.replayed`.
