@@ -223,10 +223,19 @@ fn raise_key_limit(common: &Common, keys: usize) -> Result<Option<i64>, String> 
         if limit >= keys as i64 {
             return Ok(None);
         }
-        c.batch_execute(&format!(
-            "ALTER SYSTEM SET realtime.max_presence_keys = {keys}; SELECT pg_reload_conf()"
-        ))
-        .map_err(|e| format!("raising realtime.max_presence_keys: {e}"))?;
+        // One statement at a time: ALTER SYSTEM cannot run inside a transaction block.
+        for sql in [
+            format!("ALTER SYSTEM SET realtime.max_presence_keys = {keys}"),
+            "SELECT pg_reload_conf()".to_owned(),
+        ] {
+            c.batch_execute(&sql).map_err(|e| {
+                format!(
+                    "{sql}: {}",
+                    e.as_db_error()
+                        .map_or(e.to_string(), |d| d.message().to_owned())
+                )
+            })?;
+        }
         // The worker rereads its settings at its next turn.
         std::thread::sleep(Duration::from_secs(1));
         Ok(Some(limit))
