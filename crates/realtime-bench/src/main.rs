@@ -7,6 +7,8 @@
 //! realtime-bench database    --jwt-secret S --pg CONN [--conns 8 --topics 10 --subs 10 --rate 1000]
 //! realtime-bench connections --jwt-secret S --pg CONN [--count 1000 --per-proc 5000 --topics 100]
 //! realtime-bench presence    --jwt-secret S [--members 100 --per-proc 5000 --timeout 60]
+//! realtime-bench presence-room --jwt-secret S [--pg CONN --members 1000 --batch 500 --pause 1
+//!                            --samples 100 --gap 0.2 --per-proc 5000]
 //! realtime-bench private-joins --jwt-secret S --pg CONN [--joins 2000 --concurrency 200]
 //! realtime-bench memory      --jwt-secret S --pg CONN [--flood 12 --idle 30 --sample-ms 250
 //!                            --pubs 10 --topics 10 --subs 100 --rate 12000]  (root: reads smaps)
@@ -28,13 +30,14 @@ mod fanout;
 mod memory;
 mod multinode;
 mod presence;
+mod presence_room;
 mod private_joins;
 mod ratio;
 mod stats;
 
 use args::Args;
 
-const USAGE: &str = "usage: realtime-bench <fanout|database|connections|presence|private-joins|memory|multinode|ratio> \
+const USAGE: &str = "usage: realtime-bench <fanout|database|connections|presence|presence-room|private-joins|memory|multinode|ratio> \
                      [--option value ...]\n\
                      (see the top of crates/realtime-bench/src/main.rs and BENCHMARKS.md)";
 
@@ -65,6 +68,8 @@ fn run() -> Result<(), String> {
             "connections-child" => return connections::child(&args).await,
             "presence" => presence::run(&args).await?,
             "presence-child" => return presence::child(&args).await,
+            "presence-room" => presence_room::run(&args).await?,
+            "presence-room-child" => return presence_room::child(&args).await,
             "private-joins" => private_joins::run(&args).await?,
             "memory" => memory::run(&args).await?,
             "multinode" => multinode::run(&args).await?,

@@ -337,7 +337,7 @@ pub async fn child(args: &Args) -> Result<(), String> {
 
 /// `phx_ref` strings interned to small numbers, shared by a process's members (every member
 /// sees the same K refs).
-type Refs = Arc<Mutex<HashMap<String, u32>>>;
+pub(crate) type Refs = Arc<Mutex<HashMap<String, u32>>>;
 
 /// How a child steers its members, and how they answer.
 struct Signals {
@@ -518,7 +518,7 @@ fn apply_diff(room: &mut Room, refs: &Refs, frame: &str) -> usize {
 const NONE: u32 = u32::MAX;
 
 /// One member's view of the room.
-struct Room {
+pub(crate) struct Room {
     /// The first meta (interned `phx_ref`) of key `m<i>`, or NONE.
     slots: Vec<u32>,
     /// Further metas of a key: a key tracked from two channels, or an update's join applied
@@ -531,12 +531,12 @@ struct Room {
 }
 
 /// `(key, phx_ref)` of one meta.
-type Meta<'a> = (Cow<'a, str>, Cow<'a, str>);
+pub(crate) type Meta<'a> = (Cow<'a, str>, Cow<'a, str>);
 /// The metas of a presence map, in order.
-type Metas<'a> = Vec<Meta<'a>>;
+pub(crate) type Metas<'a> = Vec<Meta<'a>>;
 
 impl Room {
-    fn new(members: usize) -> Room {
+    pub(crate) fn new(members: usize) -> Room {
         Room {
             slots: vec![NONE; members],
             extra: HashMap::new(),
@@ -552,8 +552,13 @@ impl Room {
         self.present = 0;
     }
 
+    /// Keys of this run present.
+    pub(crate) fn present(&self) -> usize {
+        self.present
+    }
+
     /// All K keys are present.
-    fn complete(&self) -> bool {
+    pub(crate) fn complete(&self) -> bool {
         self.present == self.slots.len()
     }
 
@@ -568,7 +573,7 @@ impl Room {
 
     /// Joins, then leaves, as phoenix.js `syncDiff` does. Returns how many joined keys were
     /// not of this run.
-    fn apply(&mut self, refs: &Refs, joins: &[Meta<'_>], leaves: &[Meta<'_>]) -> usize {
+    pub(crate) fn apply(&mut self, refs: &Refs, joins: &[Meta<'_>], leaves: &[Meta<'_>]) -> usize {
         let mut refs = refs.lock().unwrap_or_else(PoisonError::into_inner);
         let mut unexpected = 0;
         for (key, phx_ref) in joins {
@@ -635,13 +640,13 @@ impl Room {
 }
 
 /// The parts of `[join_ref, ref, topic, event, payload]` before the payload.
-struct Head<'a> {
-    reference: Option<Cow<'a, str>>,
-    event: Cow<'a, str>,
+pub(crate) struct Head<'a> {
+    pub(crate) reference: Option<Cow<'a, str>>,
+    pub(crate) event: Cow<'a, str>,
 }
 
 /// Reads up to the payload, leaving `scan` at its start.
-fn head<'a>(scan: &mut Scan<'a>) -> Result<Head<'a>, String> {
+pub(crate) fn head<'a>(scan: &mut Scan<'a>) -> Result<Head<'a>, String> {
     scan.eat(b'[')?;
     scan.skip()?;
     scan.eat(b',')?;
@@ -668,7 +673,7 @@ fn diff<'a>(
 }
 
 /// `{key: {"metas": [{"phx_ref": …, …}, …]}, …}`: appends `(key, phx_ref)` per meta.
-fn presence_map<'a>(scan: &mut Scan<'a>, out: &mut Metas<'a>) -> Result<(), String> {
+pub(crate) fn presence_map<'a>(scan: &mut Scan<'a>, out: &mut Metas<'a>) -> Result<(), String> {
     scan.object(|s, key| {
         s.object(|s, field| {
             if field != "metas" {
@@ -693,7 +698,7 @@ fn presence_map<'a>(scan: &mut Scan<'a>, out: &mut Metas<'a>) -> Result<(), Stri
 
 /// A forward-only reader of one JSON text: just enough for presence frames, without
 /// allocating (strings are borrowed unless they contain escapes).
-struct Scan<'a> {
+pub(crate) struct Scan<'a> {
     b: &'a [u8],
     at: usize,
     depth: usize,
@@ -703,7 +708,7 @@ struct Scan<'a> {
 const MAX_DEPTH: usize = 64;
 
 impl<'a> Scan<'a> {
-    fn new(b: &'a [u8]) -> Scan<'a> {
+    pub(crate) fn new(b: &'a [u8]) -> Scan<'a> {
         Scan { b, at: 0, depth: 0 }
     }
 

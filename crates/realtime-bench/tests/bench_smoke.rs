@@ -148,6 +148,35 @@ fn every_scenario_delivers() {
     assert_eq!(presence["complete_before_close"], 12, "{presence}");
     assert!(presence["convergence_seconds"].is_f64(), "{presence}");
 
+    // A room built in batches over two processes, then newcomers one after the other: each
+    // gets the whole room, and its join and its leave reach every member.
+    let room = run(
+        &cluster,
+        "presence-room",
+        &[
+            "--members",
+            "12",
+            "--per-proc",
+            "6",
+            "--batch",
+            "4",
+            "--pause",
+            "0.1",
+            "--samples",
+            "3",
+            "--gap",
+            "0.05",
+            "--settle",
+            "0.2",
+        ],
+    );
+    assert_eq!(room["joined"], 12, "{room}");
+    assert_eq!(room["samples_measured"], 3, "{room}");
+    assert_eq!(room["state_complete"], 3, "{room}");
+    assert_eq!(room["diffs_missed"], 0, "{room}");
+    assert_eq!(room["fewest_members_reached"], 12, "{room}");
+    assert!(room["leave_reached_all"]["p99_us"].is_u64(), "{room}");
+
     let private = run(
         &cluster,
         "private-joins",
