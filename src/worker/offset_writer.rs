@@ -15,9 +15,35 @@ use std::time::{Duration, Instant};
 
 /// How long a delivered message's offset may wait to be stored.
 pub const FLUSH_AFTER: Duration = Duration::from_millis(100);
-/// Offsets stored per transaction; more waiting are flushed at once.
+/// Offsets stored per transaction in the normal course. The worker delivers nothing while it
+/// stores, so a transaction must stay short (well under a millisecond): a flush of everything
+/// every 100 ms stalled delivery for several milliseconds at thousands of messages per second,
+/// which was most of the database path's 99th percentile.
+const CHUNK: usize = 64;
+/// Offsets waiting at most: past this they are all stored at once (the bound on memory).
 const BATCH: usize = 5_000;
 const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Partition pruning on inserted_at finds each row with one index probe. The newest offset
+/// per day goes to realtime.replay_days, for the replay horizon when retention drops that day.
+const STORE: &str = "WITH stored AS (
+         UPDATE realtime.messages AS m
+            SET commit_lsn = u.lsn::pg_lsn, commit_index = u.idx
+           FROM ROWS FROM (pg_catalog.unnest($1::text[]), pg_catalog.unnest($2::timestamp[]),
+                           pg_catalog.unnest($3::text[]), pg_catalog.unnest($4::int4[]))
+                AS u(id, at, lsn, idx)
+          WHERE m.id = u.id::uuid AND m.inserted_at = u.at
+      RETURNING m.inserted_at::date AS day, m.commit_lsn)
+     INSERT INTO realtime.replay_days AS d (day, last_lsn)
+     SELECT day, max(commit_lsn) FROM stored GROUP BY day
+     ON CONFLICT (day) DO UPDATE
+        SET last_lsn = greatest(d.last_lsn, excluded.last_lsn)";
+
+thread_local! {
+    /// STORE, planned once for the worker's life (the plan cache revalidates it).
+    static STORE_PLAN: std::cell::OnceCell<spi::OwnedPreparedStatement> =
+        const { std::cell::OnceCell::new() };
+}
 
 #[derive(Default)]
 pub struct OffsetWriter {
@@ -50,60 +76,75 @@ impl OffsetWriter {
         }
     }
 
-    /// How long until the waiting offsets are due; None when none wait.
+    /// How long until a chunk of offsets is due; None when none wait. A full chunk is due at
+    /// once, a partial one when its oldest offset has waited [`FLUSH_AFTER`].
     pub fn due_in(&self) -> Option<Duration> {
-        self.oldest.map(|t| FLUSH_AFTER.saturating_sub(t.elapsed()))
+        let oldest = self.oldest?;
+        if self.ids.len() >= CHUNK {
+            return Some(Duration::ZERO);
+        }
+        Some(FLUSH_AFTER.saturating_sub(oldest.elapsed()))
     }
 
+    /// Stores one chunk if one is due: the main loop delivers between chunks.
     pub fn flush_if_due(&mut self) {
         if self.due_in() == Some(Duration::ZERO) {
-            self.flush();
+            self.store(CHUNK);
         }
     }
 
-    /// Stores every waiting offset, in one transaction. On failure they are dropped (their
-    /// messages were delivered; a resume across them then misses them, which the replay
-    /// horizon cannot tell, so the failure is logged).
+    /// Stores every waiting offset (before a resume is answered, and at shutdown).
     pub fn flush(&mut self) {
-        self.oldest = None;
-        if self.ids.is_empty() {
+        self.store(usize::MAX);
+    }
+
+    /// Stores the oldest `most` waiting offsets, in one transaction. On failure they are
+    /// dropped (their messages were delivered; a resume across them then misses them, which
+    /// the replay horizon cannot tell, so the failure is logged).
+    fn store(&mut self, most: usize) {
+        let count = self.ids.len().min(most);
+        if count == 0 {
+            self.oldest = None;
             return;
         }
-        let count = self.ids.len();
-        let ids = std::mem::take(&mut self.ids);
-        let inserted_at = std::mem::take(&mut self.inserted_at);
-        let lsns = std::mem::take(&mut self.lsns);
-        let indexes = std::mem::take(&mut self.indexes);
+        let ids: Vec<String> = self.ids.drain(..count).collect();
+        let inserted_at: Vec<Timestamp> = self.inserted_at.drain(..count).collect();
+        let lsns: Vec<String> = self.lsns.drain(..count).collect();
+        let indexes: Vec<i32> = self.indexes.drain(..count).collect();
+        if self.ids.is_empty() {
+            self.oldest = None;
+        }
+        // Those left stay due: the next turn of the main loop stores the next chunk.
         let result = transaction::try_spi(TIMEOUT, move || {
             // Losing these to an OS crash is the same as losing them to a worker crash, which
             // the replay horizon reports; a synchronous flush per batch would slow delivery.
-            Spi::run("SET LOCAL synchronous_commit = off")?;
+            crate::gucs::set_local(c"synchronous_commit", c"off");
             // One index probe per row whatever the table's size: never a join that scans it.
-            Spi::run("SET LOCAL enable_hashjoin = off")?;
-            Spi::run("SET LOCAL enable_mergejoin = off")?;
-            // Partition pruning on inserted_at finds each row with one index probe.
-            // The newest offset per day goes to realtime.replay_days, for the replay horizon
-            // when retention drops that day.
-            Spi::run_with_args(
-                "WITH stored AS (
-                     UPDATE realtime.messages AS m
-                        SET commit_lsn = u.lsn::pg_lsn, commit_index = u.idx
-                       FROM ROWS FROM (pg_catalog.unnest($1::text[]), pg_catalog.unnest($2::timestamp[]),
-                                       pg_catalog.unnest($3::text[]), pg_catalog.unnest($4::int4[]))
-                            AS u(id, at, lsn, idx)
-                      WHERE m.id = u.id::uuid AND m.inserted_at = u.at
-                  RETURNING m.inserted_at::date AS day, m.commit_lsn)
-                 INSERT INTO realtime.replay_days AS d (day, last_lsn)
-                 SELECT day, max(commit_lsn) FROM stored GROUP BY day
-                 ON CONFLICT (day) DO UPDATE
-                    SET last_lsn = greatest(d.last_lsn, excluded.last_lsn)",
-                &[
-                    ids.into(),
-                    inserted_at.into(),
-                    lsns.into(),
-                    indexes.into(),
-                ],
-            )
+            crate::gucs::set_local(c"enable_hashjoin", c"off");
+            crate::gucs::set_local(c"enable_mergejoin", c"off");
+            Spi::connect_mut(|client| {
+                STORE_PLAN.with(|cell| {
+                    let plan = match cell.get() {
+                        Some(plan) => plan,
+                        None => {
+                            let types = [
+                                PgBuiltInOids::TEXTARRAYOID.oid(),
+                                PgBuiltInOids::TIMESTAMPARRAYOID.oid(),
+                                PgBuiltInOids::TEXTARRAYOID.oid(),
+                                PgBuiltInOids::INT4ARRAYOID.oid(),
+                            ];
+                            let kept = client.prepare_mut(STORE, &types)?.keep();
+                            cell.get_or_init(|| kept)
+                        }
+                    };
+                    client.update(
+                        plan,
+                        None,
+                        &[ids.into(), inserted_at.into(), lsns.into(), indexes.into()],
+                    )?;
+                    Ok(())
+                })
+            })
         });
         match result {
             Ok(()) => self.failing = false,
