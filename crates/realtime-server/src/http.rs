@@ -24,8 +24,10 @@ use crate::protocol::Vsn;
 use crate::refusal::HttpRefusal;
 use crate::rest;
 
-/// Per-connection WebSocket buffers (see `upgrade`).
-const READ_BUFFER: usize = 4 * 1024;
+/// Per-connection WebSocket buffers (see `upgrade`). The read buffer is also the most the
+/// library reads per call; the socket under it reads ahead (`read_ahead.rs`), so a small one
+/// costs no system calls.
+const READ_BUFFER: usize = 1024;
 const WRITE_BUFFER: usize = 16 * 1024;
 
 pub(crate) fn router(inner: Arc<Inner>, max_body: usize) -> Router {
