@@ -24,8 +24,10 @@ use crate::protocol::Vsn;
 use crate::refusal::HttpRefusal;
 use crate::rest;
 
-/// Per-connection WebSocket buffers (see `upgrade`).
-const READ_BUFFER: usize = 4 * 1024;
+/// Per-connection WebSocket buffers (see `upgrade`). The read buffer is also the most the
+/// library reads per call; the socket under it reads ahead (`read_ahead.rs`), so a small one
+/// costs no system calls.
+const READ_BUFFER: usize = 1024;
 const WRITE_BUFFER: usize = 16 * 1024;
 
 pub(crate) fn router(inner: Arc<Inner>, max_body: usize) -> Router {
@@ -179,13 +181,15 @@ async fn websocket(
         )
         .await;
     }
-    let info = ConnectInfo {
+    // Boxed: the upgrade's future keeps room for what its callback captured for as long as the
+    // connection lives, after the callback has used it up.
+    let info = Box::new(ConnectInfo {
         vsn,
         token,
         headers_json: x_headers_json(&headers).into(),
         claims,
         remote,
-    };
+    });
     let frame_limit = inner.max_frame_bytes;
     // Small buffers: most sockets are idle, and the library's 128 KiB defaults would cost
     // that much per connection. They grow for large frames when needed.
@@ -193,17 +197,20 @@ async fn websocket(
         .max_frame_size(frame_limit)
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
-        .on_upgrade(move |socket| async move {
-            let task = connection::run(socket, info, inner);
-            // A bug triggered by one client must not take the server down with it.
-            if let Err(panic) = std::panic::AssertUnwindSafe(task).catch_unwind().await {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                log::error!("realtime connection task panicked: {what}");
+        .on_upgrade(move |socket| {
+            // Set up outside the future, which then holds only what the connection keeps.
+            let task = connection::run(socket, *info, inner);
+            async move {
+                // A bug triggered by one client must not take the server down with it.
+                if let Err(panic) = std::panic::AssertUnwindSafe(task).catch_unwind().await {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    log::error!("realtime connection task panicked: {what}");
+                }
+                drop(slot);
             }
-            drop(slot);
         })
 }

@@ -154,7 +154,7 @@ impl Conn {
         };
         self.persisting += 1;
         let inner = self.inner.clone();
-        let tx = self.internal_tx.clone();
+        let tx = self.answers.sender();
         let headers = self.headers_json.clone();
         tokio::spawn(async move {
             let answer = inner
@@ -169,7 +169,7 @@ impl Conn {
                     exclude,
                 })
                 .await;
-            let _ = tx.send(Internal::Persisted(Box::new(Persisted { answer, ..reply })));
+            tx.send(Internal::Persisted(Box::new(Persisted { answer, ..reply })));
         });
     }
 

@@ -164,7 +164,7 @@ impl Conn {
         });
         let topic = joining.topic.clone();
         let inner = self.inner.clone();
-        let tx = self.internal_tx.clone();
+        let tx = self.answers.sender();
         let headers = self.headers_json.clone();
         let task = tokio::spawn(async move {
             let (answer, subscription) = inner
@@ -179,7 +179,7 @@ impl Conn {
                     subscribe,
                 })
                 .await;
-            let _ = tx.send(Internal::JoinAuthorized {
+            tx.send(Internal::JoinAuthorized {
                 pending_id,
                 joining: Box::new(joining),
                 answer,

@@ -80,6 +80,48 @@ enum Internal {
     Persisted(Box<broadcast::Persisted>),
 }
 
+/// Where background tasks send their [`Internal`] answers. Most connections never start one
+/// (public channels ask the worker nothing), and a tokio channel allocates a block of 32 slots
+/// when made, so it is made at the first task, and its slots hold boxes: 4 KiB per idle
+/// connection otherwise.
+#[derive(Default)]
+struct Answers {
+    tx: Option<AnswerTx>,
+    rx: Option<mpsc::UnboundedReceiver<Box<Internal>>>,
+}
+
+/// A background task's way back to its connection; a connection that is gone drops answers.
+#[derive(Clone)]
+struct AnswerTx(mpsc::UnboundedSender<Box<Internal>>);
+
+impl AnswerTx {
+    fn send(&self, answer: Internal) {
+        let _ = self.0.send(Box::new(answer));
+    }
+}
+
+impl Answers {
+    fn sender(&mut self) -> AnswerTx {
+        if let Some(tx) = &self.tx {
+            return tx.clone();
+        }
+        // Unbounded, but each answer is for a task the connection started, and those are
+        // bounded: pending joins, one refresh and one write check per channel, persists.
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.rx = Some(rx);
+        self.tx.insert(AnswerTx(tx)).clone()
+    }
+
+    /// The next answer; pending for as long as no task was started. Never ends otherwise: the
+    /// connection keeps a sender.
+    async fn recv(&mut self) -> Option<Box<Internal>> {
+        match &mut self.rx {
+            Some(rx) => rx.recv().await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
 struct Conn {
     inner: Arc<Inner>,
     vsn: Vsn,
@@ -93,7 +135,7 @@ struct Conn {
     /// Ids of pending joins and channel generations: each value is used once per connection,
     /// so a late answer (for a left channel, an older token) never matches.
     next_id: u64,
-    internal_tx: mpsc::UnboundedSender<Internal>,
+    answers: Answers,
     /// Join error replies waiting for `join_error_delay`.
     delayed_join_errors: Arc<AtomicUsize>,
     /// Join rate limit (token bucket): joins left, and when it was last refilled.
@@ -114,12 +156,7 @@ impl Drop for Conn {
 }
 
 impl Conn {
-    fn new(
-        inner: Arc<Inner>,
-        info: ConnectInfo,
-        usage: Arc<ConnUsage>,
-        internal_tx: mpsc::UnboundedSender<Internal>,
-    ) -> Conn {
+    fn new(inner: Arc<Inner>, info: ConnectInfo, usage: Arc<ConnUsage>) -> Conn {
         let join_tokens = f64::from(inner.config().join_burst.max(1));
         Conn {
             inner,
@@ -130,7 +167,7 @@ impl Conn {
             usage,
             topics: HashMap::new(),
             next_id: 0,
-            internal_tx,
+            answers: Answers::default(),
             delayed_join_errors: Arc::new(AtomicUsize::new(0)),
             join_tokens,
             join_refilled: Instant::now(),

@@ -19,7 +19,7 @@ impl Conn {
     /// Asks the worker for a joined channel's rights without blocking this connection; the
     /// answer comes back through `reply` to the connection's loop.
     pub(super) fn ask_in_background(
-        &self,
+        &mut self,
         subtopic: String,
         claims: Claims,
         presence: bool,
@@ -27,7 +27,7 @@ impl Conn {
         reply: impl FnOnce(Result<Authorization, Refusal>) -> Internal + Send + 'static,
     ) -> Check {
         let inner = self.inner.clone();
-        let tx = self.internal_tx.clone();
+        let tx = self.answers.sender();
         let headers = self.headers_json.clone();
         let task = tokio::spawn(async move {
             let answer = inner
@@ -44,7 +44,7 @@ impl Conn {
                 .await
                 .0
                 .map(|(a, _)| a);
-            let _ = tx.send(reply(answer));
+            tx.send(reply(answer));
         });
         Check(task.abort_handle())
     }

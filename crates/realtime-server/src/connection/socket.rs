@@ -6,15 +6,14 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::stream::SplitStream;
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::Conn;
 use crate::Inner;
 use crate::broadcast::Frame;
-use crate::outbound::ConnHandle;
+use crate::outbound::{ConnHandle, Outbound};
 use crate::protocol::Vsn;
 use crate::refusal::Close;
 use crate::usage::ConnUsage;
@@ -51,9 +50,17 @@ enum Exit {
     Kicked(String),
 }
 
-pub(crate) async fn run(socket: WebSocket, info: ConnectInfo, inner: Arc<Inner>) {
+/// Sets the connection up and returns the future that serves it until it closes. The setup
+/// runs here rather than in the future: a future keeps room for everything it was given for as
+/// long as it lives, so the unsplit socket and the connect info, used up at the start, would
+/// cost every idle connection their size.
+pub(crate) fn run(
+    socket: WebSocket,
+    info: ConnectInfo,
+    inner: Arc<Inner>,
+) -> impl Future<Output = ()> + Send + 'static {
     let cfg = inner.config();
-    let (handle, mut rx) = ConnHandle::new(cfg.outbound_queue, cfg.outbound_queue_bytes);
+    let (handle, rx) = ConnHandle::new(cfg.outbound_queue, cfg.outbound_queue_bytes);
     let handle = Arc::new(handle);
     let vsn_text = match info.vsn {
         Vsn::V1 => "1.0.0",
@@ -65,29 +72,55 @@ pub(crate) async fn run(socket: WebSocket, info: ConnectInfo, inner: Arc<Inner>)
         vsn_text,
         Some(&info.claims),
     ));
-    let _registered = inner.conns.register(usage.clone());
-    // Unbounded, but each message answers a task the connection started, and those are
-    // bounded: pending joins, one refresh and one write check per channel.
-    let (internal_tx, mut internal_rx) = mpsc::unbounded_channel();
-    let mut conn = Conn::new(inner.clone(), info, usage.clone(), internal_tx);
-    let (mut sink, mut stream) = socket.split();
+    let (sink, stream) = socket.split();
+    let mut io = Io {
+        conn: Conn::new(inner.clone(), info, usage.clone()),
+        sink,
+        stream,
+        rx,
+    };
+    let idle_timeout = cfg.idle_timeout;
+    async move {
+        let _registered = inner.conns.register(usage.clone());
+        let exit = serve(&mut io, &usage, &inner, idle_timeout).await;
+        // Boxed: the closing handshake's timers live only while it runs, not in every idle
+        // connection's future.
+        Box::pin(close(io, exit, &inner)).await;
+    }
+}
+
+/// What the connection's loop and its close share.
+struct Io {
+    conn: Conn,
+    sink: SplitSink<WebSocket, Message>,
+    stream: SplitStream<WebSocket>,
+    rx: Outbound,
+}
+
+/// Frames in, queued frames out, timers and signals, until the connection should end.
+async fn serve(io: &mut Io, usage: &ConnUsage, inner: &Inner, idle_timeout: Duration) -> Exit {
+    let Io {
+        conn,
+        sink,
+        stream,
+        rx,
+    } = io;
     let mut shutdown = inner.shutdown.clone();
     let mut last_inbound = Instant::now();
     // The loop runs once per delivered frame, so it sets nothing up per turn: these futures
     // live as long as the connection. One timer serves the idle timeout and the channels' token
     // expiry; traffic only moves `last_inbound`, and the timer is re-armed when it fires or when
     // a token expires sooner (a reloaded idle timeout applies from the next firing).
-    let timer = tokio::time::sleep_until(last_inbound + cfg.idle_timeout);
+    let timer = tokio::time::sleep_until(last_inbound + idle_timeout);
     tokio::pin!(timer);
-    let overflowed = handle.overflowed();
+    let overflowed = usage.handle.overflowed();
     tokio::pin!(overflowed);
     let stop = stopped(&mut shutdown);
     tokio::pin!(stop);
-    let kick_usage = usage.clone();
-    let kicked = kick_usage.kicked();
+    let kicked = usage.kicked();
     tokio::pin!(kicked);
 
-    let exit = 'conn: loop {
+    'conn: loop {
         if let Some(expiry) = conn.next_expiry()
             && expiry < timer.deadline()
         {
@@ -101,7 +134,7 @@ pub(crate) async fn run(socket: WebSocket, info: ConnectInfo, inner: Arc<Inner>)
             // Before traffic: a client that keeps the loop busy must not delay its idle close
             // or its channels' token expiry.
             _ = &mut timer => {
-                if let Some(exit) = on_timer(&mut conn, timer.as_mut(), last_inbound, &inner) {
+                if let Some(exit) = on_timer(conn, timer.as_mut(), last_inbound, inner) {
                     break exit;
                 }
             }
@@ -141,7 +174,7 @@ pub(crate) async fn run(socket: WebSocket, info: ConnectInfo, inner: Arc<Inner>)
                         _ = &mut stop => break 'conn Exit::Shutdown,
                         _ = &mut timer => {
                             if let Some(exit) =
-                                on_timer(&mut conn, timer.as_mut(), last_inbound, &inner)
+                                on_timer(conn, timer.as_mut(), last_inbound, inner)
                             {
                                 break 'conn exit;
                             }
@@ -149,7 +182,7 @@ pub(crate) async fn run(socket: WebSocket, info: ConnectInfo, inner: Arc<Inner>)
                     }
                 }
             }
-            Some(internal) = internal_rx.recv() => conn.on_internal(internal),
+            Some(internal) = conn.answers.recv() => conn.on_internal(*internal),
             incoming = stream.next() => {
                 last_inbound = Instant::now();
                 match incoming {
@@ -166,7 +199,18 @@ pub(crate) async fn run(socket: WebSocket, info: ConnectInfo, inner: Arc<Inner>)
                 }
             }
         }
-    };
+    }
+}
+
+/// Says goodbye as `exit` requires: the close frame with its code, and the client's half of
+/// the handshake.
+async fn close(io: Io, exit: Exit, inner: &Inner) {
+    let Io {
+        mut conn,
+        mut sink,
+        mut stream,
+        mut rx,
+    } = io;
     if let Exit::Kicked(reason) = &exit {
         log::info!(
             "closing a realtime connection on request: {}",
