@@ -630,6 +630,9 @@ pub struct Socket {
     ws: Stream,
     pub vsn: &'static str,
     next_ref: u64,
+    /// Once the socket ended: the close frame's code, or None when it ended without one (an
+    /// error or end of stream), for failure messages.
+    pub ended_with: Option<Option<u16>>,
 }
 
 impl Socket {
@@ -651,6 +654,7 @@ impl Socket {
             ws,
             vsn,
             next_ref: 0,
+            ended_with: None,
         })
     }
 
@@ -689,7 +693,10 @@ impl Socket {
         Some(match receive(&mut self.ws, limit)? {
             Received::Text(t) => Frame::Text(serde_json::from_str(&t).expect("server sends JSON")),
             Received::Binary(b) => Frame::Binary(b),
-            Received::Closed(_) => Frame::Close,
+            Received::Closed(code) => {
+                self.ended_with = Some(code);
+                Frame::Close
+            }
         })
     }
 

@@ -102,7 +102,11 @@ fn next_message(s: &mut Socket, limit: Duration, what: &str) -> Option<Message> 
         let wait = deadline.min(beat).saturating_duration_since(now);
         match s.recv(wait) {
             Some(realtime_integration_tests::Frame::Close) => {
-                panic!("{what}: the server closed the socket")
+                let how = match s.ended_with.flatten() {
+                    Some(code) => format!("with close code {code}"),
+                    None => "without a close frame".to_string(),
+                };
+                panic!("{what}: the server closed the socket {how}")
             }
             Some(frame) => {
                 if let Some(m) = Message::from_frame(&frame, s.vsn) {

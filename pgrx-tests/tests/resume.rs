@@ -62,6 +62,22 @@ fn drain(s: &mut Socket) -> Vec<(String, Value)> {
     out
 }
 
+/// The `n` of every broadcast among `got`, in arrival order.
+fn broadcast_ns(got: &[(String, Value)]) -> Vec<i64> {
+    got.iter()
+        .filter(|(e, _)| e == "broadcast")
+        .map(|(_, p)| p["payload"]["n"].as_i64().expect("n"))
+        .collect()
+}
+
+/// The payloads of the `system` messages among `got`.
+fn system_messages(got: &[(String, Value)]) -> Vec<&Value> {
+    got.iter()
+        .filter(|(e, _)| e == "system")
+        .map(|(_, p)| p)
+        .collect()
+}
+
 /// Waits until the offsets of everything delivered so far are stored (they are written back
 /// in batches after delivery).
 fn wait_for_offsets(cluster: &Cluster, topic: &str, count: i64) {
@@ -237,21 +253,13 @@ fn a_resume_from_before_a_crash_is_told_it_may_have_missed_messages() {
     assert!(back, "the worker is back after the crash");
     let mut s = join(&cluster, "crash", Some(json!({"offset": last})));
     let got = drain(&mut s);
-    let system: Vec<&Value> = got
-        .iter()
-        .filter(|(e, _)| e == "system")
-        .map(|(_, p)| p)
-        .collect();
+    let system = system_messages(&got);
     assert_eq!(system.len(), 1, "{got:?}");
     assert_eq!(system[0]["status"], "error");
     assert_eq!(system[0]["extension"], "broadcast");
     let text = system[0]["message"].as_str().expect("message");
     assert!(text.starts_with("Replay gap:"), "{text}");
-    let ns: Vec<i64> = got
-        .iter()
-        .filter(|(e, _)| e == "broadcast")
-        .map(|(_, p)| p["payload"]["n"].as_i64().expect("n"))
-        .collect();
+    let ns = broadcast_ns(&got);
     assert_eq!(ns, vec![1], "what was stored is still replayed");
     // After the crash, offsets from now on are whole again.
     let mut c = cluster.connect();
@@ -315,10 +323,9 @@ fn a_resume_from_a_message_a_crash_took_back_is_told_so() {
     send(&mut c, "fast", 21);
     let mut s = join(&cluster, "fast", Some(json!({"offset": last})));
     let got = drain(&mut s);
-    let system: Vec<&str> = got
-        .iter()
-        .filter(|(e, _)| e == "system")
-        .filter_map(|(_, p)| p["message"].as_str())
+    let system: Vec<&str> = system_messages(&got)
+        .into_iter()
+        .filter_map(|p| p["message"].as_str())
         .collect();
     assert_eq!(system.len(), 1, "{got:?}");
     assert!(system[0].starts_with("Replay gap:"), "{}", system[0]);
@@ -343,10 +350,9 @@ fn an_offset_that_names_no_stored_message_is_reported() {
     .expect("delete");
     let mut s = join(&cluster, "gone", Some(json!({"offset": first})));
     let got = drain(&mut s);
-    let system: Vec<&str> = got
-        .iter()
-        .filter(|(e, _)| e == "system")
-        .filter_map(|(_, p)| p["message"].as_str())
+    let system: Vec<&str> = system_messages(&got)
+        .into_iter()
+        .filter_map(|p| p["message"].as_str())
         .collect();
     assert_eq!(system.len(), 1, "{got:?}");
     assert!(
@@ -354,11 +360,7 @@ fn an_offset_that_names_no_stored_message_is_reported() {
         "{}",
         system[0]
     );
-    let ns: Vec<i64> = got
-        .iter()
-        .filter(|(e, _)| e == "broadcast")
-        .map(|(_, p)| p["payload"]["n"].as_i64().expect("n"))
-        .collect();
+    let ns = broadcast_ns(&got);
     assert_eq!(ns, vec![2]);
 }
 
@@ -382,11 +384,7 @@ fn more_than_the_limit_or_past_retention_is_reported() {
         Some(json!({"offset": last, "limit": 100})),
     );
     let got = drain(&mut s);
-    let ns: Vec<i64> = got
-        .iter()
-        .filter(|(e, _)| e == "broadcast")
-        .map(|(_, p)| p["payload"]["n"].as_i64().expect("n"))
-        .collect();
+    let ns = broadcast_ns(&got);
     assert_eq!(ns, vec![3, 4, 5]);
     let gap = got
         .iter()
@@ -470,11 +468,7 @@ fn public_channels_replay_only_when_allowed() {
     wait_for_offsets(&cluster, "open", 2);
     let (mut s, reply) = join_public(json!({"offset": "0000000000000000-00000000"}));
     assert_eq!(reply["status"], "ok", "{reply}");
-    let ns: Vec<i64> = drain(&mut s)
-        .iter()
-        .filter(|(e, _)| e == "broadcast")
-        .map(|(_, p)| p["payload"]["n"].as_i64().expect("n"))
-        .collect();
+    let ns = broadcast_ns(&drain(&mut s));
     assert_eq!(ns, vec![1]);
 }
 
