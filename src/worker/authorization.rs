@@ -7,11 +7,10 @@
 //! are below; the write checks are `realtime._authorize_writes` (sql/api.sql). Topics and
 //! claims are parameters, never SQL text.
 
-use super::transaction;
+use super::transaction::{self, KeptPlan, with_plan};
 use pgrx::PgOid;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use pgrx::spi::OwnedPreparedStatement;
 use realtime_server::offset::Offset;
 use realtime_server::{
     Authorization, AuthorizationPurpose, AuthorizationRequest, Claims, Payload, Refusal, Replay,
@@ -33,8 +32,6 @@ pub const PUBLIC: Authorization = Authorization {
     presence_read: true,
     presence_write: true,
 };
-
-type KeptPlan = std::cell::OnceCell<OwnedPreparedStatement>;
 
 /// The search_path the worker's session had before it pinned its own to `pg_catalog`: the
 /// users' policies run under it, as they did before.
@@ -115,29 +112,6 @@ const PROBE_INSERT: &str = "INSERT INTO realtime.messages (topic, extension, ins
 const PROBE_READ: &str = "SELECT 1 FROM realtime.messages AS m \
      WHERE m.id OPERATOR(pg_catalog.=) $1 \
        AND m.inserted_at OPERATOR(pg_catalog.=) pg_catalog.now()";
-
-/// Runs `f` with the statement kept in `cell`, preparing it on first use.
-fn with_plan<R>(
-    cell: &'static std::thread::LocalKey<KeptPlan>,
-    client: &spi::SpiClient<'_>,
-    sql: &str,
-    types: &[PgOid],
-    f: impl FnOnce(&OwnedPreparedStatement) -> Result<R, String>,
-) -> Result<R, String> {
-    cell.with(|cell| {
-        let plan = match cell.get() {
-            Some(plan) => plan,
-            None => {
-                let kept = client
-                    .prepare_mut(sql, types)
-                    .map_err(|e| e.to_string())?
-                    .keep();
-                cell.get_or_init(|| kept)
-            }
-        };
-        f(plan)
-    })
-}
 
 /// `SET LOCAL` of one of the token's settings; a bad value (a role that does not exist)
 /// raises, which fails this check alone.

@@ -40,9 +40,7 @@ const STORE: &str = "WITH stored AS (
         SET last_lsn = greatest(d.last_lsn, excluded.last_lsn)";
 
 thread_local! {
-    /// STORE, planned once for the worker's life (the plan cache revalidates it).
-    static STORE_PLAN: std::cell::OnceCell<spi::OwnedPreparedStatement> =
-        const { std::cell::OnceCell::new() };
+    static STORE_PLAN: transaction::KeptPlan = const { transaction::KeptPlan::new() };
 }
 
 #[derive(Default)]
@@ -115,37 +113,30 @@ impl OffsetWriter {
             self.oldest = None;
         }
         // Those left stay due: the next turn of the main loop stores the next chunk.
-        let result = transaction::try_spi(TIMEOUT, move || {
+        let types = [
+            PgBuiltInOids::TEXTARRAYOID.oid(),
+            PgBuiltInOids::TIMESTAMPARRAYOID.oid(),
+            PgBuiltInOids::TEXTARRAYOID.oid(),
+            PgBuiltInOids::INT4ARRAYOID.oid(),
+        ];
+        let result = transaction::try_run(TIMEOUT, move || {
             // Losing these to an OS crash is the same as losing them to a worker crash, which
             // the replay horizon reports; a synchronous flush per batch would slow delivery.
             crate::gucs::set_local(c"synchronous_commit", c"off");
             // One index probe per row whatever the table's size: never a join that scans it.
             crate::gucs::set_local(c"enable_hashjoin", c"off");
             crate::gucs::set_local(c"enable_mergejoin", c"off");
-            Spi::connect_mut(|client| {
-                STORE_PLAN.with(|cell| {
-                    let plan = match cell.get() {
-                        Some(plan) => plan,
-                        None => {
-                            let types = [
-                                PgBuiltInOids::TEXTARRAYOID.oid(),
-                                PgBuiltInOids::TIMESTAMPARRAYOID.oid(),
-                                PgBuiltInOids::TEXTARRAYOID.oid(),
-                                PgBuiltInOids::INT4ARRAYOID.oid(),
-                            ];
-                            let kept = client.prepare_mut(STORE, &types)?.keep();
-                            cell.get_or_init(|| kept)
-                        }
-                    };
-                    client.update(
-                        plan,
-                        None,
-                        &[ids.into(), inserted_at.into(), lsns.into(), indexes.into()],
-                    )?;
-                    Ok(())
+            Spi::connect(|client| {
+                transaction::with_plan(&STORE_PLAN, client, STORE, &types, |plan| {
+                    let args = [ids.into(), inserted_at.into(), lsns.into(), indexes.into()];
+                    client
+                        .select(plan, None, &args)
+                        .map(drop)
+                        .map_err(|e| e.to_string())
                 })
             })
-        });
+        })
+        .and_then(|stored| stored);
         match result {
             Ok(()) => self.failing = false,
             Err(e) => {

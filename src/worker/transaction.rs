@@ -209,3 +209,29 @@ fn each_in_subtransaction<T, R>(
     }
     results
 }
+
+/// A statement planned once for the worker's life (the plan cache revalidates it).
+pub type KeptPlan = std::cell::OnceCell<spi::OwnedPreparedStatement>;
+
+/// Runs `f` with the statement kept in `cell`, preparing it on first use.
+pub fn with_plan<R>(
+    cell: &'static std::thread::LocalKey<KeptPlan>,
+    client: &spi::SpiClient<'_>,
+    sql: &str,
+    types: &[PgOid],
+    f: impl FnOnce(&spi::OwnedPreparedStatement) -> Result<R, String>,
+) -> Result<R, String> {
+    cell.with(|cell| {
+        let plan = match cell.get() {
+            Some(plan) => plan,
+            None => {
+                let kept = client
+                    .prepare_mut(sql, types)
+                    .map_err(|e| e.to_string())?
+                    .keep();
+                cell.get_or_init(|| kept)
+            }
+        };
+        f(plan)
+    })
+}
