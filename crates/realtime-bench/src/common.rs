@@ -389,15 +389,22 @@ fn human(v: &Value) -> String {
 /// Reads a child's closing `result <json>` line.
 pub async fn read_result(
     lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    progress: &[&str],
 ) -> Result<Value, String> {
-    let line = lines
-        .next_line()
-        .await
-        .map_err(|e| e.to_string())?
-        .unwrap_or_default();
-    line.strip_prefix("result ")
-        .and_then(|j| serde_json::from_str(j).ok())
-        .ok_or_else(|| format!("child said {line:?} instead of result"))
+    loop {
+        let line = lines
+            .next_line()
+            .await
+            .map_err(|e| e.to_string())?
+            .unwrap_or_default();
+        if progress.iter().any(|p| line.starts_with(p)) {
+            continue;
+        }
+        return line
+            .strip_prefix("result ")
+            .and_then(|j| serde_json::from_str(j).ok())
+            .ok_or_else(|| format!("child said {line:?} instead of result"));
+    }
 }
 
 pub struct Child {
@@ -405,6 +412,31 @@ pub struct Child {
     pub pid: Option<i32>,
     pub lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
     pub stdin: tokio::process::ChildStdin,
+}
+
+impl Child {
+    /// Ends the child: says `stop` on its stdin first when asked, closes it, reads its
+    /// `result` line (skipping lines that start with one of `progress`) and waits for it to
+    /// exit.
+    pub async fn finish(self, say_stop: bool, progress: &[&str]) -> Result<Value, String> {
+        let Child {
+            mut process,
+            mut lines,
+            mut stdin,
+            ..
+        } = self;
+        if say_stop {
+            use tokio::io::AsyncWriteExt;
+            stdin
+                .write_all(b"stop\n")
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        drop(stdin);
+        let result = read_result(&mut lines, progress).await?;
+        let _ = process.wait().await;
+        Ok(result)
+    }
 }
 
 /// Starts `subcommand` of this binary once per share of `total` sockets (at most `per_proc`

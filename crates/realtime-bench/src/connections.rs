@@ -77,14 +77,7 @@ pub async fn run(args: &Args) -> Result<Report, String> {
     let (mut received, mut errors, mut worst) = (0u64, 0u64, json!(null));
     let mut samples: Vec<Value> = Vec::new();
     for child in children {
-        let common::Child {
-            mut process,
-            mut lines,
-            stdin,
-            ..
-        } = child;
-        drop(stdin);
-        let result = common::read_result(&mut lines).await?;
+        let result = child.finish(false, &[]).await?;
         received += result["received"].as_u64().unwrap_or(0);
         errors += result["errors"].as_u64().unwrap_or(0);
         if let Some(s) = result["error_samples"].as_array() {
@@ -94,7 +87,6 @@ pub async fn run(args: &Args) -> Result<Report, String> {
         if max(&result["latency"]) >= max(&worst) {
             worst = result["latency"].clone();
         }
-        let _ = process.wait().await;
     }
     samples.truncate(5);
 

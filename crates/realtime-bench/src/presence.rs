@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
@@ -111,18 +111,7 @@ pub async fn run(args: &Args) -> Result<Report, String> {
     let (mut frames, mut bytes, mut frames_min, mut frames_max) = (0u64, 0u64, u64::MAX, 0u64);
     let mut samples: Vec<Value> = Vec::new();
     for child in children {
-        let common::Child {
-            mut process,
-            mut lines,
-            mut stdin,
-            ..
-        } = child;
-        stdin
-            .write_all(b"stop\n")
-            .await
-            .map_err(|e| e.to_string())?;
-        drop(stdin);
-        let result = common::read_result(&mut lines).await?;
+        let result = child.finish(true, &[]).await?;
         let num = |k: &str| result[k].as_u64().unwrap_or(0);
         if let Some(t) = result["first_track_us"].as_u64() {
             first_track = first_track.min(t);
@@ -142,7 +131,6 @@ pub async fn run(args: &Args) -> Result<Report, String> {
         if let Some(s) = result["error_samples"].as_array() {
             samples.extend(s.iter().cloned());
         }
-        let _ = process.wait().await;
     }
     samples.truncate(5);
 

@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
@@ -142,18 +142,8 @@ pub async fn run(args: &Args) -> Result<Report, String> {
     let mut errors = probe.errors;
     let (mut frames, mut bytes) = (0u64, 0u64);
     for child in children {
-        let common::Child {
-            mut process,
-            mut lines,
-            mut stdin,
-            ..
-        } = child;
-        stdin
-            .write_all(b"stop\n")
-            .await
-            .map_err(|e| e.to_string())?;
-        drop(stdin);
-        let result = read_result_skipping(&mut lines).await?;
+        // Past any `seen` lines of events the parent stopped waiting for.
+        let result = child.finish(true, &["seen "]).await?;
         frames += result["frames"].as_u64().unwrap_or(0);
         bytes += result["bytes"].as_u64().unwrap_or(0);
         errors.errors += result["errors"].as_u64().unwrap_or(0);
@@ -164,7 +154,6 @@ pub async fn run(args: &Args) -> Result<Report, String> {
                     .push(s.as_str().unwrap_or("").to_owned());
             }
         }
-        let _ = process.wait().await;
     }
 
     let per_member = |total: u64| {
@@ -256,26 +245,6 @@ fn sum_samples(pids: impl Iterator<Item = Option<i32>>) -> Option<stats::ProcSam
         total.cpu_ticks += s.cpu_ticks;
     }
     Some(total)
-}
-
-/// The result line, past any `seen` lines of events the parent stopped waiting for.
-async fn read_result_skipping(
-    lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
-) -> Result<Value, String> {
-    loop {
-        let line = lines
-            .next_line()
-            .await
-            .map_err(|e| e.to_string())?
-            .unwrap_or_default();
-        if line.starts_with("seen ") {
-            continue;
-        }
-        return line
-            .strip_prefix("result ")
-            .and_then(|j| serde_json::from_str(j).ok())
-            .ok_or_else(|| format!("child said {line:?} instead of result"));
-    }
 }
 
 /// What the newcomer measured.
