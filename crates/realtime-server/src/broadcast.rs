@@ -3,8 +3,8 @@
 
 use std::sync::OnceLock;
 
-use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
+use tungstenite::Utf8Bytes;
 
 use crate::protocol::{self, Payload, Vsn, binary};
 

@@ -7,7 +7,6 @@ use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{DefaultBodyLimit, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -23,12 +22,7 @@ use crate::jwt::{JwtError, unix_now};
 use crate::protocol::Vsn;
 use crate::refusal::HttpRefusal;
 use crate::rest;
-
-/// Per-connection WebSocket buffers (see `upgrade`). The read buffer is also the most the
-/// library reads per call; the socket under it reads ahead (`read_ahead.rs`), so a small one
-/// costs no system calls.
-const READ_BUFFER: usize = 1024;
-const WRITE_BUFFER: usize = 16 * 1024;
+use crate::websocket::Upgrade;
 
 pub(crate) fn router(inner: Arc<Inner>, max_body: usize) -> Router {
     let rest_routes = Router::new()
@@ -134,7 +128,7 @@ async fn websocket(
     Query(params): Query<HashMap<String, String>>,
     headers: HeaderMap,
     extensions: axum::http::Extensions,
-    ws: WebSocketUpgrade,
+    ws: Upgrade,
 ) -> Response {
     // The listeners record each peer's address; a router served another way has none.
     let remote = extensions
@@ -190,27 +184,20 @@ async fn websocket(
         claims,
         remote,
     });
-    let frame_limit = inner.max_frame_bytes;
-    // Small buffers: most sockets are idle, and the library's 128 KiB defaults would cost
-    // that much per connection. They grow for large frames when needed.
-    ws.max_message_size(frame_limit)
-        .max_frame_size(frame_limit)
-        .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(WRITE_BUFFER)
-        .on_upgrade(move |socket| {
-            // Set up outside the future, which then holds only what the connection keeps.
-            let task = connection::run(socket, *info, inner);
-            async move {
-                // A bug triggered by one client must not take the server down with it.
-                if let Err(panic) = std::panic::AssertUnwindSafe(task).catch_unwind().await {
-                    let what = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_default();
-                    log::error!("realtime connection task panicked: {what}");
-                }
-                drop(slot);
+    ws.accept(move |socket| {
+        // Set up outside the future, which then holds only what the connection keeps.
+        let task = connection::run(socket, *info, inner);
+        async move {
+            // A bug triggered by one client must not take the server down with it.
+            if let Err(panic) = std::panic::AssertUnwindSafe(task).catch_unwind().await {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                log::error!("realtime connection task panicked: {what}");
             }
-        })
+            drop(slot);
+        }
+    })
 }

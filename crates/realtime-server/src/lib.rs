@@ -23,7 +23,6 @@ mod persist;
 mod presence;
 mod presence_diffs;
 pub mod protocol;
-mod read_ahead;
 mod refusal;
 mod registry;
 mod rest;
@@ -31,6 +30,7 @@ mod signals;
 mod topic;
 mod usage;
 mod wake;
+mod websocket;
 
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
@@ -409,8 +409,8 @@ impl Server {
                 // Frames are small and already batched per flush: Nagle's algorithm would only
                 // hold a reply back until the client's delayed ACK (~40 ms) whenever an earlier
                 // write is unacknowledged, e.g. a join reply right after a leave reply.
-                let listener = read_ahead::Listener(listener).tap_io(|stream| {
-                    if let Err(e) = stream.get_ref().set_nodelay(true) {
+                let listener = listener.tap_io(|stream| {
+                    if let Err(e) = stream.set_nodelay(true) {
                         log::debug!("cannot set TCP_NODELAY: {e}");
                     }
                 });

@@ -135,6 +135,12 @@ const MAX_BYTES_PER_SOCKET: f64 = 7.0 * 1024.0;
 const SOCKETS: usize = 2_000;
 const TOPICS: usize = 100;
 
+/// What a socket may keep after it sent one large frame and was sent another: a WebSocket
+/// library that keeps buffers as large as the largest frame would keep both frames' size.
+const MAX_BYTES_KEPT_AFTER_LARGE_FRAMES: f64 = 16.0 * 1024.0;
+const LARGE_FRAME: usize = 256 * 1024;
+const LARGE_FRAME_SOCKETS: usize = 200;
+
 /// Both ends of every socket are in this process: it needs two files per socket.
 fn files_allowed() -> usize {
     let mut limit = libc::rlimit {
@@ -150,8 +156,12 @@ fn files_allowed() -> usize {
     }
 }
 
+/// The tests of this file count one heap: they run one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn an_idle_joined_socket_holds_little_of_the_heap() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     // The server raises the soft open-file limit to the hard one when it starts.
     let (server, addr) = common::start(realtime_server::Config {
         max_connections: (SOCKETS + TOPICS) * 2,
@@ -211,6 +221,71 @@ fn an_idle_joined_socket_holds_little_of_the_heap() {
     }
     eprintln!("{report}");
     assert!(bytes <= MAX_BYTES_PER_SOCKET, "{report}");
+
+    drop(sockets);
+    clients.block_on(common::stop(server));
+}
+
+#[test]
+fn a_socket_keeps_no_copy_of_the_large_frames_it_sent_and_was_sent() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (server, addr) = common::start(common::test_config());
+    if files_allowed() < LARGE_FRAME_SOCKETS * 2 + 200 {
+        eprintln!("skipped: {} open files allowed", files_allowed());
+        return;
+    }
+    CLIENT.with(|c| c.set(true));
+    let clients = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .on_thread_start(|| CLIENT.with(|c| c.set(true)))
+        .enable_all()
+        .build()
+        .unwrap();
+    let settle = || std::thread::sleep(Duration::from_millis(500));
+    let mut sockets = clients.block_on(async {
+        let mut v = Vec::new();
+        for _ in 0..LARGE_FRAME_SOCKETS {
+            v.push(joined(addr, "large").await);
+        }
+        v
+    });
+    settle();
+    let before = snapshot();
+    let big = "x".repeat(LARGE_FRAME);
+    clients.block_on(async {
+        // One broadcast of LARGE_FRAME bytes reaches every other socket.
+        let broadcast = json!([null, "2", "realtime:large", "broadcast",
+            {"type": "broadcast", "event": "big", "payload": {"p": big}}]);
+        sockets[0]
+            .send(Message::text(broadcast.to_string()))
+            .await
+            .unwrap();
+        for ws in &mut sockets[1..] {
+            let got: Value = common::next_json(ws).await;
+            assert_eq!(got[3], "broadcast", "{got}");
+            assert_eq!(
+                got[4]["payload"]["p"].as_str().map(str::len),
+                Some(LARGE_FRAME)
+            );
+        }
+        // And every socket sends a frame as large (a heartbeat, answered in a few bytes).
+        for ws in &mut sockets {
+            let heartbeat = json!([null, "3", "phoenix", "heartbeat", {"p": big}]);
+            ws.send(Message::text(heartbeat.to_string())).await.unwrap();
+        }
+        for ws in &mut sockets {
+            let reply: Value = common::next_json(ws).await;
+            assert_eq!(reply[4]["status"], "ok", "{reply}");
+        }
+    });
+    settle();
+    let after = snapshot();
+    let kept = (after.bytes - before.bytes) as f64 / LARGE_FRAME_SOCKETS as f64;
+    eprintln!("kept per socket after a {LARGE_FRAME}-byte frame each way: {kept:.0} bytes");
+    assert!(
+        kept <= MAX_BYTES_KEPT_AFTER_LARGE_FRAMES,
+        "{kept:.0} bytes kept per socket"
+    );
 
     drop(sockets);
     clients.block_on(common::stop(server));

@@ -3,8 +3,8 @@
 
 use std::sync::atomic::Ordering;
 
-use axum::extract::ws::Utf8Bytes;
 use serde_json::{Value, json};
+use tungstenite::Utf8Bytes;
 
 use super::Conn;
 use crate::broadcast::Frame;

@@ -5,9 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
 use super::Conn;
@@ -17,6 +15,7 @@ use crate::outbound::{ConnHandle, Outbound};
 use crate::protocol::Vsn;
 use crate::refusal::Close;
 use crate::usage::ConnUsage;
+use crate::websocket::{FrameReader, Incoming, OutFrame, WsIo, write_frames};
 
 /// How long a closing handshake may take before the TCP connection is just dropped.
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -46,6 +45,10 @@ enum Exit {
     SlowConsumer,
     Idle,
     Gone,
+    /// The client closed, with this code to echo.
+    ClosedByClient(Option<u16>),
+    /// The client broke the protocol; the close frame says how.
+    Broken(u16),
     /// An operator disconnected it, with this reason.
     Kicked(String),
 }
@@ -55,7 +58,7 @@ enum Exit {
 /// long as it lives, so the unsplit socket and the connect info, used up at the start, would
 /// cost every idle connection their size.
 pub(crate) fn run(
-    socket: WebSocket,
+    socket: WsIo,
     info: ConnectInfo,
     inner: Arc<Inner>,
 ) -> impl Future<Output = ()> + Send + 'static {
@@ -72,11 +75,10 @@ pub(crate) fn run(
         vsn_text,
         Some(&info.claims),
     ));
-    let (sink, stream) = socket.split();
     let mut io = Io {
         conn: Conn::new(inner.clone(), info, usage.clone()),
-        sink,
-        stream,
+        socket,
+        reader: FrameReader::new(inner.max_frame_bytes),
         rx,
     };
     let idle_timeout = cfg.idle_timeout;
@@ -92,8 +94,8 @@ pub(crate) fn run(
 /// What the connection's loop and its close share.
 struct Io {
     conn: Conn,
-    sink: SplitSink<WebSocket, Message>,
-    stream: SplitStream<WebSocket>,
+    socket: WsIo,
+    reader: FrameReader,
     rx: Outbound,
 }
 
@@ -101,8 +103,8 @@ struct Io {
 async fn serve(io: &mut Io, usage: &ConnUsage, inner: &Inner, idle_timeout: Duration) -> Exit {
     let Io {
         conn,
-        sink,
-        stream,
+        socket,
+        reader,
         rx,
     } = io;
     let mut shutdown = inner.shutdown.clone();
@@ -143,20 +145,17 @@ async fn serve(io: &mut Io, usage: &ConnUsage, inner: &Inner, idle_timeout: Dura
                 // call instead of one per frame).
                 // Counted per batch, into this connection's own counters: nothing shared is
                 // touched per frame.
+                let mut bytes = frame.len() as u64;
+                let mut batch = vec![out_frame(frame)];
+                while batch.len() < WRITE_BATCH
+                    && let Some(frame) = rx.try_recv()
+                {
+                    bytes += frame.len() as u64;
+                    batch.push(out_frame(frame));
+                }
+                let frames = batch.len() as u64;
                 let write = async {
-                    let (mut frames, mut bytes) = (1, frame.len() as u64);
-                    sink.feed(ws_message(frame)).await?;
-                    for _ in 1..WRITE_BATCH {
-                        match rx.try_recv() {
-                            Some(frame) => {
-                                frames += 1;
-                                bytes += frame.len() as u64;
-                                sink.feed(ws_message(frame)).await?
-                            }
-                            None => break,
-                        }
-                    }
-                    sink.flush().await.map(|()| (frames, bytes))
+                    write_frames(socket, &batch).await.map(|()| (frames, bytes))
                 };
                 tokio::pin!(write);
                 // A stuck write must not hide a shutdown, an overflow or an expired token.
@@ -183,19 +182,35 @@ async fn serve(io: &mut Io, usage: &ConnUsage, inner: &Inner, idle_timeout: Dura
                 }
             }
             Some(internal) = conn.answers.recv() => conn.on_internal(*internal),
-            incoming = stream.next() => {
+            incoming = std::future::poll_fn(|cx| reader.poll_next(cx, socket)) => {
                 last_inbound = Instant::now();
                 match incoming {
-                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break Exit::Gone,
-                    Some(Ok(Message::Text(t))) => {
+                    Ok(Incoming::Text(t)) => {
                         usage.count_in(t.len());
                         conn.on_text(t.as_str());
                     }
-                    Some(Ok(Message::Binary(b))) => {
+                    Ok(Incoming::Binary(b)) => {
                         usage.count_in(b.len());
                         conn.on_binary(b);
                     }
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                    Ok(Incoming::Ping(payload)) => {
+                        // A client that pings but does not read gets no longer than a close.
+                        let pong = [OutFrame::pong(payload)];
+                        let pong = write_frames(socket, &pong);
+                        match tokio::time::timeout(CLOSE_WRITE_TIMEOUT, pong).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(_)) => break Exit::Gone,
+                            Err(_) => break Exit::SlowConsumer,
+                        }
+                    }
+                    Ok(Incoming::Close(code)) => break Exit::ClosedByClient(code),
+                    Err(e) => {
+                        if let Some(code) = e.close_code() {
+                            log::debug!("closing a realtime connection: {e}");
+                            break Exit::Broken(code);
+                        }
+                        break Exit::Gone;
+                    }
                 }
             }
         }
@@ -207,8 +222,8 @@ async fn serve(io: &mut Io, usage: &ConnUsage, inner: &Inner, idle_timeout: Dura
 async fn close(io: Io, exit: Exit, inner: &Inner) {
     let Io {
         mut conn,
-        mut sink,
-        mut stream,
+        mut socket,
+        mut reader,
         mut rx,
     } = io;
     if let Exit::Kicked(reason) = &exit {
@@ -219,24 +234,25 @@ async fn close(io: Io, exit: Exit, inner: &Inner) {
         // The system messages go out before the close frame: what is already queued is
         // written first, within the close's time limit.
         conn.disconnected(reason);
-        let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, async {
-            while let Some(frame) = rx.try_recv() {
-                sink.feed(ws_message(frame)).await?;
-            }
-            sink.flush().await
-        })
-        .await;
+        let mut queued = Vec::new();
+        while let Some(frame) = rx.try_recv() {
+            queued.push(out_frame(frame));
+        }
+        let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, write_frames(&mut socket, &queued)).await;
     }
-    let close = match exit {
-        Exit::Kicked(_) => Some(Close::Disconnected),
-        Exit::Shutdown => Some(Close::Shutdown),
+    let close = match &exit {
+        Exit::Kicked(_) => Some(close_frame(Close::Disconnected)),
+        Exit::Shutdown => Some(close_frame(Close::Shutdown)),
         Exit::SlowConsumer => {
             let reason = Close::SlowConsumer.reason();
             log::info!("closing a realtime connection: {reason}");
             inner.metrics.slow_consumer();
-            Some(Close::SlowConsumer)
+            Some(close_frame(Close::SlowConsumer))
         }
-        Exit::Idle => Some(Close::Idle),
+        Exit::Idle => Some(close_frame(Close::Idle)),
+        // The client's close is answered with its own code (RFC 6455, 5.5.1).
+        Exit::ClosedByClient(code) => Some(OutFrame::close(code.unwrap_or(1000), "")),
+        Exit::Broken(code) => Some(OutFrame::close(*code, "")),
         Exit::Gone => None,
     };
     drop(conn);
@@ -246,23 +262,20 @@ async fn close(io: Io, exit: Exit, inner: &Inner) {
         Exit::SlowConsumer => SLOW_CLOSE_WRITE_TIMEOUT,
         _ => CLOSE_WRITE_TIMEOUT,
     };
-    if let Some(close) = close {
-        let frame = Message::Close(Some(CloseFrame {
-            code: close.code(),
-            reason: Utf8Bytes::from_static(close.reason()),
-        }));
-        let written = tokio::time::timeout(write_timeout, async {
-            sink.send(frame).await?;
-            sink.flush().await
-        })
-        .await;
-        if matches!(written, Ok(Ok(()))) && !matches!(exit, Exit::SlowConsumer) {
-            // Give the client a moment to answer the close handshake.
-            let _ =
-                tokio::time::timeout(CLOSE_WRITE_TIMEOUT, drain_until_closed(&mut stream)).await;
+    if let Some(frame) = close {
+        let written =
+            tokio::time::timeout(write_timeout, write_frames(&mut socket, &[frame])).await;
+        // Only a close the server began waits for the client's answer.
+        let answer_due = matches!(exit, Exit::Kicked(_) | Exit::Shutdown | Exit::Idle);
+        if matches!(written, Ok(Ok(()))) && answer_due {
+            let _ = tokio::time::timeout(
+                CLOSE_WRITE_TIMEOUT,
+                drain_until_closed(&mut reader, &mut socket),
+            )
+            .await;
         }
     }
-    let _ = tokio::time::timeout(write_timeout, sink.close()).await;
+    let _ = tokio::time::timeout(write_timeout, socket.shutdown()).await;
 }
 
 /// The idle timeout or a channel's token expiry is due: closes what expired and re-arms the
@@ -288,10 +301,14 @@ fn on_timer(
 /// Frames written per flush at most, so one busy connection cannot hog its thread.
 const WRITE_BATCH: usize = 64;
 
-fn ws_message(frame: Frame) -> Message {
+fn close_frame(close: Close) -> OutFrame {
+    OutFrame::close(close.code(), close.reason())
+}
+
+fn out_frame(frame: Frame) -> OutFrame {
     match frame {
-        Frame::Text(t) => Message::Text(t),
-        Frame::Binary(b) => Message::Binary(b),
+        Frame::Text(t) => OutFrame::text(t.into()),
+        Frame::Binary(b) => OutFrame::binary(b),
     }
 }
 
@@ -300,10 +317,12 @@ async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
 }
 
-async fn drain_until_closed(stream: &mut SplitStream<WebSocket>) {
-    while let Some(Ok(m)) = stream.next().await {
-        if matches!(m, Message::Close(_)) {
-            break;
+/// Reads until the client's close frame (or the end of the connection).
+async fn drain_until_closed(reader: &mut FrameReader, socket: &mut WsIo) {
+    loop {
+        match std::future::poll_fn(|cx| reader.poll_next(cx, socket)).await {
+            Ok(Incoming::Close(_)) | Err(_) => break,
+            Ok(_) => {}
         }
     }
 }
