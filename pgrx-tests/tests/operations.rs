@@ -215,6 +215,11 @@ fn metrics_are_off_until_turned_on_count_what_happens_and_pass_promtool() {
     assert!(s.recv_event("broadcast", WAIT).is_some(), "REST message");
     let refused = s.join("ops-private", json!({"private": true}));
     assert_eq!(refused["status"], "error", "{refused}");
+    // A message-only transaction that skips the disk wait.
+    cluster.execute(
+        "SET realtime.send_synchronous_commit = off; \
+         SELECT realtime.send('{\"n\": 4}', 'db', 'ops-room', false)",
+    );
 
     let grew = |series: &str, by: f64| {
         let series = series.to_string();
@@ -250,6 +255,7 @@ fn metrics_are_off_until_turned_on_count_what_happens_and_pass_promtool() {
             try_value(&last, "realtime_committed_messages_total").is_some_and(|v| v >= 1.0)
                 && try_value(&last, "realtime_commit_queue_size_bytes").is_some_and(|v| v > 0.0)
                 && try_value(&last, "realtime_worker_memory_bytes").is_some_and(|v| v > 0.0)
+                && try_value(&last, "realtime_async_commits_total").is_some_and(|v| v >= 1.0)
         }),
         "the worker's figures:\n{last}"
     );

@@ -37,6 +37,7 @@ pub fn publish(u: &Usage) -> WorkerStats {
         committed_messages: s.queued.load(Ordering::Relaxed),
         discarded_messages: s.discarded.load(Ordering::Relaxed),
         failed_sends: s.failed_sends.load(Ordering::Relaxed),
+        async_commits: s.async_commits.load(Ordering::Relaxed),
         worker_memory_bytes: private,
     }
 }

@@ -82,6 +82,8 @@ pub struct WorkerStats {
     pub discarded_messages: u64,
     /// `realtime.send` calls that could not store their message.
     pub failed_sends: u64,
+    /// Message-only transactions that committed without waiting for the disk.
+    pub async_commits: u64,
     /// The worker's private memory; None when the kernel does not say.
     pub worker_memory_bytes: Option<u64>,
 }
@@ -272,6 +274,12 @@ impl Metrics {
                     "realtime.send calls that could not store their message.",
                     vec![(vec![], w.failed_sends as f64)],
                 ),
+                counter(
+                    "realtime_async_commits_total",
+                    "Message-only transactions committed without waiting for the disk \
+                     (realtime.send_synchronous_commit = off).",
+                    vec![(vec![], w.async_commits as f64)],
+                ),
             ]);
             if let Some(bytes) = w.worker_memory_bytes {
                 families.push(gauge(
@@ -390,6 +398,7 @@ mod tests {
             dropped_database_messages: 0,
             worker: Some(WorkerStats {
                 commit_queue_size_bytes: 1024,
+                async_commits: 2,
                 worker_memory_bytes: None,
                 ..WorkerStats::default()
             }),
@@ -427,6 +436,7 @@ mod tests {
             "# TYPE realtime_worker_cpu_seconds_total counter",
             "realtime_commit_queue_size_bytes 1024",
             "realtime_send_failures_total 0",
+            "realtime_async_commits_total 2",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }
