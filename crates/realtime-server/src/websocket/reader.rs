@@ -110,8 +110,11 @@ impl FrameReader {
     ) -> Poll<Result<(), ReadError>> {
         let had = self.unparsed.len();
         let read = if self.wanted > had + CHUNK {
-            // The rest of a large frame: read straight into its place.
-            self.unparsed.resize(self.wanted, 0);
+            // The rest of a large frame: read straight into its place. The buffer grows with
+            // what arrived (at most doubling), not to the size the header claims, so a client
+            // that announces a large frame and sends little of it gets little memory.
+            let step = had.max(4 * CHUNK);
+            self.unparsed.resize(self.wanted.min(had + step), 0);
             let mut buf = ReadBuf::new(&mut self.unparsed[had..]);
             let polled = Pin::new(&mut *io).poll_read(cx, &mut buf);
             let n = buf.filled().len();
@@ -345,6 +348,20 @@ mod tests {
         let (got, _, reader) = read_all(bytes, 10_000, 1_000_000).await;
         assert!(matches!(&got[..], [Incoming::Binary(b)] if b.len() == big.len()));
         assert_eq!(reader.unparsed.capacity(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_large_frame_announced_but_not_sent_gets_little_memory() {
+        let bytes = frame(OpCode::Data(Data::Binary), true, &vec![0u8; 900_000]);
+        // The header and 20,000 bytes of the payload, then nothing more.
+        let (got, end, reader) = read_all(bytes[..20_014].to_vec(), 4096, 1_000_000).await;
+        assert!(got.is_empty());
+        assert!(matches!(end, ReadError::Ended), "{end}");
+        assert!(
+            reader.unparsed.capacity() <= 200_000,
+            "{} bytes held for 20,014 received",
+            reader.unparsed.capacity()
+        );
     }
 
     #[tokio::test]
