@@ -142,6 +142,23 @@ const MAX_BYTES_KEPT_AFTER_LARGE_FRAMES: f64 = 16.0 * 1024.0;
 const LARGE_FRAME: usize = 256 * 1024;
 const LARGE_FRAME_SOCKETS: usize = 200;
 
+/// The clients' runtime, on threads whose allocations are not counted (this thread's neither).
+fn client_runtime() -> tokio::runtime::Runtime {
+    CLIENT.with(|c| c.set(true));
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .on_thread_start(|| CLIENT.with(|c| c.set(true)))
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Frees of the handshakes and replies happen on the server's threads after the clients saw
+/// the reply.
+fn settle() {
+    std::thread::sleep(Duration::from_millis(500));
+}
+
 /// Both ends of every socket are in this process: it needs two files per socket.
 fn files_allowed() -> usize {
     let mut limit = libc::rlimit {
@@ -173,16 +190,7 @@ fn an_idle_joined_socket_holds_little_of_the_heap() {
         eprintln!("skipped: {} open files allowed", files_allowed());
         return;
     }
-    CLIENT.with(|c| c.set(true));
-    let clients = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .on_thread_start(|| CLIENT.with(|c| c.set(true)))
-        .enable_all()
-        .build()
-        .unwrap();
-    // Frees of the handshakes and join replies happen on the server's threads after the
-    // clients saw the reply.
-    let settle = || std::thread::sleep(Duration::from_millis(500));
+    let clients = client_runtime();
 
     // The first sockets set up what every later one shares (topics, maps, the timer wheel).
     let mut sockets = clients.block_on(async {
@@ -235,14 +243,7 @@ fn a_socket_keeps_no_copy_of_the_large_frames_it_sent_and_was_sent() {
         eprintln!("skipped: {} open files allowed", files_allowed());
         return;
     }
-    CLIENT.with(|c| c.set(true));
-    let clients = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .on_thread_start(|| CLIENT.with(|c| c.set(true)))
-        .enable_all()
-        .build()
-        .unwrap();
-    let settle = || std::thread::sleep(Duration::from_millis(500));
+    let clients = client_runtime();
     let mut sockets = clients.block_on(async {
         let mut v = Vec::new();
         for _ in 0..LARGE_FRAME_SOCKETS {
