@@ -337,6 +337,24 @@ async fn authorizations_now(server: &Arc<Server>) -> Vec<realtime_server::Author
     .unwrap()
 }
 
+/// The authorization requests, drained until there are `n` (or `WAIT` passed), then once more
+/// after a pause for any beyond them. Each join or write check asks from a task of its own, so
+/// a refusal of a later one can reach the client before the earlier ones have asked.
+async fn authorizations_at_least(
+    server: &Arc<Server>,
+    n: usize,
+) -> Vec<realtime_server::AuthorizationRequest> {
+    let mut asked = Vec::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while asked.len() < n && tokio::time::Instant::now() < deadline {
+        asked.extend(authorizations_now(server).await);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    asked.extend(authorizations_now(server).await);
+    asked
+}
+
 /// A heartbeat and its reply: everything sent before it has been handled.
 async fn sync(ws: &mut Ws, r: &str) {
     send_text(ws, json!([null, r, "phoenix", "heartbeat", {}])).await;
@@ -371,7 +389,7 @@ async fn pending_private_joins_are_capped_per_connection() {
         refused[4],
         json!({"status": "error", "response": {"reason": "ClientJoinRateLimitReached: Too many pending joins"}})
     );
-    let asked = authorizations_now(&server).await;
+    let asked = authorizations_at_least(&server, 3).await;
     assert_eq!(asked.len(), 3, "nothing queued for the refused join");
     // Answering one makes room for another.
     assert!(server.complete_authorization(asked[0].id, Ok(read_only()), Replay::default()));
@@ -961,7 +979,7 @@ async fn writes_held_for_write_checks_are_bounded_per_connection() {
         u.held_write_bytes > 900_000 && u.held_write_bytes <= 1_000_000,
         "{u:?}"
     );
-    let asked = authorizations_now(&server).await;
+    let asked = authorizations_at_least(&server, 3).await;
     assert_eq!(asked.len(), 3, "the refused write asked nothing");
     // Closing a channel gives its held bytes back.
     send_text(&mut ws, json!(["0", "l", "realtime:vip0", "phx_leave", {}])).await;

@@ -15,7 +15,7 @@ use crate::outbound::{ConnHandle, Outbound};
 use crate::protocol::Vsn;
 use crate::refusal::Close;
 use crate::usage::ConnUsage;
-use crate::websocket::{FrameReader, Incoming, OutFrame, WsIo, write_frames};
+use crate::websocket::{FrameReader, Incoming, OutFrame, Unsent, WsIo};
 
 /// How long a closing handshake may take before the TCP connection is just dropped.
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -79,6 +79,7 @@ pub(crate) fn run(
         conn: Conn::new(inner.clone(), info, usage.clone()),
         socket,
         reader: FrameReader::new(inner.max_frame_bytes),
+        unsent: Unsent::default(),
         rx,
     };
     let idle_timeout = cfg.idle_timeout;
@@ -96,6 +97,8 @@ struct Io {
     conn: Conn,
     socket: WsIo,
     reader: FrameReader,
+    /// A write the loop left unfinished, which the close completes before its close frame.
+    unsent: Unsent,
     rx: Outbound,
 }
 
@@ -105,6 +108,7 @@ async fn serve(io: &mut Io, usage: &ConnUsage, inner: &Inner, idle_timeout: Dura
         conn,
         socket,
         reader,
+        unsent,
         rx,
     } = io;
     let mut shutdown = inner.shutdown.clone();
@@ -154,18 +158,17 @@ async fn serve(io: &mut Io, usage: &ConnUsage, inner: &Inner, idle_timeout: Dura
                     batch.push(out_frame(frame));
                 }
                 let frames = batch.len() as u64;
-                let write = async {
-                    write_frames(socket, &batch).await.map(|()| (frames, bytes))
-                };
+                *unsent = batch.into();
+                let write = unsent.write_to(socket);
                 tokio::pin!(write);
                 // A stuck write must not hide a shutdown, an overflow or an expired token.
                 loop {
                     tokio::select! {
                         biased;
                         sent = &mut write => {
-                            let Ok((frames, bytes)) = sent else {
+                            if sent.is_err() {
                                 break 'conn Exit::Gone;
-                            };
+                            }
                             usage.count_out(frames, bytes);
                             break;
                         }
@@ -195,8 +198,8 @@ async fn serve(io: &mut Io, usage: &ConnUsage, inner: &Inner, idle_timeout: Dura
                     }
                     Ok(Incoming::Ping(payload)) => {
                         // A client that pings but does not read gets no longer than a close.
-                        let pong = [OutFrame::pong(payload)];
-                        let pong = write_frames(socket, &pong);
+                        unsent.push(OutFrame::pong(payload));
+                        let pong = unsent.write_to(socket);
                         match tokio::time::timeout(CLOSE_WRITE_TIMEOUT, pong).await {
                             Ok(Ok(())) => {}
                             Ok(Err(_)) => break Exit::Gone,
@@ -217,13 +220,14 @@ async fn serve(io: &mut Io, usage: &ConnUsage, inner: &Inner, idle_timeout: Dura
     }
 }
 
-/// Says goodbye as `exit` requires: the close frame with its code, and the client's half of
-/// the handshake.
+/// Says goodbye as `exit` requires: the rest of an interrupted write, the close frame with its
+/// code, and the client's half of the handshake.
 async fn close(io: Io, exit: Exit, inner: &Inner) {
     let Io {
         mut conn,
         mut socket,
         mut reader,
+        mut unsent,
         mut rx,
     } = io;
     if let Exit::Kicked(reason) = &exit {
@@ -234,11 +238,9 @@ async fn close(io: Io, exit: Exit, inner: &Inner) {
         // The system messages go out before the close frame: what is already queued is
         // written first, within the close's time limit.
         conn.disconnected(reason);
-        let mut queued = Vec::new();
         while let Some(frame) = rx.try_recv() {
-            queued.push(out_frame(frame));
+            unsent.push(out_frame(frame));
         }
-        let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, write_frames(&mut socket, &queued)).await;
     }
     let close = match &exit {
         Exit::Kicked(_) => Some(close_frame(Close::Disconnected)),
@@ -263,8 +265,8 @@ async fn close(io: Io, exit: Exit, inner: &Inner) {
         _ => CLOSE_WRITE_TIMEOUT,
     };
     if let Some(frame) = close {
-        let written =
-            tokio::time::timeout(write_timeout, write_frames(&mut socket, &[frame])).await;
+        unsent.push(frame);
+        let written = tokio::time::timeout(write_timeout, unsent.write_to(&mut socket)).await;
         // Only a close the server began waits for the client's answer.
         let answer_due = matches!(exit, Exit::Kicked(_) | Exit::Shutdown | Exit::Idle);
         if matches!(written, Ok(Ok(()))) && answer_due {

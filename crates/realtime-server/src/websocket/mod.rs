@@ -16,4 +16,4 @@ mod writer;
 
 pub(crate) use reader::{FrameReader, Incoming};
 pub(crate) use upgrade::{Upgrade, WsIo};
-pub(crate) use writer::{OutFrame, write_frames};
+pub(crate) use writer::{OutFrame, Unsent};

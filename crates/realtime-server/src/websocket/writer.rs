@@ -72,17 +72,48 @@ impl OutFrame {
     }
 }
 
-/// Writes `frames` in order, resuming where the socket stopped taking bytes, and flushes.
-pub(crate) async fn write_frames<W: AsyncWrite + Unpin>(
-    io: &mut W,
-    frames: &[OutFrame],
-) -> io::Result<()> {
-    // Bytes already written, counted from the first frame's header.
-    let mut written = 0usize;
-    loop {
-        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(MAX_SLICES.min(frames.len() * 2));
-        let mut skip = written;
-        for part in frames.iter().flat_map(OutFrame::parts) {
+/// Frames being written and how far the socket took them. A connection keeps it across an
+/// interrupted write (a shutdown or a slow-consumer close while a frame was half written), so
+/// that its close frame goes out after the rest of that frame rather than inside it.
+#[derive(Default)]
+pub(crate) struct Unsent {
+    frames: Vec<OutFrame>,
+    /// Bytes already written, counted from the first frame's header.
+    written: usize,
+}
+
+impl Unsent {
+    /// Appends a frame after those not yet written.
+    pub(crate) fn push(&mut self, frame: OutFrame) {
+        self.frames.push(frame);
+    }
+
+    /// Writes everything, resuming where the socket stopped taking bytes, then flushes and
+    /// lets the frames go. Cancel-safe: a dropped call leaves the progress recorded here.
+    pub(crate) async fn write_to<W: AsyncWrite + Unpin>(&mut self, io: &mut W) -> io::Result<()> {
+        loop {
+            let n = {
+                let slices = self.remaining();
+                if slices.is_empty() {
+                    break;
+                }
+                io.write_vectored(&slices).await?
+            };
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            self.written += n;
+        }
+        io.flush().await?;
+        *self = Unsent::default();
+        Ok(())
+    }
+
+    /// What is left, as up to [`MAX_SLICES`] slices.
+    fn remaining(&self) -> Vec<IoSlice<'_>> {
+        let mut slices = Vec::with_capacity(MAX_SLICES.min(self.frames.len() * 2));
+        let mut skip = self.written;
+        for part in self.frames.iter().flat_map(OutFrame::parts) {
             if slices.len() == MAX_SLICES {
                 break;
             }
@@ -93,14 +124,13 @@ pub(crate) async fn write_frames<W: AsyncWrite + Unpin>(
             slices.push(IoSlice::new(&part[skip..]));
             skip = 0;
         }
-        if slices.is_empty() {
-            return io.flush().await;
-        }
-        let n = io.write_vectored(&slices).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        written += n;
+        slices
+    }
+}
+
+impl From<Vec<OutFrame>> for Unsent {
+    fn from(frames: Vec<OutFrame>) -> Unsent {
+        Unsent { frames, written: 0 }
     }
 }
 
@@ -157,13 +187,38 @@ mod tests {
                 OutFrame::text(Bytes::from(vec![b'x'; 300])),
                 OutFrame::close(1000, "bye"),
             ];
+            let want = expected(&frames);
             let mut io = Trickle {
                 out: Vec::new(),
                 step,
             };
-            write_frames(&mut io, &frames).await.expect("written");
-            assert_eq!(io.out, expected(&frames), "step {step}");
+            let mut unsent = Unsent::from(Vec::from(frames));
+            unsent.write_to(&mut io).await.expect("written");
+            assert_eq!(io.out, want, "step {step}");
+            assert!(unsent.frames.is_empty());
         }
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_write_resumes_where_it_stopped_and_a_frame_pushed_after_it_follows() {
+        let first = OutFrame::binary(Bytes::from(vec![1u8; 50_000]));
+        let mut want = first.parts().concat();
+        let mut unsent = Unsent::from(vec![first]);
+        // A socket that takes 1,000 bytes, then blocks: the write is abandoned half done.
+        let mut io = Trickle {
+            out: Vec::new(),
+            step: 1_000,
+        };
+        let n = {
+            let slices = unsent.remaining();
+            io.write_vectored(&slices).await.expect("written")
+        };
+        unsent.written += n;
+        let close = OutFrame::close(1001, "going away");
+        want.extend(close.parts().concat());
+        unsent.push(close);
+        unsent.write_to(&mut io).await.expect("written");
+        assert_eq!(io.out, want);
     }
 
     #[test]
