@@ -335,3 +335,64 @@ async fn protocol_errors_close_with_their_codes_and_others_go_on() {
     }
     stop(server).await;
 }
+
+/// A shutdown while the server is in the middle of writing large frames to a client that reads
+/// slowly: the client gets the frames being written whole, then the close frame (not a close
+/// frame inside a half-written one).
+#[tokio::test]
+async fn a_close_during_a_large_write_comes_after_the_frame_it_interrupted() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let (server, addr) = start(test_config());
+    let mut slow = common::connect_small_rcvbuf(addr, "2.0.0").await;
+    common::join_v2(&mut slow, "big", "1", json!({"broadcast": {"self": false}})).await;
+    let mut sender = common::connect(addr, "2.0.0").await;
+    common::join_v2(
+        &mut sender,
+        "big",
+        "1",
+        json!({"broadcast": {"self": false}}),
+    )
+    .await;
+    // More than the kernel buffers between the two (a 4 KiB receive window and a send buffer
+    // of at most a few MB): the server's write must stop part way through.
+    let big = "x".repeat(2_500_000);
+    for i in 0..3 {
+        common::send_text(
+            &mut sender,
+            json!([null, i.to_string(), "realtime:big", "broadcast",
+                {"type": "broadcast", "event": "big", "payload": {"i": i, "p": big}}]),
+        )
+        .await;
+    }
+    // Until the server has queued all three for the slow client (nothing read yet).
+    common::eventually(|| server.usage().queued_bytes > 0 || server.usage().connections == 2).await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let stopping =
+        tokio::task::spawn_blocking(move || server.shutdown(std::time::Duration::from_secs(10)));
+    let mut got = Vec::new();
+    let close = loop {
+        match tokio::time::timeout(WAIT, slow.next())
+            .await
+            .expect("a frame")
+        {
+            Some(Ok(Message::Text(t))) => {
+                let v: Value = serde_json::from_str(t.as_str()).expect("a whole JSON frame");
+                got.push(v[4]["payload"]["i"].clone());
+            }
+            Some(Ok(Message::Close(frame))) => break frame,
+            other => panic!("expected broadcasts then a close frame, got {other:?}"),
+        }
+    };
+    // What was queued but not yet being written is not sent after a shutdown; what was being
+    // written is finished first.
+    assert!(
+        !got.is_empty(),
+        "the frame being written when the shutdown came"
+    );
+    let expected: Vec<Value> = (0..got.len()).map(|i| json!(i)).collect();
+    assert_eq!(got, expected);
+    assert_eq!(close.map(|f| u16::from(f.code)), Some(1001));
+    stopping.await.expect("shut down");
+}
