@@ -280,9 +280,10 @@ fn require_checked_topic(topic: &str, messages: pg_sys::Oid) -> Result<(), Realt
     })
 }
 
-/// `AFTER INSERT` row trigger on `realtime.messages` (attached with
-/// `WHEN (NEW.extension = 'broadcast' AND NEW.event IS NOT NULL)`, which leaves out the
-/// authorization probes that carry no event).
+/// `AFTER INSERT` row trigger on `realtime.messages`. It fires for every row and passes over
+/// those that are not broadcast messages (authorization probes carry no event; persistence
+/// records another extension): a `WHEN` clause would do the same, but PostgreSQL parses it
+/// again for each single-row INSERT, which is what `realtime.send` runs.
 #[pg_trigger]
 fn queue_broadcast_row<'a>(
     trigger: &'a PgTrigger<'a>,
@@ -300,11 +301,14 @@ fn stage_row(trigger: &PgTrigger<'_>) -> Result<(), RealtimeError> {
         return Ok(());
     };
     let datum = |e: pgrx::datum::TryFromDatumError| RealtimeError::Internal(e.to_string());
+    let extension: Option<&str> = row.get_by_name("extension").map_err(datum)?;
+    if extension != Some("broadcast") {
+        return Ok(());
+    }
+    let Some(event) = row.get_by_name::<String>("event").map_err(datum)? else {
+        return Ok(());
+    };
     let topic: String = row.get_by_name("topic").map_err(datum)?.unwrap_or_default();
-    let event: String = row
-        .get_by_name("event")
-        .map_err(datum)?
-        .ok_or(RealtimeError::MissingEvent)?;
     let private: bool = row.get_by_name("private").map_err(datum)?.unwrap_or(false);
     let id: Option<pgrx::Uuid> = row.get_by_name("id").map_err(datum)?;
     let id = id.map(|u| u.to_string()).unwrap_or_default();
