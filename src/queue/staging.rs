@@ -291,36 +291,44 @@ impl Row {
         unsafe { pgrx::htup::heap_getattr_raw(self.tuple, self.layout[column], self.tupdesc) }
     }
 
-    /// Reads `column` as `T` when `T` reads datums of `typid`, the type that `COLUMNS` gives
-    /// the column (and that layout() checked); `None` for a NULL.
-    fn get<'r, T: FromDatum + 'r>(&'r self, column: usize, typid: pg_sys::Oid) -> Option<T> {
+    /// Reads `column` as `T`; `None` for a NULL, or when `typid` is not the column's type.
+    ///
+    /// # Safety
+    /// `T` must read datums of type `typid`. The column itself was checked by layout() to have
+    /// the type `COLUMNS` gives it, which is compared with `typid` here.
+    unsafe fn get<'r, T: FromDatum + 'r>(&'r self, column: usize, typid: pg_sys::Oid) -> Option<T> {
         if COLUMNS[column].1 != typid {
             return None;
         }
         let datum = self.datum(column)?;
-        // SAFETY: the column's type was checked to be typid, which every caller below pairs
-        // with the Rust type that reads it; the datum is not null.
+        // SAFETY: the column's type is typid, which the caller vouches T reads; the datum is not
+        // null.
         unsafe { T::from_polymorphic_datum(datum, false, typid) }
     }
 
     fn text(&self, column: usize) -> Option<&str> {
-        self.get(column, pg_sys::TEXTOID)
+        // SAFETY: &str reads text datums.
+        unsafe { self.get(column, pg_sys::TEXTOID) }
     }
 
     fn boolean(&self, column: usize) -> Option<bool> {
-        self.get(column, pg_sys::BOOLOID)
+        // SAFETY: bool reads boolean datums.
+        unsafe { self.get(column, pg_sys::BOOLOID) }
     }
 
     fn uuid(&self, column: usize) -> Option<pgrx::Uuid> {
-        self.get(column, pg_sys::UUIDOID)
+        // SAFETY: pgrx::Uuid reads uuid datums.
+        unsafe { self.get(column, pg_sys::UUIDOID) }
     }
 
     fn timestamp(&self, column: usize) -> Option<Timestamp> {
-        self.get(column, pg_sys::TIMESTAMPOID)
+        // SAFETY: Timestamp reads timestamp (without time zone) datums.
+        unsafe { self.get(column, pg_sys::TIMESTAMPOID) }
     }
 
     fn bytes(&self, column: usize) -> Option<&[u8]> {
-        self.get(column, pg_sys::BYTEAOID)
+        // SAFETY: &[u8] reads bytea datums.
+        unsafe { self.get(column, pg_sys::BYTEAOID) }
     }
 
     /// The `payload` column as JSON text, straight from `jsonb_out`: no detour through a Rust
