@@ -91,11 +91,12 @@ END
 $$;
 
 -- Every committed broadcast row reaches the sockets, whoever wrote it. Rows without an event
--- are authorization probes and records, not messages.
+-- or of another extension are authorization probes and records, not messages: the function
+-- itself passes over them, since a WHEN clause here would be parsed again for every
+-- single-row INSERT.
 CREATE TRIGGER queue_broadcast_row
     AFTER INSERT ON realtime.messages
     FOR EACH ROW
-    WHEN (NEW.extension = 'broadcast' AND NEW.event IS NOT NULL)
     EXECUTE FUNCTION realtime.queue_broadcast_row();
 
 CREATE FUNCTION realtime._authorize_writes(

@@ -12,8 +12,6 @@ pub const MAX_EVENT_BYTES: usize = 255;
 pub enum RealtimeError {
     #[error("pg_realtime must be loaded via shared_preload_libraries")]
     NotPreloaded,
-    #[error("realtime message has no event")]
-    MissingEvent,
     #[error("realtime.send payload must not be NULL")]
     SendNullPayload,
     #[error("realtime.send payload must be a JSON object, not {0}")]
@@ -67,8 +65,7 @@ impl RealtimeError {
         use PgSqlErrorCode::*;
         match self {
             RealtimeError::NotPreloaded => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            RealtimeError::MissingEvent
-            | RealtimeError::SendNullPayload
+            RealtimeError::SendNullPayload
             | RealtimeError::SendBinaryNullPayload
             | RealtimeError::SendNullArgument(_) => ERRCODE_NULL_VALUE_NOT_ALLOWED,
             RealtimeError::EmptyTopic

@@ -444,3 +444,52 @@ fn only_message_only_transactions_skip_the_disk_wait_and_only_when_asked() {
         2
     );
 }
+
+#[test]
+fn partitions_with_their_own_column_order_deliver_their_rows() {
+    let cluster = Cluster::start("delivery_column_order", &[]);
+    let mut s = subscriber(&cluster, "columns");
+    let mut c = cluster.connect();
+    // The trigger reads each partition's rows with that partition's own descriptor: one made
+    // with its columns in another order, with a dropped column before them, and attached
+    // later, must be read by name, not with the attribute numbers of the others.
+    c.batch_execute(
+        r#"CREATE TABLE realtime.messages_2099_01_01 (
+               gone int,
+               commit_index integer, commit_lsn pg_lsn, expires_at timestamp,
+               binary_payload bytea, id uuid NOT NULL DEFAULT gen_random_uuid(),
+               inserted_at timestamp NOT NULL DEFAULT now(),
+               updated_at timestamp NOT NULL DEFAULT now(), private boolean DEFAULT false,
+               event text, payload jsonb, extension text NOT NULL, topic text NOT NULL,
+               CONSTRAINT messages_payload_exclusive
+                   CHECK (payload IS NULL OR binary_payload IS NULL));
+           ALTER TABLE realtime.messages_2099_01_01 DROP COLUMN gone;
+           ALTER TABLE realtime.messages ATTACH PARTITION realtime.messages_2099_01_01
+               FOR VALUES FROM ('2099-01-01') TO ('2099-01-02');"#,
+    )
+    .unwrap();
+    // Today's partition first, so that the backend has cached a layout before it meets the
+    // other one, then back again.
+    for (n, day) in ["now()", "'2099-01-01 12:00'", "now()", "'2099-01-01 13:00'"]
+        .iter()
+        .enumerate()
+    {
+        c.batch_execute(&format!(
+            r#"INSERT INTO realtime.messages (topic, extension, event, payload, private, inserted_at)
+                 VALUES ('columns', 'broadcast', 'e{n}', '{{"n":{n}}}', false, {day});
+               INSERT INTO realtime.messages (topic, extension, payload, private, inserted_at)
+                 VALUES ('columns', 'broadcast', '{{"probe":true}}', false, {day});"#
+        ))
+        .unwrap();
+    }
+    for n in 0..4 {
+        let m = s.recv_event("broadcast", WAIT).expect("every row");
+        assert_eq!(m.payload["event"], format!("e{n}"));
+        assert_eq!(m.payload["payload"]["n"], n);
+    }
+    // The rows without an event were not queued, in either layout.
+    assert!(
+        s.recv_event("broadcast", Duration::from_millis(500))
+            .is_none()
+    );
+}

@@ -2,6 +2,7 @@
 //! SQL functions of the extension, so they run their checks in Rust and store the message with
 //! one INSERT plan kept per backend.
 
+use std::cell::RefCell;
 use std::ffi::CStr;
 use std::ptr;
 use std::sync::atomic::{AtomicPtr, Ordering};
@@ -9,6 +10,8 @@ use std::sync::atomic::{AtomicPtr, Ordering};
 use pgrx::fcinfo::{pg_getarg_datum, pg_return_void};
 use pgrx::pg_sys::panic::{CaughtError, ErrorReport};
 use pgrx::prelude::*;
+use rand_chacha::ChaCha20Rng;
+use rand_chacha::rand_core::{RngCore, SeedableRng};
 
 use crate::error::RealtimeError;
 use crate::gucs::{self, SendErrors};
@@ -184,12 +187,36 @@ unsafe fn required_text(
     (value, text)
 }
 
-/// A version 4 UUID from the same source as `gen_random_uuid()`.
+thread_local! {
+    /// The generator of message ids and the process it was seeded in. The library is loaded in
+    /// the postmaster, so a generator seeded there would be copied into every backend it forks,
+    /// each then producing the same ids: it is seeded on first use, and again whenever the
+    /// process id shows it was inherited.
+    static IDS: RefCell<Option<(libc::pid_t, ChaCha20Rng)>> = const { RefCell::new(None) };
+}
+
+/// A version 4 UUID from a ChaCha20 generator seeded with 32 bytes of `pg_strong_random` (the
+/// source of `gen_random_uuid()`), which costs a call into the crypto library per id.
 fn random_uuid() -> pg_sys::Datum {
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() };
     let mut bytes = [0u8; 16];
-    // SAFETY: writes at most bytes.len() bytes into bytes.
-    if !unsafe { pg_sys::pg_strong_random(bytes.as_mut_ptr().cast(), bytes.len()) } {
-        RealtimeError::Internal("could not generate random values".into()).raise()
+    let filled = IDS.with_borrow_mut(|ids| match ids {
+        Some((owner, rng)) if *owner == pid => {
+            rng.fill_bytes(&mut bytes);
+            true
+        }
+        _ => false,
+    });
+    if !filled {
+        let mut seed = [0u8; 32];
+        // SAFETY: writes at most seed.len() bytes into seed.
+        if !unsafe { pg_sys::pg_strong_random(seed.as_mut_ptr().cast(), seed.len()) } {
+            RealtimeError::Internal("could not generate random values".into()).raise()
+        }
+        let mut rng = ChaCha20Rng::from_seed(seed);
+        rng.fill_bytes(&mut bytes);
+        IDS.set(Some((pid, rng)));
     }
     bytes[6] = (bytes[6] & 0x0f) | 0x40;
     bytes[8] = (bytes[8] & 0x3f) | 0x80;

@@ -14,7 +14,13 @@ use crate::gucs;
 use commit_ring::{Message, PayloadKind};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
+use pgrx::trigger_support::{
+    trigger_fired_by_insert, trigger_fired_by_update, trigger_fired_for_statement,
+};
 use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::CStr;
+use std::num::NonZeroUsize;
 
 struct Staged {
     nest_level: i32,
@@ -177,41 +183,171 @@ fn stage(message: &Message<'_>) -> Result<(), RealtimeError> {
     })
 }
 
-/// The `payload` column as JSON text, straight from `jsonb_out`: no detour through a Rust
-/// JSON value, since the text is all the sockets need.
-fn payload_text(trigger: &PgTrigger<'_>) -> Result<Option<Vec<u8>>, RealtimeError> {
-    let data = trigger.trigger_data();
-    // SAFETY: a trigger's relation and its tuple descriptor are valid while it runs; natts bounds
-    // attrs; the datum is read only after its type is checked to be jsonb.
-    unsafe {
-        let tupdesc = (*data.tg_relation).rd_att;
-        let natts = (*tupdesc).natts as usize;
-        let attrs = (*tupdesc).attrs.as_slice(natts);
-        let Some(index) = attrs
+/// The columns of `realtime.messages` the trigger reads, each with the only type it reads it
+/// as: a datum is never interpreted as another type than its column was checked to have.
+const COLUMNS: [(&CStr, pg_sys::Oid); 8] = [
+    (c"extension", pg_sys::TEXTOID),
+    (c"event", pg_sys::TEXTOID),
+    (c"topic", pg_sys::TEXTOID),
+    (c"private", pg_sys::BOOLOID),
+    (c"id", pg_sys::UUIDOID),
+    (c"inserted_at", pg_sys::TIMESTAMPOID),
+    (c"payload", pg_sys::JSONBOID),
+    (c"binary_payload", pg_sys::BYTEAOID),
+];
+const EXTENSION: usize = 0;
+const EVENT: usize = 1;
+const TOPIC: usize = 2;
+const PRIVATE: usize = 3;
+const ID: usize = 4;
+const INSERTED_AT: usize = 5;
+const PAYLOAD: usize = 6;
+const BINARY_PAYLOAD: usize = 7;
+
+/// The attribute numbers of `COLUMNS` in one relation's tuple descriptor.
+type Layout = [NonZeroUsize; COLUMNS.len()];
+
+/// A partition-tree size that is never reached in practice: only bounds the cache.
+const MAX_LAYOUTS: usize = 256;
+
+thread_local! {
+    /// Layouts by relation OID. The trigger fires with each partition's own tuple descriptor,
+    /// and a partition's column order can differ from its parent's (one created with its own
+    /// column list and attached, or one with dropped columns), so the cache is per relation. An
+    /// entry is a guess only: it is checked against the descriptor at every row, since an OID
+    /// can be reused by another relation and a relation can be altered.
+    static LAYOUTS: RefCell<HashMap<pg_sys::Oid, Layout>> = RefCell::new(HashMap::new());
+}
+
+/// Whether attribute `attno` of `attrs` is the live column `name` of type `typid`.
+fn is_column(
+    attrs: &[pg_sys::FormData_pg_attribute],
+    attno: NonZeroUsize,
+    (name, typid): (&CStr, pg_sys::Oid),
+) -> bool {
+    attrs.get(attno.get() - 1).is_some_and(|a| {
+        // SAFETY: attname is a NUL-terminated NameData.
+        !a.attisdropped
+            && a.atttypid == typid
+            && unsafe { CStr::from_ptr(a.attname.data.as_ptr()) } == name
+    })
+}
+
+/// The layout of the relation `relid` whose tuple descriptor has `attrs`: the cached one when it
+/// still matches, else one looked up by name (and cached).
+fn layout(
+    relid: pg_sys::Oid,
+    attrs: &[pg_sys::FormData_pg_attribute],
+) -> Result<Layout, RealtimeError> {
+    let cached = LAYOUTS.with_borrow(|layouts| layouts.get(&relid).copied());
+    if let Some(layout) = cached
+        && layout
             .iter()
-            .position(|a| !a.attisdropped && name_data_to_str(&a.attname) == "payload")
-        else {
-            return Err(RealtimeError::Internal(
-                "realtime.messages has no payload column".into(),
-            ));
+            .zip(COLUMNS)
+            .all(|(&attno, column)| is_column(attrs, attno, column))
+    {
+        return Ok(layout);
+    }
+    let mut layout = [NonZeroUsize::MIN; COLUMNS.len()];
+    for (slot, (name, typid)) in layout.iter_mut().zip(COLUMNS) {
+        let found = attrs.iter().position(|a| {
+            // SAFETY: attname is a NUL-terminated NameData.
+            !a.attisdropped && unsafe { CStr::from_ptr(a.attname.data.as_ptr()) } == name
+        });
+        let Some(index) = found else {
+            return Err(RealtimeError::Internal(format!(
+                "realtime.messages has no {} column",
+                name.to_string_lossy()
+            )));
         };
-        // Never read a datum as jsonb that is not one: the tuple layout is only trusted once
-        // its type is checked.
-        if attrs[index].atttypid != pg_sys::JSONBOID {
-            return Err(RealtimeError::Internal(
-                "the payload column of realtime.messages is not jsonb".into(),
-            ));
+        if attrs[index].atttypid != typid {
+            return Err(RealtimeError::Internal(format!(
+                "the {} column of realtime.messages has an unexpected type",
+                name.to_string_lossy()
+            )));
         }
-        let attno = std::num::NonZeroUsize::new(index + 1).expect("index + 1 is not zero");
-        let Some(datum) = pgrx::htup::heap_getattr_raw(data.tg_trigtuple, attno, tupdesc) else {
+        *slot = NonZeroUsize::MIN.saturating_add(index);
+    }
+    LAYOUTS.with_borrow_mut(|layouts| {
+        if layouts.len() >= MAX_LAYOUTS {
+            layouts.clear();
+        }
+        layouts.insert(relid, layout);
+    });
+    Ok(layout)
+}
+
+/// One row's columns, read in place: borrowed values live in the trigger's memory context.
+struct Row {
+    tuple: *mut pg_sys::HeapTupleData,
+    tupdesc: pg_sys::TupleDesc,
+    layout: Layout,
+}
+
+impl Row {
+    fn datum(&self, column: usize) -> Option<pg_sys::Datum> {
+        // SAFETY: the tuple belongs to the descriptor, and layout's attribute numbers are within
+        // it (checked by layout()).
+        unsafe { pgrx::htup::heap_getattr_raw(self.tuple, self.layout[column], self.tupdesc) }
+    }
+
+    /// Reads `column` as `T`; `None` for a NULL, or when `typid` is not the column's type.
+    ///
+    /// # Safety
+    /// `T` must read datums of type `typid`. The column itself was checked by layout() to have
+    /// the type `COLUMNS` gives it, which is compared with `typid` here.
+    unsafe fn get<'r, T: FromDatum + 'r>(&'r self, column: usize, typid: pg_sys::Oid) -> Option<T> {
+        if COLUMNS[column].1 != typid {
+            return None;
+        }
+        let datum = self.datum(column)?;
+        // SAFETY: the column's type is typid, which the caller vouches T reads; the datum is not
+        // null.
+        unsafe { T::from_polymorphic_datum(datum, false, typid) }
+    }
+
+    fn text(&self, column: usize) -> Option<&str> {
+        // SAFETY: &str reads text datums.
+        unsafe { self.get(column, pg_sys::TEXTOID) }
+    }
+
+    fn boolean(&self, column: usize) -> Option<bool> {
+        // SAFETY: bool reads boolean datums.
+        unsafe { self.get(column, pg_sys::BOOLOID) }
+    }
+
+    fn uuid(&self, column: usize) -> Option<pgrx::Uuid> {
+        // SAFETY: pgrx::Uuid reads uuid datums.
+        unsafe { self.get(column, pg_sys::UUIDOID) }
+    }
+
+    fn timestamp(&self, column: usize) -> Option<Timestamp> {
+        // SAFETY: Timestamp reads timestamp (without time zone) datums.
+        unsafe { self.get(column, pg_sys::TIMESTAMPOID) }
+    }
+
+    fn bytes(&self, column: usize) -> Option<&[u8]> {
+        // SAFETY: &[u8] reads bytea datums.
+        unsafe { self.get(column, pg_sys::BYTEAOID) }
+    }
+
+    /// The `payload` column as JSON text, straight from `jsonb_out`: no detour through a Rust
+    /// JSON value, since the text is all the sockets need.
+    fn payload_text(&self) -> Result<Option<Vec<u8>>, RealtimeError> {
+        let Some(datum) = self.datum(PAYLOAD) else {
             return Ok(None);
         };
-        let text = pgrx::fcinfo::direct_function_call_as_datum(pg_sys::jsonb_out, &[Some(datum)])
-            .ok_or_else(|| RealtimeError::Internal("jsonb_out returned NULL".into()))?;
-        let cstr = text.cast_mut_ptr::<std::ffi::c_char>();
-        let bytes = std::ffi::CStr::from_ptr(cstr).to_bytes().to_vec();
-        pg_sys::pfree(cstr.cast());
-        Ok(Some(bytes))
+        // SAFETY: the payload column was checked to be jsonb; jsonb_out returns a palloc'd
+        // NUL-terminated string, freed once copied.
+        unsafe {
+            let text =
+                pgrx::fcinfo::direct_function_call_as_datum(pg_sys::jsonb_out, &[Some(datum)])
+                    .ok_or_else(|| RealtimeError::Internal("jsonb_out returned NULL".into()))?;
+            let cstr = text.cast_mut_ptr::<std::ffi::c_char>();
+            let bytes = CStr::from_ptr(cstr).to_bytes().to_vec();
+            pg_sys::pfree(cstr.cast());
+            Ok(Some(bytes))
+        }
     }
 }
 
@@ -257,7 +393,7 @@ fn require_checked_topic(topic: &str, messages: pg_sys::Oid) -> Result<(), Realt
         &[][..]
     } else {
         // SAFETY: a non-null GUC string value is NUL-terminated.
-        unsafe { std::ffi::CStr::from_ptr(raw) }.to_bytes()
+        unsafe { CStr::from_ptr(raw) }.to_bytes()
     };
     if checked == topic.as_bytes() {
         return Ok(());
@@ -280,9 +416,10 @@ fn require_checked_topic(topic: &str, messages: pg_sys::Oid) -> Result<(), Realt
     })
 }
 
-/// `AFTER INSERT` row trigger on `realtime.messages` (attached with
-/// `WHEN (NEW.extension = 'broadcast' AND NEW.event IS NOT NULL)`, which leaves out the
-/// authorization probes that carry no event).
+/// `AFTER INSERT` row trigger on `realtime.messages`. It fires for every row and passes over
+/// those that are not broadcast messages (authorization probes carry no event; persistence
+/// records another extension): a `WHEN` clause would do the same, but PostgreSQL parses it
+/// again for each single-row INSERT, which is what `realtime.send` runs.
 #[pg_trigger]
 fn queue_broadcast_row<'a>(
     trigger: &'a PgTrigger<'a>,
@@ -296,23 +433,46 @@ fn queue_broadcast_row<'a>(
 
 fn stage_row(trigger: &PgTrigger<'_>) -> Result<(), RealtimeError> {
     let messages = guard::require_table(trigger, "realtime.queue_broadcast_row()", c"messages")?;
-    let Some(row) = trigger.new() else {
+    let data = trigger.trigger_data();
+    let event = data.tg_event;
+    let tuple = if trigger_fired_for_statement(event) {
+        return Ok(());
+    } else if trigger_fired_by_insert(event) {
+        data.tg_trigtuple
+    } else if trigger_fired_by_update(event) {
+        data.tg_newtuple
+    } else {
         return Ok(());
     };
-    let datum = |e: pgrx::datum::TryFromDatumError| RealtimeError::Internal(e.to_string());
-    let topic: String = row.get_by_name("topic").map_err(datum)?.unwrap_or_default();
-    let event: String = row
-        .get_by_name("event")
-        .map_err(datum)?
-        .ok_or(RealtimeError::MissingEvent)?;
-    let private: bool = row.get_by_name("private").map_err(datum)?.unwrap_or(false);
-    let id: Option<pgrx::Uuid> = row.get_by_name("id").map_err(datum)?;
-    let id = id.map(|u| u.to_string()).unwrap_or_default();
-    let inserted_at: Option<Timestamp> = row.get_by_name("inserted_at").map_err(datum)?;
-    let inserted_at = inserted_at.map_or(0, Timestamp::into_inner);
-    require_checked_topic(&topic, messages)?;
-    let json = payload_text(trigger)?;
-    let binary: Option<&[u8]> = row.get_by_name("binary_payload").map_err(datum)?;
+    if tuple.is_null() {
+        return Ok(());
+    }
+    // SAFETY: a row trigger's relation and its tuple descriptor are valid while it runs, and
+    // natts bounds attrs.
+    let (relid, tupdesc, attrs) = unsafe {
+        let relation = data.tg_relation;
+        let tupdesc = (*relation).rd_att;
+        let natts = usize::try_from((*tupdesc).natts).unwrap_or(0);
+        ((*relation).rd_id, tupdesc, (*tupdesc).attrs.as_slice(natts))
+    };
+    let row = Row {
+        tuple,
+        tupdesc,
+        layout: layout(relid, attrs)?,
+    };
+    if row.text(EXTENSION) != Some("broadcast") {
+        return Ok(());
+    }
+    let Some(event) = row.text(EVENT) else {
+        return Ok(());
+    };
+    let topic = row.text(TOPIC).unwrap_or_default();
+    let private = row.boolean(PRIVATE).unwrap_or(false);
+    let id = row.uuid(ID).map(|u| u.to_string()).unwrap_or_default();
+    let inserted_at = row.timestamp(INSERTED_AT).map_or(0, Timestamp::into_inner);
+    require_checked_topic(topic, messages)?;
+    let json = row.payload_text()?;
+    let binary = row.bytes(BINARY_PAYLOAD);
     let (kind, payload) = match (json, binary) {
         (Some(_), Some(_)) => return Err(RealtimeError::TwoPayloads),
         (None, Some(bytes)) => (PayloadKind::Binary, bytes.to_vec()),
@@ -320,8 +480,8 @@ fn stage_row(trigger: &PgTrigger<'_>) -> Result<(), RealtimeError> {
         (None, None) => (PayloadKind::Json, b"{}".to_vec()),
     };
     stage(&Message {
-        topic: &topic,
-        event: &event,
+        topic,
+        event,
         id: &id,
         inserted_at,
         private,
