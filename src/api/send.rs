@@ -192,14 +192,15 @@ thread_local! {
     /// the postmaster, so a generator seeded there would be copied into every backend it forks,
     /// each then producing the same ids: it is seeded on first use, and again whenever the
     /// process id shows it was inherited.
-    static IDS: RefCell<Option<(libc::pid_t, ChaCha20Rng)>> = const { RefCell::new(None) };
+    static IDS: RefCell<Option<(i32, ChaCha20Rng)>> = const { RefCell::new(None) };
 }
 
 /// A version 4 UUID from a ChaCha20 generator seeded with 32 bytes of `pg_strong_random` (the
-/// source of `gen_random_uuid()`), which costs a call into the crypto library per id.
+/// source of `gen_random_uuid()`), rather than a call into the crypto library for every id.
 fn random_uuid() -> pg_sys::Datum {
-    // SAFETY: getpid has no preconditions.
-    let pid = unsafe { libc::getpid() };
+    // PostgreSQL's copy of the process id, set at each fork (no system call).
+    // SAFETY: a backend global, written only when the process starts.
+    let pid = unsafe { pg_sys::MyProcPid };
     let mut bytes = [0u8; 16];
     let filled = IDS.with_borrow_mut(|ids| match ids {
         Some((owner, rng)) if *owner == pid => {
