@@ -36,9 +36,6 @@ pub(crate) trait Broker: Send + Sync {
     /// `exclude` is the sender of a stored client broadcast without `broadcast.self`.
     fn deliver(&self, key: &TopicKey, msg: &Outgoing, exclude: Option<SubId>) -> usize;
 
-    /// Whether `deliver` to `key` would reach anyone on this node now.
-    fn has_subscribers(&self, key: &TopicKey) -> bool;
-
     /// Subscribes `sub` to `key` (broadcasts and presence diffs, as its reads allow).
     fn subscribe(&self, key: TopicKey, sub: Subscriber) -> SubId;
 

@@ -493,23 +493,6 @@ impl Server {
     /// waiting until there is room again: the caller is the worker's main thread, which must
     /// go on draining the commit queue, or every sending transaction would fail.
     pub fn publish(&self, msg: DbBroadcast) -> bool {
-        // Nobody here to deliver it to: the network threads are not woken for it. A subscriber
-        // that joins later was not promised it (a join that replays is subscribed on this
-        // thread before anything committed after its snapshot is published, so it is seen).
-        let key = TopicKey {
-            private: msg.private,
-            subtopic: msg.topic,
-        };
-        if !self.inner.broker.has_subscribers(&key) {
-            // A stored client broadcast's sender is forgotten with it.
-            self.inner.persister.take_exclude(&msg.id);
-            self.inner.metrics.messages_in(metrics::Source::Database, 1);
-            return true;
-        }
-        let msg = DbBroadcast {
-            topic: key.subtopic,
-            ..msg
-        };
         let cfg = self.inner.config();
         let (max_messages, max_bytes) = (cfg.publish_queue_messages, cfg.publish_queue_bytes);
         let size = msg.payload.len();

@@ -175,12 +175,6 @@ impl Registry {
         }
     }
 
-    /// Whether anyone is subscribed to `key` (an emptied topic is removed).
-    pub(crate) fn has_subscribers(&self, key: &TopicKey) -> bool {
-        let topics = self.topics.read().unwrap_or_else(|p| p.into_inner());
-        topics.contains_key(key)
-    }
-
     /// Queues `msg` for every subscriber of `key` that may read `kind`, except `exclude`;
     /// returns how many accepted it.
     pub(crate) fn fanout(
@@ -344,26 +338,6 @@ mod tests {
         assert_eq!(r.fanout(&key(true, "room"), &m, None, Kind::Presence), 2);
         r.set_reads(&key(true, "room"), idp, Reads::ALL);
         assert_eq!(r.fanout(&key(true, "room"), &m, None, Kind::Broadcast), 2);
-    }
-
-    #[test]
-    fn a_topic_has_subscribers_from_the_first_subscribe_to_the_last_unsubscribe() {
-        let r = Registry::default();
-        let room = key(false, "room");
-        assert!(!r.has_subscribers(&room));
-        let (a, _ra) = ConnHandle::new(8, 1 << 20);
-        let (b, _rb) = ConnHandle::new(8, 1 << 20);
-        let ida = r.subscribe(room.clone(), Vsn::V2, Arc::new(a), Reads::ALL);
-        let idb = r.subscribe(room.clone(), Vsn::V2, Arc::new(b), Reads::ALL);
-        assert!(r.has_subscribers(&room));
-        assert!(
-            !r.has_subscribers(&key(true, "room")),
-            "the private topic is another"
-        );
-        r.unsubscribe(&room, ida);
-        assert!(r.has_subscribers(&room));
-        r.unsubscribe(&room, idb);
-        assert!(!r.has_subscribers(&room));
     }
 
     #[tokio::test]

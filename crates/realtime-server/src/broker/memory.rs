@@ -69,10 +69,6 @@ impl Broker for MemoryBroker {
         self.registry.fanout(key, msg, exclude, Kind::Broadcast)
     }
 
-    fn has_subscribers(&self, key: &TopicKey) -> bool {
-        self.registry.has_subscribers(key)
-    }
-
     fn subscribe(&self, key: TopicKey, sub: Subscriber) -> SubId {
         self.registry.insert(key, sub)
     }

@@ -472,10 +472,6 @@ impl Broker for ReplicatedBroker {
         self.memory.deliver(key, msg, exclude)
     }
 
-    fn has_subscribers(&self, key: &TopicKey) -> bool {
-        self.memory.has_subscribers(key)
-    }
-
     fn subscribe(&self, key: TopicKey, sub: Subscriber) -> SubId {
         self.memory.subscribe(key, sub)
     }
