@@ -78,6 +78,14 @@ fn system_messages(got: &[(String, Value)]) -> Vec<&Value> {
         .collect()
 }
 
+/// The texts of the system messages among `got`.
+fn system_texts(got: &[(String, Value)]) -> Vec<&str> {
+    system_messages(got)
+        .into_iter()
+        .filter_map(|p| p["message"].as_str())
+        .collect()
+}
+
 /// Waits until the offsets of everything delivered so far are stored (they are written back
 /// in batches after delivery).
 fn wait_for_offsets(cluster: &Cluster, topic: &str, count: i64) {
@@ -323,10 +331,7 @@ fn a_resume_from_a_message_a_crash_took_back_is_told_so() {
     send(&mut c, "fast", 21);
     let mut s = join(&cluster, "fast", Some(json!({"offset": last})));
     let got = drain(&mut s);
-    let system: Vec<&str> = system_messages(&got)
-        .into_iter()
-        .filter_map(|p| p["message"].as_str())
-        .collect();
+    let system = system_texts(&got);
     assert_eq!(system.len(), 1, "{got:?}");
     assert!(system[0].starts_with("Replay gap:"), "{}", system[0]);
 }
@@ -350,10 +355,7 @@ fn an_offset_that_names_no_stored_message_is_reported() {
     .expect("delete");
     let mut s = join(&cluster, "gone", Some(json!({"offset": first})));
     let got = drain(&mut s);
-    let system: Vec<&str> = system_messages(&got)
-        .into_iter()
-        .filter_map(|p| p["message"].as_str())
-        .collect();
+    let system = system_texts(&got);
     assert_eq!(system.len(), 1, "{got:?}");
     assert!(
         system[0].starts_with("Replay gap: the message at this offset is not stored"),
