@@ -1,6 +1,6 @@
 //! Database messages reach sockets only once committed, in commit order, exactly as sent.
 
-use realtime_integration_tests::{Cluster, Socket, jwt};
+use realtime_integration_tests::{Cluster, Socket, eventually, jwt};
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -169,7 +169,7 @@ fn a_transaction_that_queued_first_but_committed_last_is_delivered_last() {
     });
     let mut watcher = cluster.connect();
     let waits_for = |watcher: &mut postgres::Client, pid: i32, event: &str| {
-        realtime_integration_tests::eventually(WAIT, || {
+        eventually(WAIT, || {
             watcher
                 .query_one(
                     "SELECT coalesce(wait_event, '') = $2 FROM pg_stat_activity WHERE pid = $1",
@@ -491,5 +491,71 @@ fn partitions_with_their_own_column_order_deliver_their_rows() {
     assert!(
         s.recv_event("broadcast", Duration::from_millis(500))
             .is_none()
+    );
+}
+
+#[test]
+fn only_commits_for_joined_topics_wake_the_worker_and_the_others_are_still_taken() {
+    let cluster = Cluster::start("delivery_unwatched", &[]);
+    let mut c = cluster.connect();
+    let unwatched = |c: &mut postgres::Client| -> i64 {
+        c.query_one("SELECT unwatched_commits FROM realtime.stats()", &[])
+            .unwrap()
+            .get(0)
+    };
+    let mut s = subscriber(&cluster, "joined");
+    // A delivered message sets the worker looking at the ring by itself for a while.
+    send(&mut c, "joined", json!({"n": 0}));
+    assert_eq!(next_payloads(&mut s, 1)[0]["n"], 0);
+
+    // Commits for topics nobody joined: at least one of them does not wake the worker (it
+    // stops looking a second after the last message, so a very slow machine may need more).
+    let mut sent = 0;
+    while unwatched(&mut c) == 0 && sent < 500 {
+        send(&mut c, &format!("nobody-{sent}"), json!({"n": sent}));
+        sent += 1;
+    }
+    assert!(
+        unwatched(&mut c) > 0,
+        "{sent} commits for unjoined topics all woke the worker"
+    );
+    // ... and the worker still takes every one of them: each gets its offset.
+    let stored = |c: &mut postgres::Client| -> i64 {
+        c.query_one(
+            "SELECT count(*) FROM realtime.messages WHERE topic LIKE 'nobody-%' AND commit_lsn IS NOT NULL",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    };
+    assert!(
+        eventually(WAIT, || stored(&mut c) == sent),
+        "{} of {sent} offsets stored",
+        stored(&mut c)
+    );
+
+    // Every commit for a joined topic wakes the worker.
+    let before = unwatched(&mut c);
+    for n in 1..=20 {
+        send(&mut c, "joined", json!({"n": n}));
+        assert_eq!(next_payloads(&mut s, 1)[0]["n"], n);
+    }
+    assert_eq!(
+        unwatched(&mut c),
+        before,
+        "a commit for a joined topic did not wake the worker"
+    );
+
+    // Once its last subscriber is gone, the topic no longer wakes the worker either.
+    drop(s);
+    let before = unwatched(&mut c);
+    let mut more = 0;
+    while unwatched(&mut c) == before && more < 500 {
+        send(&mut c, "joined", json!({"n": more}));
+        more += 1;
+    }
+    assert!(
+        unwatched(&mut c) > before,
+        "{more} commits for a left topic all woke the worker"
     );
 }

@@ -256,6 +256,7 @@ fn metrics_are_off_until_turned_on_count_what_happens_and_pass_promtool() {
                 && try_value(&last, "realtime_commit_queue_size_bytes").is_some_and(|v| v > 0.0)
                 && try_value(&last, "realtime_worker_memory_bytes").is_some_and(|v| v > 0.0)
                 && try_value(&last, "realtime_async_commits_total").is_some_and(|v| v >= 1.0)
+                && try_value(&last, "realtime_unwatched_commits_total").is_some()
         }),
         "the worker's figures:\n{last}"
     );

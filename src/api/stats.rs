@@ -37,6 +37,7 @@ fn stats() -> TableIterator<
         name!(usage_updated_at, Option<TimestampWithTimeZone>),
         name!(presence_events_dropped, i64),
         name!(async_commits, i64),
+        name!(unwatched_commits, i64),
     ),
 > {
     let s = shmem::stats();
@@ -68,6 +69,7 @@ fn stats() -> TableIterator<
             .flatten(),
         counter(s.presence_events_dropped.load(Ordering::Relaxed)),
         counter(s.async_commits.load(Ordering::Relaxed)),
+        counter(s.unwatched_commits.load(Ordering::Relaxed)),
     ))
 }
 

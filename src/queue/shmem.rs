@@ -5,7 +5,7 @@
 //! rather than pgrx's fixed-size `PgLwLock<T>`.
 
 use crate::gucs;
-use commit_ring::{Full, Ready, RingHeader};
+use commit_ring::{Full, Ready, RingHeader, WatchedTopics};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::ptr::null_mut;
@@ -22,6 +22,9 @@ pub struct Stats {
     pub failed_sends: AtomicU64,
     /// Message-only transactions committed without waiting for the disk.
     pub async_commits: AtomicU64,
+    /// Commits that did not wake the worker: their topics had no subscriber on this node, and
+    /// the worker was looking at the ring by itself (see `commit_ring::watched`).
+    pub unwatched_commits: AtomicU64,
     /// Messages copied into the ring by committing transactions.
     pub queued: AtomicU64,
     /// Committed messages the worker handed to the socket server.
@@ -71,6 +74,16 @@ struct Shared {
     /// The worker is looking at the ring on its own every millisecond or so: committing
     /// backends need not wake it (a wake-up is a signal, costly at thousands of commits/s).
     worker_polling: AtomicBool,
+    /// The worker looks at the ring every few milliseconds by itself: commits for topics
+    /// nobody joined need not wake it.
+    worker_looking: AtomicBool,
+    /// A commit woke the worker since it last took this flag: a subscriber may be waiting for
+    /// its messages.
+    woken_by_commit: AtomicBool,
+    /// The worker stopped at an unfinished transaction while messages somebody waits for may
+    /// be behind it: every commit wakes it, whatever its topics, until it gets past.
+    worker_blocked: AtomicBool,
+    watched: WatchedTopics,
     stats: Stats,
 }
 
@@ -131,6 +144,10 @@ unsafe extern "C-unwind" fn startup_shmem() {
                 capacity: capacity() as u64,
                 worker_latch: AtomicPtr::new(null_mut()),
                 worker_polling: AtomicBool::new(false),
+                worker_looking: AtomicBool::new(false),
+                woken_by_commit: AtomicBool::new(false),
+                worker_blocked: AtomicBool::new(false),
+                watched: WatchedTopics::default(),
                 stats: Stats::default(),
             });
         }
@@ -165,6 +182,8 @@ fn with_ring<R>(f: impl FnOnce(&mut RingHeader, &mut [u8]) -> R) -> R {
 #[derive(Debug, Clone, Copy)]
 pub struct Reservation {
     position: usize,
+    /// The ring was more than half full once this record was in: wake the worker now.
+    pub crowded: bool,
 }
 
 impl Reservation {
@@ -192,15 +211,16 @@ pub fn settle(pending: &commit_ring::Pending, commit_lsn: Option<u64>) {
 /// Appends one transaction's messages as one pending record, all or none. The floor is read
 /// under the ring's lock so that floors grow in ring order.
 pub fn reserve(xid: u32, database: u32, bodies: &[&[u8]]) -> Result<Reservation, Full> {
-    let position = with_ring(|ring, buf| {
+    let (position, crowded) = with_ring(|ring, buf| {
         // SAFETY: reads the WAL insert position under its own spinlock.
         let floor = unsafe { pg_sys::GetXLogInsertRecPtr() };
-        ring.reserve(buf, xid, database, floor, bodies)
+        let position = ring.reserve(buf, xid, database, floor, bodies)?;
+        Ok::<_, Full>((position, ring.used() > buf.len() as u64 / 2))
     })?;
     stats()
         .queued
         .fetch_add(bodies.len() as u64, Ordering::Relaxed);
-    Ok(Reservation { position })
+    Ok(Reservation { position, crowded })
 }
 
 /// Lets the worker take the records that are ready, in commit order; `f` must copy what it
@@ -235,8 +255,68 @@ pub fn stats() -> &'static Stats {
 /// Called by the worker once it waits on its latch, so committing backends can wake it.
 pub fn register_worker_latch(latch: *mut pg_sys::Latch) {
     shared().worker_latch.store(latch, Ordering::Release);
-    // A worker that died while polling must not leave committers thinking nobody needs waking.
+    // A worker that died while polling must not leave committers thinking nobody needs waking,
+    // and its subscribers are gone with it.
     set_worker_polling(false);
+    set_worker_looking(false);
+    set_worker_blocked(false);
+    shared().watched.clear();
+}
+
+/// The worker's table of topics with subscribers (see `commit_ring::watched`).
+pub fn watched_topics() -> &'static WatchedTopics {
+    &shared().watched
+}
+
+/// What a finished commit needs from the worker.
+pub struct CommitWake<'a> {
+    /// Something in it needs the worker now whoever listens (a relay, a presence change, a
+    /// ring filling up).
+    pub urgent: bool,
+    /// The watch buckets of its messages' topics.
+    pub buckets: &'a [u16],
+}
+
+/// Wakes the worker after a commit, unless it is polling, or it looks at the ring by itself
+/// and nothing in the commit is wanted soon: no topic in it has a subscriber here, nothing is
+/// urgent, and no other transaction's messages wait behind this one.
+pub fn wake_worker_after_commit(commit: CommitWake<'_>) {
+    // Pairs with the fences in `set_worker_looking` and `set_worker_blocked`.
+    fence(Ordering::SeqCst);
+    let s = shared();
+    let wanted = commit.urgent
+        || !s.worker_looking.load(Ordering::Relaxed)
+        || s.worker_blocked.load(Ordering::Relaxed)
+        || commit
+            .buckets
+            .iter()
+            .any(|b| s.watched.is_watched(usize::from(*b)));
+    if wanted {
+        s.woken_by_commit.store(true, Ordering::Relaxed);
+        wake_worker();
+    } else {
+        s.stats.unwatched_commits.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The worker says whether it looks at the ring every few milliseconds by itself. After
+/// turning it off it must look once more before sleeping, as after [`set_worker_polling`].
+pub fn set_worker_looking(on: bool) {
+    shared().worker_looking.store(on, Ordering::Relaxed);
+    fence(Ordering::SeqCst);
+}
+
+/// Whether a commit woke the worker since the last call (the worker's main thread only).
+pub fn take_commit_wake() -> bool {
+    shared().woken_by_commit.swap(false, Ordering::Relaxed)
+}
+
+/// The worker says whether it stopped at an unfinished transaction with messages somebody may
+/// wait for behind it. After turning it on it must look once more: that transaction may have
+/// committed just before, without waking it.
+pub fn set_worker_blocked(on: bool) {
+    shared().worker_blocked.store(on, Ordering::Relaxed);
+    fence(Ordering::SeqCst);
 }
 
 /// Wakes the worker unless it is polling; cannot fail, so it is safe in commit and abort

@@ -35,6 +35,46 @@ struct Transaction {
     staged_bytes: usize,
     /// This transaction's record in the ring, to finish (and wake the worker) when it ends.
     reserved: Option<shmem::Reservation>,
+    /// What its commit needs from the worker.
+    wake: Wake,
+}
+
+/// The topics of a transaction's messages, as watch buckets, so that its commit wakes the
+/// worker only if somebody on this node joined one of them (see `commit_ring::watched`).
+#[derive(Default)]
+struct Wake {
+    buckets: [u16; WAKE_BUCKETS],
+    len: usize,
+    /// A relay or a presence change (the worker acts on those whoever listens), or more
+    /// topics than `buckets` holds.
+    urgent: bool,
+}
+
+const WAKE_BUCKETS: usize = 8;
+
+impl Wake {
+    fn add(&mut self, message: &Message<'_>) {
+        if !matches!(message.kind, PayloadKind::Json | PayloadKind::Binary) {
+            self.urgent = true;
+            return;
+        }
+        let Ok(bucket) =
+            u16::try_from(commit_ring::watched::bucket(message.private, message.topic))
+        else {
+            self.urgent = true;
+            return;
+        };
+        if self.buckets[..self.len].contains(&bucket) {
+            return;
+        }
+        match self.buckets.get_mut(self.len) {
+            Some(slot) => {
+                *slot = bucket;
+                self.len += 1;
+            }
+            None => self.urgent = true,
+        }
+    }
 }
 
 thread_local! {
@@ -111,10 +151,14 @@ unsafe extern "C-unwind" fn on_subxact(
 
 /// Ends the transaction's part in the queue; cannot fail.
 fn finish(commit_lsn: Option<u64>) {
-    let reserved = CURRENT.with_borrow_mut(std::mem::take).reserved;
+    let Transaction { reserved, wake, .. } = CURRENT.with_borrow_mut(std::mem::take);
     if let Some(reservation) = reserved {
         reservation.finish(commit_lsn);
-        shmem::wake_worker();
+        shmem::wake_worker_after_commit(shmem::CommitWake {
+            // An abort frees its space and unblocks whatever waits behind it.
+            urgent: wake.urgent || reservation.crowded || commit_lsn.is_none(),
+            buckets: &wake.buckets[..wake.len],
+        });
     }
 }
 
@@ -175,6 +219,7 @@ fn stage(message: &Message<'_>) -> Result<(), RealtimeError> {
             });
         }
         t.staged_bytes = needed;
+        t.wake.add(message);
         t.staged.push(Staged {
             nest_level: nest_level(),
             body,

@@ -24,6 +24,12 @@ const IDLE_POLL: Duration = Duration::from_secs(1);
 /// commits/s, for about 6 % of a core saved (BENCHMARKS.md, "Performance, round 2").
 const BUSY_POLL: Duration = Duration::from_millis(1);
 const BUSY_LINGER: Duration = Duration::from_millis(50);
+/// While messages flow, the worker also looks at the ring this often by itself, so that
+/// commits for topics nobody here has joined need not wake it (`commit_ring::watched`); it
+/// stops looking [`LOOK_LINGER`] after the last message. Those messages wait at most this long,
+/// and nobody is waiting for them: their offsets are stored within 100 ms anyway.
+const LOOK_INTERVAL: Duration = Duration::from_millis(10);
+const LOOK_LINGER: Duration = Duration::from_secs(1);
 /// Messages per [`RATE_WINDOW`] from which the worker polls (20,000 messages/s).
 const BUSY_RATE: u64 = 200;
 const RATE_WINDOW: Duration = Duration::from_millis(10);
@@ -86,8 +92,15 @@ struct MainLoop {
     link: ServerLink,
     /// An unfinished transaction holds back the ring.
     blocked: bool,
+    /// A commit woke us while we were held back: somebody may wait for what is behind.
+    waited_for: bool,
+    /// Every commit wakes us until we get past the unfinished transaction (shared memory's
+    /// `worker_blocked`).
+    holding: bool,
     /// Polling the ring until then (see [`BUSY_POLL`]).
     busy_until: Option<Instant>,
+    /// Looking at the ring by itself until then (see [`LOOK_INTERVAL`]).
+    looking_until: Option<Instant>,
     /// Messages delivered since the start of the current rate window.
     rate_window: (Instant, u64),
     /// Latch, server wake-up fd and postmaster death, created once: `WaitLatchOrSocket` would
@@ -137,7 +150,10 @@ impl MainLoop {
             database: u32::from(unsafe { pg_sys::MyDatabaseId }),
             link,
             blocked: false,
+            waited_for: false,
+            holding: false,
             busy_until: None,
+            looking_until: None,
             rate_window: (Instant::now(), 0),
             waits,
             stall: Stall::default(),
@@ -172,6 +188,8 @@ impl MainLoop {
             Duration::ZERO
         } else if self.busy_until.is_some() {
             BUSY_POLL
+        } else if self.looking_until.is_some() {
+            LOOK_INTERVAL
         } else if self.blocked {
             BLOCKED_POLL
         } else {
@@ -254,10 +272,22 @@ impl MainLoop {
             }
             self.rate_window = (now, 0);
         }
+        if delivered > 0 {
+            if self.looking_until.is_none() {
+                shmem::set_worker_looking(true);
+            }
+            self.looking_until = Some(now + LOOK_LINGER);
+        }
         if self.busy_until.is_some_and(|until| now >= until) {
             self.busy_until = None;
             shmem::set_worker_polling(false);
             // A commit may have skipped the wake-up while we were still polling.
+            self.rate_window.1 += self.deliver_ready();
+        }
+        if self.looking_until.is_some_and(|until| now >= until) {
+            self.looking_until = None;
+            shmem::set_worker_looking(false);
+            // A commit may have skipped the wake-up while we were still looking.
             self.rate_window.1 += self.deliver_ready();
         }
     }
@@ -268,6 +298,22 @@ impl MainLoop {
         loop {
             let (messages, pending) = queue_reader::drain(self.database);
             let blocked = pending.is_some();
+            // Stopped at an unfinished transaction after a commit woke us: that commit's
+            // messages may be behind it, so every commit wakes us until we are past it. The
+            // transaction may commit before it sees the flag, without waking us: after raising
+            // the flag, look once more.
+            let woken = shmem::take_commit_wake();
+            if !blocked {
+                self.waited_for = false;
+            } else if woken {
+                self.waited_for = true;
+            }
+            let hold = blocked && self.waited_for;
+            let newly_held = hold && !self.holding;
+            if hold != self.holding {
+                shmem::set_worker_blocked(hold);
+                self.holding = hold;
+            }
             self.blocked = blocked;
             self.stall.observe(pending);
             let n = messages.len() as u64;
@@ -276,7 +322,7 @@ impl MainLoop {
             stats.delivered.fetch_add(n - dropped, Ordering::Relaxed);
             stats.dropped.fetch_add(dropped, Ordering::Relaxed);
             total += n;
-            if n == 0 || blocked {
+            if !newly_held && (n == 0 || blocked) {
                 return total;
             }
         }

@@ -18,6 +18,7 @@ use realtime_server::bus::{Envelope, Frame};
 use realtime_server::{AuthorizationRequest, DbBroadcast, Event, Payload, Server};
 use std::collections::{BTreeSet, VecDeque};
 use std::os::fd::RawFd;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Authorization requests checked per turn of the main loop at most: the commit queue is
@@ -66,7 +67,7 @@ impl ServerLink {
         };
         let node_name = config.node.name.clone();
         let where_ = format!("{}:{}", config.listen_addresses, config.port);
-        let server = match Server::start(config) {
+        let server = match Server::start_watched(config, Some(Arc::new(WatchedInSharedMemory))) {
             Ok(server) => server,
             Err(e) => {
                 log!("pg_realtime: cannot start the socket server on {where_}: {e}");
@@ -434,5 +435,16 @@ fn database_frame(m: &DbBroadcast) -> Frame {
         binary: matches!(m.payload, Payload::Binary(_)),
         payload: m.payload.bytes().to_vec(),
         offset: m.offset,
+    }
+}
+
+/// Mirrors which topics have subscribers into shared memory, where committing backends read
+/// it to decide whether to wake the worker (see `commit_ring::watched`). Called from the
+/// network threads: it only touches atomics, never PostgreSQL.
+struct WatchedInSharedMemory;
+
+impl realtime_server::TopicWatcher for WatchedInSharedMemory {
+    fn watched(&self, private: bool, subtopic: &str, on: bool) {
+        crate::queue::shmem::watched_topics().set(private, subtopic, on);
     }
 }

@@ -38,6 +38,7 @@ pub fn publish(u: &Usage) -> WorkerStats {
         discarded_messages: s.discarded.load(Ordering::Relaxed),
         failed_sends: s.failed_sends.load(Ordering::Relaxed),
         async_commits: s.async_commits.load(Ordering::Relaxed),
+        unwatched_commits: s.unwatched_commits.load(Ordering::Relaxed),
         worker_memory_bytes: private,
     }
 }

@@ -7,10 +7,13 @@
 //! so they can be tested with plain `cargo test`:
 //!
 //! * [`ring`]: the byte ring of transaction records;
-//! * [`message`]: the compact encoding of one broadcast message inside a record.
+//! * [`message`]: the compact encoding of one broadcast message inside a record;
+//! * [`watched`]: which topics have subscribers, so that committers wake the worker only for those.
 
 pub mod message;
 pub mod ring;
+pub mod watched;
 
 pub use message::{DecodeError, Message, PayloadKind};
 pub use ring::{Full, Pending, Ready, Record, RingHeader};
+pub use watched::WatchedTopics;

@@ -53,6 +53,7 @@ pub use metrics::WorkerStats;
 pub use protocol::Payload;
 pub use refusal::write_denied;
 pub use refusal::{PersistError, Refusal};
+pub use registry::TopicWatcher;
 pub use topic::MAX_STORED_TOPIC_BYTES;
 pub use usage::{ChannelInfo, ConnectionInfo, DisconnectTarget, Usage};
 
@@ -310,6 +311,14 @@ impl Server {
     /// Binds all listeners synchronously (so bind errors are returned here), then serves on the
     /// runtime's own threads, all of which block every signal.
     pub fn start(config: Config) -> Result<Server, ServerError> {
+        Server::start_watched(config, None)
+    }
+
+    /// [`Server::start`], telling `watcher` which topics have subscribers from the first one on.
+    pub fn start_watched(
+        config: Config,
+        watcher: Option<Arc<dyn TopicWatcher>>,
+    ) -> Result<Server, ServerError> {
         let targets = config::listen_targets(&config.listen_addresses, config.port)?;
         if targets.is_empty() {
             return Err(ServerError::NoListenAddress);
@@ -366,7 +375,7 @@ impl Server {
         let max_frame_bytes = config.max_frame_bytes;
         let jwt = JwtVerifier::new(config.jwt_secret.as_deref(), config.jwt_jwks.as_deref());
         let events = Arc::new(EventQueue::new(wake));
-        let memory = Arc::new(broker::memory::MemoryBroker::new(events.clone()));
+        let memory = Arc::new(broker::memory::MemoryBroker::new(events.clone(), watcher));
         let node = config.node.clone();
         let standby = node.primary.clone();
         // A standby sends at once; a primary once its worker knows of a standby.

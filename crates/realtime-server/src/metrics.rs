@@ -84,6 +84,8 @@ pub struct WorkerStats {
     pub failed_sends: u64,
     /// Message-only transactions that committed without waiting for the disk.
     pub async_commits: u64,
+    /// Commits that did not wake the worker (their topics had no subscriber on this node).
+    pub unwatched_commits: u64,
     /// The worker's private memory; None when the kernel does not say.
     pub worker_memory_bytes: Option<u64>,
 }
@@ -280,6 +282,12 @@ impl Metrics {
                      (realtime.send_synchronous_commit = off).",
                     vec![(vec![], w.async_commits as f64)],
                 ),
+                counter(
+                    "realtime_unwatched_commits_total",
+                    "Commits that did not wake the worker because no socket on this node had \
+                     joined their topics (the worker took them on its next look).",
+                    vec![(vec![], w.unwatched_commits as f64)],
+                ),
             ]);
             if let Some(bytes) = w.worker_memory_bytes {
                 families.push(gauge(
@@ -399,6 +407,7 @@ mod tests {
             worker: Some(WorkerStats {
                 commit_queue_size_bytes: 1024,
                 async_commits: 2,
+                unwatched_commits: 3,
                 worker_memory_bytes: None,
                 ..WorkerStats::default()
             }),
@@ -437,6 +446,7 @@ mod tests {
             "realtime_commit_queue_size_bytes 1024",
             "realtime_send_failures_total 0",
             "realtime_async_commits_total 2",
+            "realtime_unwatched_commits_total 3",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }

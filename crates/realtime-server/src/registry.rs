@@ -67,13 +67,34 @@ pub(crate) struct Subscriber {
     pub replayed: Option<Arc<HashSet<String>>>,
 }
 
+/// Told when a topic gets its first subscriber on this node and when it loses its last one,
+/// in that order for each topic (the calls are made under the registry's lock). The worker
+/// uses it so that committers wake it only for topics somebody has joined.
+pub trait TopicWatcher: Send + Sync {
+    fn watched(&self, private: bool, subtopic: &str, on: bool);
+}
+
 #[derive(Default)]
 pub(crate) struct Registry {
     topics: RwLock<HashMap<TopicKey, HashMap<u64, Subscriber>>>,
     next_id: AtomicU64,
+    watcher: Option<Arc<dyn TopicWatcher>>,
 }
 
 impl Registry {
+    pub(crate) fn watched_by(watcher: Option<Arc<dyn TopicWatcher>>) -> Self {
+        Registry {
+            watcher,
+            ..Registry::default()
+        }
+    }
+
+    fn tell_watcher(&self, key: &TopicKey, on: bool) {
+        if let Some(w) = &self.watcher {
+            w.watched(key.private, &key.subtopic, on);
+        }
+    }
+
     #[cfg(test)]
     pub(crate) fn subscribe(
         &self,
@@ -113,6 +134,9 @@ impl Registry {
     pub(crate) fn insert(&self, key: TopicKey, sub: Subscriber) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
+        if !topics.contains_key(&key) {
+            self.tell_watcher(&key, true);
+        }
         topics.entry(key).or_default().insert(id, sub);
         id
     }
@@ -171,6 +195,7 @@ impl Registry {
             subs.remove(&id);
             if subs.is_empty() {
                 topics.remove(key);
+                self.tell_watcher(key, false);
             }
         }
     }
@@ -338,6 +363,37 @@ mod tests {
         assert_eq!(r.fanout(&key(true, "room"), &m, None, Kind::Presence), 2);
         r.set_reads(&key(true, "room"), idp, Reads::ALL);
         assert_eq!(r.fanout(&key(true, "room"), &m, None, Kind::Broadcast), 2);
+    }
+
+    #[test]
+    fn the_watcher_hears_a_topics_first_subscriber_and_its_last_unsubscribe() {
+        #[derive(Default)]
+        struct Heard(std::sync::Mutex<Vec<(bool, String, bool)>>);
+        impl TopicWatcher for Heard {
+            fn watched(&self, private: bool, subtopic: &str, on: bool) {
+                self.0.lock().unwrap().push((private, subtopic.into(), on));
+            }
+        }
+        let heard = Arc::new(Heard::default());
+        let r = Registry::watched_by(Some(heard.clone()));
+        let (a, _ra) = ConnHandle::new(8, 1 << 20);
+        let a = Arc::new(a);
+        let first = r.subscribe(key(false, "room"), Vsn::V2, a.clone(), Reads::ALL);
+        let second = r.subscribe(key(false, "room"), Vsn::V2, a.clone(), Reads::ALL);
+        let private = r.subscribe(key(true, "room"), Vsn::V2, a.clone(), Reads::ALL);
+        r.unsubscribe(&key(false, "room"), first);
+        assert_eq!(
+            *heard.0.lock().unwrap(),
+            [(false, "room".into(), true), (true, "room".into(), true)],
+            "one call per topic, not per subscriber"
+        );
+        r.unsubscribe(&key(false, "room"), second);
+        r.unsubscribe(&key(true, "room"), private);
+        r.unsubscribe(&key(true, "room"), private);
+        assert_eq!(
+            heard.0.lock().unwrap()[2..],
+            [(false, "room".into(), false), (true, "room".into(), false)]
+        );
     }
 
     #[tokio::test]

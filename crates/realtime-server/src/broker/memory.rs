@@ -13,7 +13,7 @@ use crate::events::EventQueue;
 use crate::outbound::{ConnHandle, Outbound};
 use crate::presence::{Limits, Presence, TrackError};
 use crate::presence_diffs::{PresenceDiffs, WINDOW};
-use crate::registry::{Kind, Reads, Registry};
+use crate::registry::{Kind, Reads, Registry, TopicWatcher};
 use crate::topic::TopicKey;
 
 pub(crate) struct MemoryBroker {
@@ -24,9 +24,10 @@ pub(crate) struct MemoryBroker {
 
 impl MemoryBroker {
     /// Socket presence changes are reported to `events`, so the worker can mirror them for SQL.
-    pub(crate) fn new(events: Arc<EventQueue>) -> Self {
+    /// `watcher` hears which topics have subscribers (see [`TopicWatcher`]).
+    pub(crate) fn new(events: Arc<EventQueue>, watcher: Option<Arc<dyn TopicWatcher>>) -> Self {
         MemoryBroker {
-            registry: Registry::default(),
+            registry: Registry::watched_by(watcher),
             presence: Presence::mirrored(events),
             diffs: PresenceDiffs::default(),
         }
