@@ -83,6 +83,9 @@ struct Shared {
     /// The worker stopped at an unfinished transaction while messages somebody waits for may
     /// be behind it: every commit wakes it, whatever its topics, until it gets past.
     worker_blocked: AtomicBool,
+    /// Standbys' sockets hear this node's messages through the bus: every commit wakes the
+    /// worker (the watch table holds only this node's topics).
+    standbys_listen: AtomicBool,
     watched: WatchedTopics,
     stats: Stats,
 }
@@ -147,6 +150,7 @@ unsafe extern "C-unwind" fn startup_shmem() {
                 worker_looking: AtomicBool::new(false),
                 woken_by_commit: AtomicBool::new(false),
                 worker_blocked: AtomicBool::new(false),
+                standbys_listen: AtomicBool::new(false),
                 watched: WatchedTopics::default(),
                 stats: Stats::default(),
             });
@@ -260,6 +264,7 @@ pub fn register_worker_latch(latch: *mut pg_sys::Latch) {
     set_worker_polling(false);
     set_worker_looking(false);
     set_worker_blocked(false);
+    set_standbys_listen(false);
     shared().watched.clear();
 }
 
@@ -286,6 +291,7 @@ pub fn wake_worker_after_commit(commit: CommitWake<'_>) {
     let s = shared();
     let wanted = commit.urgent
         || !s.worker_looking.load(Ordering::Relaxed)
+        || s.standbys_listen.load(Ordering::Relaxed)
         || s.worker_blocked.load(Ordering::Relaxed)
         || commit
             .buckets
@@ -304,6 +310,11 @@ pub fn wake_worker_after_commit(commit: CommitWake<'_>) {
 pub fn set_worker_looking(on: bool) {
     shared().worker_looking.store(on, Ordering::Relaxed);
     fence(Ordering::SeqCst);
+}
+
+/// The worker says whether standbys listen to this node's messages (see `bus_writer`).
+pub fn set_standbys_listen(on: bool) {
+    shared().standbys_listen.store(on, Ordering::Relaxed);
 }
 
 /// Whether a commit woke the worker since the last call (the worker's main thread only).

@@ -73,7 +73,7 @@ impl BusWriter {
                 false
             }
         };
-        server.set_relaying(recent);
+        set_relaying(server, recent);
         BusWriter {
             last_heard: recent.then(Instant::now),
             recorded: HashMap::new(),
@@ -93,7 +93,7 @@ impl BusWriter {
                 "pg_realtime: a standby's worker reached this primary; writing the bus into the WAL"
             );
             self.last_heard = Some(Instant::now());
-            server.set_relaying(true);
+            set_relaying(server, true);
         }
         self.last_heard.is_some()
     }
@@ -106,7 +106,7 @@ impl BusWriter {
             );
         }
         self.last_heard = Some(Instant::now());
-        server.set_relaying(true);
+        set_relaying(server, true);
         let entry = self.recorded.entry(node).or_insert_with(|| Standby {
             name: String::new(),
             heard: Instant::now(),
@@ -170,7 +170,7 @@ impl BusWriter {
             );
             self.last_heard = None;
             self.recorded.clear();
-            server.set_relaying(false);
+            set_relaying(server, false);
             return;
         }
         self.recorded
@@ -222,4 +222,11 @@ impl BusWriter {
             Err(e) => log!("pg_realtime: cannot record standbys in realtime.nodes: {e}"),
         }
     }
+}
+
+/// Turns the bus on or off for the server and for committers: while standbys listen, every
+/// commit wakes the worker, since their sockets' topics are not in this node's watch table.
+fn set_relaying(server: &Server, on: bool) {
+    server.set_relaying(on);
+    crate::queue::shmem::set_standbys_listen(on);
 }
