@@ -369,7 +369,7 @@ pub fn init() {
     GucRegistry::define_bool_guc(
         c"realtime.public_replay",
         c"Let joins of public channels replay stored messages (config.broadcast.replay).",
-        c"Off as in Supabase: anyone may join a public channel, so anyone could then read its stored history.",
+        c"Off as in Supabase: anyone may join a public channel, so anyone could then read its stored history. Public messages get their offsets stored only while it is on.",
         &PUBLIC_REPLAY,
         GucContext::Sighup,
         none,
@@ -776,4 +776,9 @@ pub fn set_local(name: &CStr, value: &CStr) {
             false,
         );
     }
+}
+
+/// Whether public channels may replay: only then are public messages' offsets stored.
+pub fn public_replay() -> bool {
+    PUBLIC_REPLAY.get()
 }

@@ -308,6 +308,7 @@ impl ServerLink {
         };
         let mut frames = Vec::new();
         let mut relayed = Vec::new();
+        let public_replay = gucs::public_replay();
         for m in messages {
             let payload = match m.kind {
                 PayloadKind::Json => Payload::Json(Bytes::from(m.payload)),
@@ -328,7 +329,10 @@ impl ServerLink {
                     continue;
                 }
             };
-            if let Role::Primary(_) = self.role {
+            // Offsets are read only by resumes, which public channels may not ask for unless
+            // `realtime.public_replay` is on: storing them would be an UPDATE per message
+            // that nothing reads.
+            if matches!(self.role, Role::Primary(_)) && (m.private || public_replay) {
                 self.offsets.push(&m.id, m.inserted_at, m.offset);
             }
             let message = DbBroadcast {
