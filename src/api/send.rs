@@ -17,13 +17,11 @@ use crate::error::RealtimeError;
 use crate::gucs::{self, SendErrors};
 use crate::queue::commit_mode;
 
-/// The payload gets the row's id unless it brings its own, as Supabase's `send` does.
 /// Everything is schema-qualified: the plan is parsed under the first caller's search_path.
+/// The payload already holds the row's id (see [`with_id`]).
 const INSERT: &CStr =
     c"INSERT INTO realtime.messages (id, payload, event, topic, private, extension) \
-    VALUES ($1, CASE WHEN $2 OPERATOR(pg_catalog.?) 'id' THEN $2 \
-                     ELSE $2 OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object('id', $1) END, \
-            $3, $4, COALESCE($5, true), 'broadcast')";
+    VALUES ($1, $2, $3, $4, COALESCE($5, true), 'broadcast')";
 
 /// The same for a binary payload, which is stored as it is.
 const INSERT_BINARY: &CStr =
@@ -108,8 +106,17 @@ unsafe fn send(
     gucs::set_local(c"realtime.topic", unsafe { CStr::from_ptr(topic_text) });
 
     let private = arg(3);
+    let id = random_uuid();
+    let payload = if insert_with.payload_type == pg_sys::JSONBOID {
+        // SAFETY: the JSON plan's payload is a non-null jsonb object.
+        unsafe { with_id(payload, &id) }
+    } else {
+        payload
+    };
     let mut values = [
-        random_uuid(),
+        pgrx::Uuid::from_bytes(id)
+            .into_datum()
+            .unwrap_or_else(|| RealtimeError::Internal("uuid datum".into()).raise()),
         payload,
         event,
         topic,
@@ -197,7 +204,7 @@ thread_local! {
 
 /// A version 4 UUID from a ChaCha20 generator seeded with 32 bytes of `pg_strong_random` (the
 /// source of `gen_random_uuid()`), rather than a call into the crypto library for every id.
-fn random_uuid() -> pg_sys::Datum {
+fn random_uuid() -> [u8; 16] {
     // PostgreSQL's copy of the process id, set at each fork (no system call).
     // SAFETY: a backend global, written only when the process starts.
     let pid = unsafe { pg_sys::MyProcPid };
@@ -221,9 +228,45 @@ fn random_uuid() -> pg_sys::Datum {
     }
     bytes[6] = (bytes[6] & 0x0f) | 0x40;
     bytes[8] = (bytes[8] & 0x3f) | 0x80;
-    pgrx::Uuid::from_bytes(bytes)
-        .into_datum()
-        .unwrap_or_else(|| RealtimeError::Internal("uuid datum".into()).raise())
+    bytes
+}
+
+/// `payload` with the row's id added as `"id"` unless it has one, as Supabase's `send` does
+/// (`payload || jsonb_build_object('id', id)`). Built here rather than in the INSERT, where
+/// `jsonb_build_object` looks its argument's type up again for every message.
+///
+/// # Safety
+/// `payload` is a non-null jsonb datum, and this runs inside a transaction.
+unsafe fn with_id(payload: pg_sys::Datum, id: &[u8; 16]) -> pg_sys::Datum {
+    // SAFETY: jsonb_exists takes a jsonb and a text; cstring_to_text returns a palloc'd text.
+    let has_id = unsafe {
+        let key = pg_sys::cstring_to_text(c"id".as_ptr());
+        pgrx::fcinfo::direct_function_call_as_datum(
+            pg_sys::jsonb_exists,
+            &[Some(payload), Some(pg_sys::Datum::from(key))],
+        )
+    };
+    if has_id.is_some_and(|d| d.value() != 0) {
+        return payload;
+    }
+    // {"id": "<36 characters>"} and the terminating NUL.
+    let mut object = *b"{\"id\": \"________-____-____-____-____________\"}\0";
+    uuid::Uuid::from_bytes(*id)
+        .hyphenated()
+        .encode_lower(&mut object[8..44]);
+    // SAFETY: object is a NUL-terminated JSON text; jsonb_in parses it (and would raise on a
+    // bad one), jsonb_concat takes two jsonb values.
+    unsafe {
+        let id_object = pgrx::fcinfo::direct_function_call_as_datum(
+            pg_sys::jsonb_in,
+            &[Some(pg_sys::Datum::from(object.as_ptr()))],
+        );
+        pgrx::fcinfo::direct_function_call_as_datum(
+            pg_sys::jsonb_concat,
+            &[Some(payload), id_object],
+        )
+    }
+    .unwrap_or_else(|| RealtimeError::Internal("adding the id to the payload".into()).raise())
 }
 
 /// Runs the kept INSERT; any error propagates.

@@ -513,7 +513,13 @@ fn stage_row(trigger: &PgTrigger<'_>) -> Result<(), RealtimeError> {
     };
     let topic = row.text(TOPIC).unwrap_or_default();
     let private = row.boolean(PRIVATE).unwrap_or(false);
-    let id = row.uuid(ID).map(|u| u.to_string()).unwrap_or_default();
+    let mut id_text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let id: &str = match row.uuid(ID) {
+        Some(u) => uuid::Uuid::from_bytes(*u.as_bytes())
+            .hyphenated()
+            .encode_lower(&mut id_text),
+        None => "",
+    };
     let inserted_at = row.timestamp(INSERTED_AT).map_or(0, Timestamp::into_inner);
     require_checked_topic(topic, messages)?;
     let json = row.payload_text()?;
@@ -527,7 +533,7 @@ fn stage_row(trigger: &PgTrigger<'_>) -> Result<(), RealtimeError> {
     stage(&Message {
         topic,
         event,
-        id: &id,
+        id,
         inserted_at,
         private,
         kind,
