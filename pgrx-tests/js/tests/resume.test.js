@@ -126,7 +126,23 @@ test('across a crash of the worker the client reconnects by itself and misses no
     }
   }
   assert.deepEqual(sent, [1, 2, 3, 4, 5])
-  await waitFor(() => r.seen.length >= 6, 60000, 'the missed messages after the reconnect')
+  try {
+    await waitFor(() => r.seen.length >= 6, 60000, 'the missed messages after the reconnect')
+  } catch (e) {
+    // Say what the client got and what the server stored, so that a failure explains itself.
+    const { rows } = await sql(
+      `SELECT payload->>'n' AS n, commit_lsn::text, commit_index FROM realtime.messages
+        WHERE topic = $1 ORDER BY inserted_at`,
+      [room],
+    )
+    const horizon = await sql('SELECT lost_through::text FROM realtime.replay_horizon')
+    const got = r.raw.map((m) => [m.payload.n, m.meta && m.meta.offset, m.meta && m.meta.replayed])
+    throw new Error(
+      `${e.message}; received ${JSON.stringify(got)}, gaps ${JSON.stringify(r.gaps)}, ` +
+        `channel state ${r.channel.state}, stored ${JSON.stringify(rows)}, ` +
+        `horizon ${JSON.stringify(horizon.rows)}`,
+    )
+  }
   await send(room, 6)
   await waitFor(() => r.seen.length === 7, 10000, 'the live message')
   assert.deepEqual(r.seen.map((m) => m.payload.n), [0, 1, 2, 3, 4, 5, 6])
