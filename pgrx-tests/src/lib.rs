@@ -633,6 +633,8 @@ pub struct Socket {
     /// Once the socket ended: the close frame's code, or None when it ended without one (an
     /// error or end of stream), for failure messages.
     pub ended_with: Option<Option<u16>>,
+    /// When it ended without a close frame: the client library's error.
+    pub broke_with: Option<String>,
 }
 
 impl Socket {
@@ -655,6 +657,7 @@ impl Socket {
             vsn,
             next_ref: 0,
             ended_with: None,
+            broke_with: None,
         })
     }
 
@@ -690,11 +693,18 @@ impl Socket {
 
     /// The next frame, or None when nothing arrives within `limit`.
     pub fn recv(&mut self, limit: Duration) -> Option<Frame> {
-        Some(match receive(&mut self.ws, limit)? {
-            Received::Text(t) => Frame::Text(serde_json::from_str(&t).expect("server sends JSON")),
-            Received::Binary(b) => Frame::Binary(b),
-            Received::Closed(code) => {
+        Some(match receive_or_why(&mut self.ws, limit)? {
+            Ok(Received::Text(t)) => {
+                Frame::Text(serde_json::from_str(&t).expect("server sends JSON"))
+            }
+            Ok(Received::Binary(b)) => Frame::Binary(b),
+            Ok(Received::Closed(code)) => {
                 self.ended_with = Some(code);
+                Frame::Close
+            }
+            Err(why) => {
+                self.ended_with = Some(None);
+                self.broke_with = Some(why);
                 Frame::Close
             }
         })
@@ -806,13 +816,21 @@ pub enum Received {
 /// The next data or close frame of `ws` (whose read timeout bounds each wait), or None when
 /// nothing arrives within `limit`. Pings and pongs are skipped.
 pub fn receive(ws: &mut Stream, limit: Duration) -> Option<Received> {
+    receive_or_why(ws, limit).map(|r| r.unwrap_or(Received::Closed(None)))
+}
+
+/// [`receive`], telling a broken connection's error (what the client's WebSocket library
+/// said: a reset, an end of stream, a frame it could not parse) from a close frame.
+pub fn receive_or_why(ws: &mut Stream, limit: Duration) -> Option<Result<Received, String>> {
     let deadline = Instant::now() + limit;
     loop {
         match ws.read() {
-            Ok(tungstenite::Message::Text(t)) => return Some(Received::Text(t.as_str().into())),
-            Ok(tungstenite::Message::Binary(b)) => return Some(Received::Binary(b.to_vec())),
+            Ok(tungstenite::Message::Text(t)) => {
+                return Some(Ok(Received::Text(t.as_str().into())));
+            }
+            Ok(tungstenite::Message::Binary(b)) => return Some(Ok(Received::Binary(b.to_vec()))),
             Ok(tungstenite::Message::Close(c)) => {
-                return Some(Received::Closed(c.map(|c| u16::from(c.code))));
+                return Some(Ok(Received::Closed(c.map(|c| u16::from(c.code)))));
             }
             Ok(_) => {}
             Err(tungstenite::Error::Io(e))
@@ -825,7 +843,7 @@ pub fn receive(ws: &mut Stream, limit: Duration) -> Option<Received> {
                     return None;
                 }
             }
-            Err(_) => return Some(Received::Closed(None)),
+            Err(e) => return Some(Err(e.to_string())),
         }
     }
 }

@@ -102,9 +102,10 @@ fn next_message(s: &mut Socket, limit: Duration, what: &str) -> Option<Message> 
         let wait = deadline.min(beat).saturating_duration_since(now);
         match s.recv(wait) {
             Some(realtime_integration_tests::Frame::Close) => {
-                let how = match s.ended_with.flatten() {
-                    Some(code) => format!("with close code {code}"),
-                    None => "without a close frame".to_string(),
+                let how = match (s.ended_with.flatten(), &s.broke_with) {
+                    (Some(code), _) => format!("with close code {code}"),
+                    (None, Some(why)) => format!("without a close frame ({why})"),
+                    (None, None) => "with a close frame without a code".to_string(),
                 };
                 panic!("{what}: the server closed the socket {how}")
             }
