@@ -285,31 +285,32 @@ pub struct CommitWake<'a> {
 /// Wakes the worker after a commit, unless it is polling, or it looks at the ring by itself
 /// and nothing in the commit is wanted soon: no topic in it has a subscriber here, nothing is
 /// urgent, and no other transaction's messages wait behind this one.
+///
+/// Cannot fail, so it is safe in commit and abort callbacks. Call it after finishing a record.
 pub fn wake_worker_after_commit(commit: CommitWake<'_>) {
-    // Pairs with the fences in `set_worker_looking` and `set_worker_blocked`.
+    // Pairs with the fence in `publish_flag`: either this backend sees the worker's flags as
+    // they are now, or the worker's next look at the ring sees this backend's record.
     fence(Ordering::SeqCst);
     let s = shared();
     let wanted = commit.urgent
         || !s.worker_looking.load(Ordering::Relaxed)
         || s.standbys_listen.load(Ordering::Relaxed)
         || s.worker_blocked.load(Ordering::Relaxed)
-        || commit
-            .buckets
-            .iter()
-            .any(|b| s.watched.is_watched(usize::from(*b)));
-    if wanted {
-        s.woken_by_commit.store(true, Ordering::Relaxed);
-        wake_worker();
-    } else {
+        || commit.buckets.iter().any(|b| s.watched.is_watched(*b));
+    if !wanted {
         s.stats.unwatched_commits.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    s.woken_by_commit.store(true, Ordering::Relaxed);
+    if !s.worker_polling.load(Ordering::Relaxed) {
+        set_worker_latch();
     }
 }
 
 /// The worker says whether it looks at the ring every few milliseconds by itself. After
 /// turning it off it must look once more before sleeping, as after [`set_worker_polling`].
 pub fn set_worker_looking(on: bool) {
-    shared().worker_looking.store(on, Ordering::Relaxed);
-    fence(Ordering::SeqCst);
+    publish_flag(&shared().worker_looking, on);
 }
 
 /// The worker says whether standbys listen to this node's messages (see `bus_writer`).
@@ -326,19 +327,12 @@ pub fn take_commit_wake() -> bool {
 /// wait for behind it. After turning it on it must look once more: that transaction may have
 /// committed just before, without waking it.
 pub fn set_worker_blocked(on: bool) {
-    shared().worker_blocked.store(on, Ordering::Relaxed);
-    fence(Ordering::SeqCst);
+    publish_flag(&shared().worker_blocked, on);
 }
 
-/// Wakes the worker unless it is polling; cannot fail, so it is safe in commit and abort
-/// callbacks. Call it after finishing a record.
-pub fn wake_worker() {
-    // Pairs with the fence in `set_worker_polling`: either this backend sees that the worker
-    // stopped polling, or the worker's next look at the ring sees this backend's record.
-    fence(Ordering::SeqCst);
-    if shared().worker_polling.load(Ordering::Relaxed) {
-        return;
-    }
+/// Wakes the worker whether or not it polls the ring: for requests other than commits,
+/// which its polling does not look for.
+pub fn set_worker_latch() {
     let latch = shared().worker_latch.load(Ordering::Acquire);
     if !latch.is_null() {
         // SAFETY: the latch is the worker's, in shared memory; setting a latch of a process that
@@ -347,19 +341,16 @@ pub fn wake_worker() {
     }
 }
 
-/// Wakes the worker whether or not it polls the ring: for requests other than commits,
-/// which its polling does not look for.
-pub fn set_worker_latch() {
-    let latch = shared().worker_latch.load(Ordering::Acquire);
-    if !latch.is_null() {
-        // SAFETY: as in wake_worker.
-        unsafe { pg_sys::SetLatch(latch) };
-    }
-}
-
 /// The worker says whether it polls the ring. After turning polling off it must look at the
 /// ring once more before sleeping: a commit may have skipped the wake-up just before.
 pub fn set_worker_polling(on: bool) {
-    shared().worker_polling.store(on, Ordering::Relaxed);
+    publish_flag(&shared().worker_polling, on);
+}
+
+/// Sets one of the worker's flags that committers read after their fence (see
+/// [`wake_worker_after_commit`]); the worker looks at the ring once more after lowering a flag
+/// that let committers skip the wake-up, or raising one that makes them wake it.
+fn publish_flag(flag: &AtomicBool, on: bool) {
+    flag.store(on, Ordering::Relaxed);
     fence(Ordering::SeqCst);
 }
