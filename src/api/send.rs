@@ -66,8 +66,9 @@ pub unsafe extern "C-unwind" fn realtime_send(fcinfo: pg_sys::FunctionCallInfo) 
     if let Some(kind) = unsafe { non_object_kind(payload) } {
         RealtimeError::SendPayloadNotObject(kind).raise()
     }
-    // SAFETY: as above; JSON's plan takes a jsonb payload.
-    unsafe { send(fcinfo, payload, &JSON) }
+    let id = random_uuid();
+    // SAFETY: as above; the payload is a jsonb object, and JSON's plan takes a jsonb payload.
+    unsafe { send(fcinfo, id, with_id(payload, &id), &JSON) }
 }
 
 /// The C entry point of `realtime.send_binary` (declared in sql/api.sql).
@@ -85,12 +86,13 @@ pub unsafe extern "C-unwind" fn realtime_send_binary(
         RealtimeError::SendBinaryNullPayload.raise()
     };
     // SAFETY: as above; BINARY's plan takes a bytea payload.
-    unsafe { send(fcinfo, payload, &BINARY) }
+    unsafe { send(fcinfo, random_uuid(), payload, &BINARY) }
 }
 
-/// The rest of both: the event, topic and private arguments, and the insert.
+/// The rest of both: the event, topic and private arguments, and the insert of the row `id`.
 unsafe fn send(
     fcinfo: pg_sys::FunctionCallInfo,
+    id: [u8; 16],
     payload: pg_sys::Datum,
     insert_with: &KeptInsert,
 ) -> pg_sys::Datum {
@@ -106,13 +108,6 @@ unsafe fn send(
     gucs::set_local(c"realtime.topic", unsafe { CStr::from_ptr(topic_text) });
 
     let private = arg(3);
-    let id = random_uuid();
-    let payload = if insert_with.payload_type == pg_sys::JSONBOID {
-        // SAFETY: the JSON plan's payload is a non-null jsonb object.
-        unsafe { with_id(payload, &id) }
-    } else {
-        payload
-    };
     let mut values = [
         pgrx::Uuid::from_bytes(id)
             .into_datum()

@@ -58,12 +58,7 @@ impl Wake {
             self.urgent = true;
             return;
         }
-        let Ok(bucket) =
-            u16::try_from(commit_ring::watched::bucket(message.private, message.topic))
-        else {
-            self.urgent = true;
-            return;
-        };
+        let bucket = commit_ring::watched::bucket(message.private, message.topic);
         if self.buckets[..self.len].contains(&bucket) {
             return;
         }

@@ -15,24 +15,25 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-/// Buckets in the table (4 KiB of shared memory).
-pub const BUCKETS: usize = 1024;
+/// Buckets in the table (4 KiB of shared memory); a bucket number fits in a `u16`.
+pub const BUCKETS: u16 = 1024;
 
 /// The bucket of a topic (`private` channels are a namespace of their own, as in the broker).
 /// FNV-1a: it is stable across processes and builds, which a per-process seeded hash is not.
-pub fn bucket(private: bool, topic: &str) -> usize {
+pub fn bucket(private: bool, topic: &str) -> u16 {
     let mut hash: u32 = 0x811c_9dc5;
     for byte in std::iter::once(u8::from(private)).chain(topic.bytes()) {
         hash ^= u32::from(byte);
         hash = hash.wrapping_mul(0x0100_0193);
     }
-    hash as usize % BUCKETS
+    // The remainder is below BUCKETS, so it fits.
+    (hash % u32::from(BUCKETS)) as u16
 }
 
 /// The counters themselves; lives in shared memory, zeroed at start.
 #[repr(C)]
 pub struct WatchedTopics {
-    counts: [AtomicU32; BUCKETS],
+    counts: [AtomicU32; BUCKETS as usize],
 }
 
 impl Default for WatchedTopics {
@@ -46,7 +47,7 @@ impl Default for WatchedTopics {
 impl WatchedTopics {
     /// A topic got its first subscriber (`on`) or lost its last one.
     pub fn set(&self, private: bool, topic: &str, on: bool) {
-        let count = &self.counts[bucket(private, topic)];
+        let count = &self.counts[usize::from(bucket(private, topic))];
         if on {
             count.fetch_add(1, Ordering::SeqCst);
         } else {
@@ -56,9 +57,9 @@ impl WatchedTopics {
     }
 
     /// Whether anyone may have joined a topic of `bucket`.
-    pub fn is_watched(&self, bucket: usize) -> bool {
+    pub fn is_watched(&self, bucket: u16) -> bool {
         self.counts
-            .get(bucket)
+            .get(usize::from(bucket))
             .is_some_and(|c| c.load(Ordering::SeqCst) > 0)
     }
 
@@ -110,11 +111,11 @@ mod tests {
             "{differ} of 64 topics differ between namespaces"
         );
         // Spread: 10,000 topics touch most buckets.
-        let mut seen = [false; BUCKETS];
+        let mut seen = [false; BUCKETS as usize];
         for i in 0..10_000 {
-            seen[bucket(false, &format!("user:{i}"))] = true;
+            seen[usize::from(bucket(false, &format!("user:{i}")))] = true;
         }
-        assert!(seen.iter().filter(|s| **s).count() > BUCKETS * 9 / 10);
+        assert!(seen.iter().filter(|s| **s).count() > usize::from(BUCKETS) * 9 / 10);
         assert!(
             !WatchedTopics::default().is_watched(BUCKETS),
             "out of range is unwatched"
