@@ -420,7 +420,7 @@ fn more_than_the_limit_or_past_retention_is_reported() {
         .find(|(e, _)| e == "system")
         .expect("a gap notice");
     let text = gap.1["message"].as_str().expect("message");
-    assert!(text.contains("no longer be stored"), "{text}");
+    assert!(text.contains("removed by retention"), "{text}");
 }
 
 #[test]

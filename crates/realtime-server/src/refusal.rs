@@ -255,7 +255,7 @@ pub(crate) fn replay_gap_message(gap: crate::events::ReplayGap) -> String {
         crate::events::ReplayGap::Limit { limit } => format!(
             "Replay gap: more than {limit} messages were stored after this offset; only the newest {limit} were replayed"
         ),
-        crate::events::ReplayGap::NotKept => "Replay gap: messages after this offset may no longer be stored (removed by retention, or never given an offset because the server crashed); those still stored were replayed".to_string(),
+        crate::events::ReplayGap::NotKept => "Replay gap: messages after this offset may be missing (removed by retention, or left without an offset by a crash of the server); those stored with an offset were replayed".to_string(),
         crate::events::ReplayGap::UnknownOffset => "Replay gap: the message at this offset is not stored (lost in a crash before it reached the disk, or deleted), so messages after it may be missing; those stored after it were replayed".to_string(),
     }
 }
