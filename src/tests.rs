@@ -7,9 +7,16 @@ mod tests {
 
     #[pg_test]
     fn send_injects_an_id_and_sets_the_topic() {
-        Spi::run(r#"SELECT realtime.send('{"text":"hi"}', 'message', 'room-1', false)"#).unwrap();
+        for _ in 0..3 {
+            Spi::run(r#"SELECT realtime.send('{"text":"hi"}', 'message', 'room-1', false)"#)
+                .unwrap();
+        }
+        // Each payload is exactly the object sent plus its own row's id.
         let same = Spi::get_one::<bool>(
-            "SELECT payload->>'id' = id::text AND topic = 'room-1' AND NOT private FROM realtime.messages",
+            "SELECT bool_and(payload = jsonb_build_object('text', 'hi', 'id', id::text)
+                             AND topic = 'room-1' AND NOT private)
+                    AND count(DISTINCT id) = 3
+               FROM realtime.messages",
         )
         .unwrap();
         assert_eq!(same, Some(true));

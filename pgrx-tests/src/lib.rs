@@ -91,12 +91,23 @@ pub fn run_js(
     (status.is_some_and(|s| s.success()), said)
 }
 
-/// A port nobody listens on right now.
+/// A port nobody listens on right now, and never handed out before in this process: the
+/// system may give a port it just gave back again, and two clusters started by tests running
+/// side by side would then share one (a worker's socket server would find its port taken by
+/// the other cluster's postgres, and a test's handshake would reach that postgres).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        if !handed_out.contains(&port) {
+            handed_out.push(port);
+            return port;
+        }
+    }
 }
 
 fn as_postgres(program: &str, args: &[&str]) -> Output {
@@ -212,7 +223,8 @@ impl Cluster {
         if preload {
             cluster.execute("CREATE EXTENSION pg_realtime");
             cluster.execute("SELECT realtime.setup_api_roles()");
-            cluster.wait_for_server();
+            // Its own worker's word, not just an open port, which could be someone else's.
+            cluster.wait_until_serving(0);
         }
         cluster
     }

@@ -87,6 +87,10 @@ fn trigger_functions_cannot_be_attached_elsewhere() {
                EXECUTE FUNCTION realtime.queue_presence_sync();",
         )
         .unwrap();
+    // After firing on realtime.messages too, whose OIDs the session then remembers.
+    owner
+        .batch_execute("SELECT realtime.send('{}', 'e', 'warm-up', false)")
+        .unwrap();
     let refused = owner.batch_execute(
         "INSERT INTO public.lookalike VALUES ('user:victim', 'x', true, gen_random_uuid(), 1, NULL)",
     );

@@ -244,24 +244,69 @@ unsafe fn with_id(payload: pg_sys::Datum, id: &[u8; 16]) -> pg_sys::Datum {
     if has_id.is_some_and(|d| d.value() != 0) {
         return payload;
     }
-    // {"id": "<36 characters>"} and the terminating NUL.
-    let mut object = *b"{\"id\": \"________-____-____-____-____________\"}\0";
-    uuid::Uuid::from_bytes(*id)
-        .hyphenated()
-        .encode_lower(&mut object[8..44]);
-    // SAFETY: object is a NUL-terminated JSON text; jsonb_in parses it (and would raise on a
-    // bad one), jsonb_concat takes two jsonb values.
+    // SAFETY: jsonb_concat takes two jsonb values; id_object returns one.
     unsafe {
-        let id_object = pgrx::fcinfo::direct_function_call_as_datum(
-            pg_sys::jsonb_in,
-            &[Some(pg_sys::Datum::from(object.as_ptr()))],
-        );
         pgrx::fcinfo::direct_function_call_as_datum(
             pg_sys::jsonb_concat,
-            &[Some(payload), id_object],
+            &[Some(payload), Some(id_object(id))],
         )
     }
     .unwrap_or_else(|| RealtimeError::Internal("adding the id to the payload".into()).raise())
+}
+
+/// A placeholder id of the right length, found once in the binary `{"id": "…"}` jsonb_in made.
+const SAMPLE_ID: &[u8; 36] = b"a0a0a0a0-b1b1-c2c2-d3d3-e4e4e4e4e4e4";
+
+thread_local! {
+    /// The jsonb `{"id": SAMPLE_ID}` as jsonb_in built it, and where the id's text is in it.
+    /// Every id is 36 characters, so every such object has these bytes but the id's: copying
+    /// them and writing the id in place costs a small part of parsing the text each time.
+    static ID_OBJECT: std::cell::OnceCell<(Vec<u8>, usize)> = const { std::cell::OnceCell::new() };
+}
+
+/// The jsonb `{"id": "<id>"}`, palloc'd in the current memory context.
+///
+/// # Safety
+/// Runs inside a transaction.
+unsafe fn id_object(id: &[u8; 16]) -> pg_sys::Datum {
+    ID_OBJECT.with(|template| {
+        let (bytes, at) = template.get_or_init(|| {
+            let mut text = b"{\"id\": \"".to_vec();
+            text.extend_from_slice(SAMPLE_ID);
+            text.extend_from_slice(b"\"}\0");
+            // SAFETY: text is a NUL-terminated JSON object; jsonb_in returns a detoasted
+            // varlena with a 4-byte header, whose VARSIZE bytes are all readable.
+            let bytes = unsafe {
+                let jsonb = pgrx::fcinfo::direct_function_call_as_datum(
+                    pg_sys::jsonb_in,
+                    &[Some(pg_sys::Datum::from(text.as_ptr()))],
+                )
+                .unwrap_or_else(|| RealtimeError::Internal("jsonb_in returned NULL".into()).raise())
+                .cast_mut_ptr::<pg_sys::varlena>();
+                std::slice::from_raw_parts(jsonb.cast::<u8>(), pgrx::varlena::varsize_any(jsonb))
+                    .to_vec()
+            };
+            let at = bytes
+                .windows(SAMPLE_ID.len())
+                .position(|w| w == SAMPLE_ID)
+                .unwrap_or_else(|| {
+                    RealtimeError::Internal("the id's place in its jsonb object".into()).raise()
+                });
+            (bytes, at)
+        });
+        // SAFETY: palloc returns bytes.len() writable bytes in the current memory context; the
+        // copy is the template's complete varlena, and the id's 36 characters replace the
+        // sample's at the same place.
+        unsafe {
+            let copy = pg_sys::palloc(bytes.len()).cast::<u8>();
+            let out = std::slice::from_raw_parts_mut(copy, bytes.len());
+            out.copy_from_slice(bytes);
+            uuid::Uuid::from_bytes(*id)
+                .hyphenated()
+                .encode_lower(&mut out[*at..*at + SAMPLE_ID.len()]);
+            pg_sys::Datum::from(copy)
+        }
+    })
 }
 
 /// Runs the kept INSERT; any error propagates.

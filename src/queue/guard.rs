@@ -22,6 +22,12 @@ thread_local! {
     /// Relations already found to be partitions of an extension table: the partition check
     /// reads pg_inherits, the namespace check below is a cheap syscache hit.
     static PARTITIONS: RefCell<HashSet<pg_sys::Oid>> = RefCell::new(HashSet::new());
+    /// `realtime_table` as last looked up, per table: the two catalog lookups were an eighth
+    /// of the trigger's time on every row. An entry is a guess only, checked against the
+    /// relation at every row, and looked up again when it does not fit (the extension was
+    /// dropped and created again).
+    static LOOKED_UP: RefCell<Vec<(&'static CStr, (pg_sys::Oid, pg_sys::Oid))>> =
+        const { RefCell::new(Vec::new()) };
 }
 
 /// The OIDs of schema `realtime` and of `realtime.<table>`, or None if either is missing.
@@ -71,11 +77,32 @@ pub fn require_table(
         .relation()
         .map_err(|e| RealtimeError::Internal(e.to_string()))?;
     let relid = relation.oid();
-    if let Some((schema, expected)) = realtime_table(table)
-        && (relid == expected
-            || (relation.namespace_oid() == schema && is_partition_of(relid, expected)))
+    // The table itself (in the schema, by its name: an OID alone could have been reused), or
+    // one of its partitions.
+    let fits = |(schema, expected): (pg_sys::Oid, pg_sys::Oid)| {
+        relation.namespace_oid() == schema
+            && ((relid == expected && relation.name().as_bytes() == table.to_bytes())
+                || is_partition_of(relid, expected))
+    };
+    let remembered = LOOKED_UP.with_borrow(|known| {
+        known
+            .iter()
+            .find(|(name, _)| *name == table)
+            .map(|(_, oids)| *oids)
+    });
+    if let Some(oids) = remembered
+        && fits(oids)
     {
-        return Ok(expected);
+        return Ok(oids.1);
+    }
+    if let Some(oids) = realtime_table(table) {
+        LOOKED_UP.with_borrow_mut(|known| {
+            known.retain(|(name, _)| *name != table);
+            known.push((table, oids));
+        });
+        if fits(oids) {
+            return Ok(oids.1);
+        }
     }
     Err(RealtimeError::WrongTriggerTable {
         function,
