@@ -254,12 +254,13 @@ unsafe fn with_id(payload: pg_sys::Datum, id: &[u8; 16]) -> pg_sys::Datum {
     .unwrap_or_else(|| RealtimeError::Internal("adding the id to the payload".into()).raise())
 }
 
-/// A placeholder id of the right length, found once in the binary `{"id": "…"}` jsonb_in made.
-const SAMPLE_ID: &[u8; 36] = b"a0a0a0a0-b1b1-c2c2-d3d3-e4e4e4e4e4e4";
+/// A placeholder id of the right length, found once in the binary `{"id": "…"}` jsonb_in made:
+/// its type is the length the uuid encoder writes, so the two cannot drift apart.
+const SAMPLE_ID: &[u8; uuid::fmt::Hyphenated::LENGTH] = b"a0a0a0a0-b1b1-c2c2-d3d3-e4e4e4e4e4e4";
 
 thread_local! {
     /// The jsonb `{"id": SAMPLE_ID}` as jsonb_in built it, and where the id's text is in it.
-    /// Every id is 36 characters, so every such object has these bytes but the id's: copying
+    /// Every id has the same length, so every such object has these bytes but the id's: copying
     /// them and writing the id in place costs a small part of parsing the text each time.
     static ID_OBJECT: std::cell::OnceCell<(Vec<u8>, usize)> = const { std::cell::OnceCell::new() };
 }
@@ -295,8 +296,8 @@ unsafe fn id_object(id: &[u8; 16]) -> pg_sys::Datum {
             (bytes, at)
         });
         // SAFETY: palloc returns bytes.len() writable bytes in the current memory context; the
-        // copy is the template's complete varlena, and the id's 36 characters replace the
-        // sample's at the same place.
+        // copy is the template's complete varlena, and the id's characters replace the
+        // sample's, as many, at the same place.
         unsafe {
             let copy = pg_sys::palloc(bytes.len()).cast::<u8>();
             let out = std::slice::from_raw_parts_mut(copy, bytes.len());
